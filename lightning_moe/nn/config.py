@@ -1,0 +1,226 @@
+"""Plain-dataclass configs for the MoE blocks, validated at construction.
+
+Only strings, ints, floats, bools, ``None`` and nested dataclasses appear here, so LightningCLI and
+``save_hyperparameters`` can serialise them. Every invalid value raises a ``ValueError`` that names the
+field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+SCORE_FUNCS = ("softmax", "sigmoid")
+ROUTER_KINDS = ("token_choice", "expert_choice")
+GROUP_SCORES = ("max", "top2_sum")
+DROP_PRIORITIES = ("position", "weight")
+DISPATCHERS = ("grouped", "loop")
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, name, value, f"must be one of {', '.join(map(repr, choices))}")
+
+
+@dataclass
+class RouterConfig:
+    """How tokens pick experts.
+
+    Args:
+        num_experts: Number of routed experts ``E``.
+        top_k: Experts per token ``K`` (token choice), or the average experts per token used to size
+            the per-expert capacity (expert choice).
+        kind: ``"token_choice"`` (each token picks its top-k experts) or ``"expert_choice"`` (each expert
+            picks its top-C tokens, Zhou et al. 2022).
+        score_func: ``"softmax"`` or ``"sigmoid"`` scores over the router logits.
+        softmax_after_topk: Softmax only over the chosen top-k logits (Mixtral) instead of softmax over
+            all experts and then top-k (Switch, Qwen, DeepSeek). Only meaningful for softmax scores.
+        normalize_topk: Renormalise the chosen weights to sum to one per token.
+        routed_scaling_factor: Multiplies the routed weights (DeepSeek-V2/V3).
+        n_group: Number of expert groups for group-limited routing (1 = off).
+        topk_group: Groups a token may route into; its top-k experts are chosen inside them.
+        group_score: How a group is scored: ``"max"`` expert score (DeepSeek-V2) or the sum of its top-2
+            scores (``"top2_sum"``, DeepSeek-V3).
+        score_bias: Keep a score-correction bias buffer added to the scores for expert *selection* only,
+            never for the weights (DeepSeek-V3 auxiliary-loss-free balancing).
+        jitter_eps: Training-only multiplicative noise ``x * U(1 - eps, 1 + eps)`` on the router input
+            (Switch). 0 disables it.
+        random_routing: Training-only GShard random routing: every choice after the first is kept with
+            probability ``min(1, top_k * w_k / sum_j w_j)`` (``2 * g_2`` for top-2, as in GShard).
+        init_std: Standard deviation of the router weight initialisation.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    kind: str = "token_choice"
+    score_func: str = "softmax"
+    softmax_after_topk: bool = False
+    normalize_topk: bool = False
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    score_bias: bool = False
+    jitter_eps: float = 0.0
+    random_routing: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 1, "num_experts", self.num_experts, "must be >= 1")
+        _check(self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
+        _check(
+            self.top_k <= self.num_experts,
+            "top_k",
+            self.top_k,
+            f"must be <= num_experts ({self.num_experts})",
+        )
+        _check_choice("kind", self.kind, ROUTER_KINDS)
+        _check_choice("score_func", self.score_func, SCORE_FUNCS)
+        _check_choice("group_score", self.group_score, GROUP_SCORES)
+        _check(self.n_group >= 1, "n_group", self.n_group, "must be >= 1")
+        _check(
+            self.num_experts % self.n_group == 0,
+            "n_group",
+            self.n_group,
+            f"must divide num_experts ({self.num_experts})",
+        )
+        _check(
+            1 <= self.topk_group <= self.n_group,
+            "topk_group",
+            self.topk_group,
+            f"must be in [1, n_group] = [1, {self.n_group}]",
+        )
+        if self.n_group > 1:
+            per_group = self.num_experts // self.n_group
+            _check(
+                self.topk_group * per_group >= self.top_k,
+                "topk_group",
+                self.topk_group,
+                f"the chosen groups hold {self.topk_group * per_group} experts, fewer than top_k ({self.top_k})",
+            )
+            if self.group_score == "top2_sum":
+                _check(per_group >= 2, "group_score", self.group_score, "'top2_sum' needs >= 2 experts per group")
+        _check(
+            self.routed_scaling_factor > 0,
+            "routed_scaling_factor",
+            self.routed_scaling_factor,
+            "must be > 0",
+        )
+        _check(0.0 <= self.jitter_eps < 1.0, "jitter_eps", self.jitter_eps, "must be in [0, 1)")
+        _check(self.init_std >= 0, "init_std", self.init_std, "must be >= 0")
+        if self.kind == "expert_choice":
+            _check(
+                self.n_group == 1 and not self.random_routing and not self.score_bias,
+                "kind",
+                self.kind,
+                "'expert_choice' does not combine with n_group > 1, random_routing or score_bias",
+            )
+
+
+@dataclass
+class ExpertsConfig:
+    """The routed experts' feed-forward networks (stacked weights, one slice per expert).
+
+    Args:
+        hidden_dim: Hidden (intermediate) size ``F`` of each expert.
+        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
+        gated: Gated linear unit: ``act(x W1) * (x W3)`` (SwiGLU with silu, GEGLU with gelu), else a
+            plain two-layer MLP ``act(x W1)``.
+        init_std: Standard deviation of the input projections' initialisation.
+        out_init_std: Standard deviation of the output projection's initialisation (``None``: same as
+            ``init_std``).
+    """
+
+    hidden_dim: int = 1024
+    activation: str = "silu"
+    gated: bool = True
+    init_std: float = 0.02
+    out_init_std: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.hidden_dim >= 1, "hidden_dim", self.hidden_dim, "must be >= 1")
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check(self.init_std >= 0, "init_std", self.init_std, "must be >= 0")
+        if self.out_init_std is not None:
+            _check(self.out_init_std >= 0, "out_init_std", self.out_init_std, "must be >= 0 or None")
+
+
+@dataclass
+class MoEConfig:
+    """A mixture-of-experts feed-forward layer: router + dispatch + experts (+ shared experts).
+
+    Args:
+        dim: Model width ``D``.
+        router: The router's config.
+        experts: The routed experts' config.
+        capacity_factor: Training capacity factor; ``None`` is dropless (the default). With a factor,
+            each expert keeps at most ``ceil(capacity_factor * tokens * top_k / num_experts)`` token
+            copies (never more than the token count) and drops the lowest-priority ones.
+        eval_capacity_factor: Capacity factor in eval mode (``None``: same as ``capacity_factor``).
+        expert_capacity: Absolute per-expert capacity in token copies; overrides the factors.
+        drop_priority: Which copies an over-full expert keeps: ``"position"`` (all first choices before
+            second choices, earlier tokens first; GShard/Switch) or ``"weight"`` (highest router weight
+            first; batch-prioritised routing).
+        shared_hidden_dim: Hidden size of the shared expert every token goes through (0 = none). Several
+            DeepSeek shared experts of hidden ``F`` are one shared expert of hidden ``n * F``.
+        shared_gate: Scale the shared expert's output by ``sigmoid(x w_gate)`` (Qwen-MoE).
+        dispatch: ``"grouped"`` (sort by expert, one gather, contiguous per-expert matmuls, scatter-add;
+            the production path) or ``"loop"`` (a per-expert Python loop kept as the test oracle).
+    """
+
+    dim: int = 512
+    router: RouterConfig = field(default_factory=RouterConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    expert_capacity: int | None = None
+    drop_priority: str = "position"
+    shared_hidden_dim: int = 0
+    shared_gate: bool = False
+    dispatch: str = "grouped"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):
+            self.router = RouterConfig(**self.router)
+        if isinstance(self.experts, dict):
+            self.experts = ExpertsConfig(**self.experts)
+        _check(self.dim >= 1, "dim", self.dim, "must be >= 1")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, value, "must be > 0, or None for dropless")
+        _check(
+            self.expert_capacity is None or self.expert_capacity >= 1,
+            "expert_capacity",
+            self.expert_capacity,
+            "must be >= 1, or None",
+        )
+        _check_choice("drop_priority", self.drop_priority, DROP_PRIORITIES)
+        _check(self.shared_hidden_dim >= 0, "shared_hidden_dim", self.shared_hidden_dim, "must be >= 0")
+        _check(
+            not self.shared_gate or self.shared_hidden_dim > 0,
+            "shared_gate",
+            self.shared_gate,
+            "needs a shared expert (shared_hidden_dim > 0)",
+        )
+        _check_choice("dispatch", self.dispatch, DISPATCHERS)
+        if self.router.kind == "expert_choice":
+            _check(
+                self.capacity_factor is not None or self.expert_capacity is not None,
+                "capacity_factor",
+                self.capacity_factor,
+                "expert-choice routing needs a capacity_factor or expert_capacity",
+            )
+
+    @property
+    def num_experts(self) -> int:
+        """Number of routed experts."""
+        return self.router.num_experts
+
+    @property
+    def dropless(self) -> bool:
+        """Whether no token copy is ever dropped (no capacity set)."""
+        return self.capacity_factor is None and self.expert_capacity is None

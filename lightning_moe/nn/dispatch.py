@@ -1,0 +1,114 @@
+"""Token dispatch: send token copies to their experts, run the experts, combine the weighted outputs.
+
+Shape legend: ``T`` tokens, ``D`` model width, ``N`` token copies, ``E`` experts.
+
+One interface, two implementations:
+
+* :class:`GroupedDispatcher`, the production path: sort the live copies by expert, gather their rows once,
+  run each expert on its contiguous block (:class:`~lightning_moe.nn.experts.GroupedExperts`), weight,
+  scatter-add back. No ``(tokens, experts, capacity)`` one-hot tensors.
+* :class:`LoopDispatcher`, the test oracle: a Python loop over experts with plain tensor ops.
+
+The seam for expert parallelism is :meth:`GroupedDispatcher.compute`: it receives this rank's live copies
+sorted by expert (source token, weight) and the per-expert counts, and returns the combined ``(T, D)``
+output. An all-to-all dispatcher overrides it: gather the rows, exchange counts, send rows to the ranks
+that own their experts, run the local experts with ``GroupedExperts.forward(x_ND, counts_E)``, send the
+outputs back, weight and scatter-add. Routing, capacity and statistics around it stay the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_moe.nn.experts import GroupedExperts
+
+
+class Dispatcher:
+    """Runs routed token copies through the experts and combines their outputs."""
+
+    def __call__(
+        self,
+        x_TD: Tensor,
+        token_ids_N: Tensor,
+        expert_ids_N: Tensor,
+        weights_N: Tensor,
+        keep_N: Tensor,
+        experts: GroupedExperts,
+    ) -> Tensor:
+        """Combine ``sum_n weights_N[n] * expert_{expert_ids_N[n]}(x_TD[token_ids_N[n]])`` per token.
+
+        Args:
+            x_TD: Tokens.
+            token_ids_N: Source token of each copy.
+            expert_ids_N: Target expert of each copy.
+            weights_N: Combine weight of each copy.
+            keep_N: Only copies marked True are computed; the others contribute zero.
+            experts: The routed experts.
+
+        Returns:
+            ``(T, D)`` combined expert outputs (zero for tokens with no live copy).
+        """
+        raise NotImplementedError
+
+
+class LoopDispatcher(Dispatcher):
+    """Per-expert Python loop: select each expert's copies, run it, add the weighted result. Test oracle."""
+
+    def __call__(
+        self,
+        x_TD: Tensor,
+        token_ids_N: Tensor,
+        expert_ids_N: Tensor,
+        weights_N: Tensor,
+        keep_N: Tensor,
+        experts: GroupedExperts,
+    ) -> Tensor:
+        out_TD = torch.zeros_like(x_TD)
+        expert_weights = experts.unbind_experts()
+        for expert in range(experts.num_experts):
+            copies = torch.nonzero(keep_N & (expert_ids_N == expert)).squeeze(1)
+            if copies.numel() == 0:
+                continue
+            tokens = token_ids_N[copies]
+            y_MD = experts.expert_forward(x_TD[tokens], expert_weights[expert])
+            out_TD.index_add_(0, tokens, y_MD * weights_N[copies].unsqueeze(-1).to(y_MD.dtype))
+        return out_TD
+
+
+class GroupedDispatcher(Dispatcher):
+    """Sort copies by expert, then gather, compute, weight and scatter-add expert by expert in one fused pass."""
+
+    def __call__(
+        self,
+        x_TD: Tensor,
+        token_ids_N: Tensor,
+        expert_ids_N: Tensor,
+        weights_N: Tensor,
+        keep_N: Tensor,
+        experts: GroupedExperts,
+    ) -> Tensor:
+        num_experts = experts.num_experts
+        # Dead copies sort last under the sentinel expert E and are cut off.
+        slot_expert_N = torch.where(keep_N, expert_ids_N, num_experts)
+        counts = torch.bincount(slot_expert_N, minlength=num_experts + 1)
+        num_live = int(keep_N.shape[0] - counts[num_experts])
+        order = torch.argsort(slot_expert_N, stable=True)[:num_live]
+        return self.compute(x_TD, token_ids_N[order], weights_N[order], counts[:num_experts], experts)
+
+    def compute(
+        self, x_TD: Tensor, token_ids_N: Tensor, weights_N: Tensor, counts_E: Tensor, experts: GroupedExperts
+    ) -> Tensor:
+        """Run the experts on expert-sorted copies and combine (the expert-parallel seam).
+
+        Args:
+            x_TD: This rank's tokens.
+            token_ids_N: Source token of each live copy, sorted by expert.
+            weights_N: Combine weight of each copy.
+            counts_E: Copies per expert, over all ``E`` experts.
+            experts: The routed experts.
+
+        Returns:
+            ``(T, D)`` combined expert outputs.
+        """
+        return experts.forward_scatter(x_TD, token_ids_N, weights_N, counts_E)

@@ -1,0 +1,218 @@
+"""Routed experts with stacked weights, computed expert by expert over expert-sorted token copies.
+
+Shape legend: ``T`` tokens, ``N`` token copies sorted by expert, ``E`` experts, ``D`` model width, ``F``
+expert hidden width, ``M`` copies of one expert.
+
+The weights of all experts live in three stacked tensors (``w1``/``w3``: ``(E, D, F)``, ``w2``:
+``(E, F, D)``) rather than a ModuleList of Linears: the grouped path slices them without Python-level
+modules, the expert-parallel strategy shards them on dim 0, and checkpoints stay small in key count.
+
+The grouped computation is one autograd function with a hand-written backward. For each expert it gathers
+that expert's ``M`` rows, runs the MLP on them, scales by the routing weights and adds the result into the
+output rows, all in cache-sized blocks: no ``(N, D)`` gathered input or ``(N, D)`` expert output is ever
+materialised, and only the ``(N, F)`` pre-activations are kept for backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.nn.config import ExpertsConfig
+from lightning_moe.nn.ffn import activation_fn, activation_grad_fn
+
+
+def _counts_list(counts_E: Tensor | list[int]) -> list[int]:
+    return counts_E.tolist() if isinstance(counts_E, Tensor) else [int(c) for c in counts_E]
+
+
+class _GroupedExpertMLP(torch.autograd.Function):
+    """``out[rows[n]] += weights[n] * expert_e(x[rows[n]])`` for copies ``n`` of expert ``e``, sorted by expert.
+
+    With ``rows=None`` row ``n`` of ``x`` is copy ``n`` and the output is ``(N, D)`` in the same order.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        rows_N: Tensor | None,
+        weights_N: Tensor | None,
+        w1_EDF: Tensor,
+        w3_EDF: Tensor | None,
+        w2_EFD: Tensor,
+        counts: list[int],
+        activation: str,
+        num_out: int,
+    ) -> Tensor:
+        act = activation_fn(activation)
+        num_copies, hidden = sum(counts), w1_EDF.shape[-1]
+        h1_NF = x.new_empty(num_copies, hidden)
+        h3_NF = x.new_empty(num_copies, hidden) if w3_EDF is not None else None
+        out = x.new_zeros(num_out, x.shape[-1]) if rows_N is not None else x.new_empty(num_copies, x.shape[-1])
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            block = slice(start, start + count)
+            x_MD = x[block] if rows_N is None else x.index_select(0, rows_N[block])
+            g_MF = act(torch.mm(x_MD, w1_EDF[e], out=h1_NF[block]))
+            if h3_NF is not None:
+                g_MF = g_MF.mul_(torch.mm(x_MD, w3_EDF[e], out=h3_NF[block]))
+            if weights_N is not None:
+                g_MF = g_MF.mul_(weights_N[block].unsqueeze(-1))
+            if rows_N is None:
+                torch.mm(g_MF, w2_EFD[e], out=out[block])
+            else:
+                out.index_add_(0, rows_N[block], g_MF @ w2_EFD[e])
+            start += count
+        ctx.save_for_backward(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, h1_NF, h3_NF)
+        ctx.counts, ctx.activation = counts, activation
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, h1_NF, h3_NF = ctx.saved_tensors
+        act, act_grad = activation_fn(ctx.activation), activation_grad_fn(ctx.activation)
+        need_x, _, need_weights, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:6]
+        dout = dout.contiguous()
+        dx = None
+        if need_x:
+            dx = torch.zeros_like(x) if rows_N is not None else torch.empty_like(x)
+        dweights_N = torch.empty_like(weights_N) if need_weights else None
+        dw1 = torch.zeros_like(w1_EDF) if need_w1 else None
+        dw3 = torch.zeros_like(w3_EDF) if need_w3 else None
+        dw2 = torch.zeros_like(w2_EFD) if need_w2 else None
+        start = 0
+        for e, count in enumerate(ctx.counts):
+            if count == 0:
+                continue
+            block = slice(start, start + count)
+            start += count
+            x_MD = x[block] if rows_N is None else x.index_select(0, rows_N[block])
+            dout_MD = dout[block] if rows_N is None else dout.index_select(0, rows_N[block])
+            h1_MF = h1_NF[block]
+            a_MF = act(h1_MF)
+            g_MF = a_MF * h3_NF[block] if h3_NF is not None else a_MF
+            dg_MF = dout_MD @ w2_EFD[e].t()
+            if weights_N is not None:
+                w_M1 = weights_N[block].unsqueeze(-1)
+                if dw2 is not None:
+                    torch.mm((g_MF * w_M1).t(), dout_MD, out=dw2[e])
+                if dweights_N is not None:
+                    dweights_N[block] = (dg_MF * g_MF).sum(-1)
+                dg_MF = dg_MF * w_M1
+            elif dw2 is not None:
+                torch.mm(g_MF.t(), dout_MD, out=dw2[e])
+            if h3_NF is not None:
+                dh3_MF = dg_MF * a_MF
+                dh1_MF = act_grad(dg_MF * h3_NF[block], h1_MF)
+            else:
+                dh3_MF = None
+                dh1_MF = act_grad(dg_MF, h1_MF)
+            if dw1 is not None:
+                torch.mm(x_MD.t(), dh1_MF, out=dw1[e])
+            if dw3 is not None:
+                torch.mm(x_MD.t(), dh3_MF, out=dw3[e])
+            if dx is not None:
+                dx_MD = dh1_MF @ w1_EDF[e].t()
+                if dh3_MF is not None:
+                    dx_MD.addmm_(dh3_MF, w3_EDF[e].t())
+                if rows_N is None:
+                    dx[block] = dx_MD
+                else:
+                    dx.index_add_(0, rows_N[block], dx_MD)
+        return dx, None, dweights_N, dw1, dw3, dw2, None, None, None
+
+
+class GroupedExperts(nn.Module):
+    """``E`` feed-forward experts (ReLU/GELU MLP, GEGLU or SwiGLU) with stacked weights.
+
+    Args:
+        dim: Model width ``D``.
+        num_experts: Number of experts ``E``.
+        config: Hidden width, activation, gating and initialisation.
+
+    Attributes:
+        w1: ``(E, D, F)`` input (gate) projection.
+        w3: ``(E, D, F)`` up projection of gated experts, else ``None``.
+        w2: ``(E, F, D)`` output projection.
+    """
+
+    def __init__(self, dim: int, num_experts: int, config: ExpertsConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_experts = num_experts
+        self.act = activation_fn(config.activation)
+        hidden = config.hidden_dim
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden)) if config.gated else None
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal init, each expert drawn independently (``init_std``; ``out_init_std`` for ``w2``)."""
+        out_std = self.config.init_std if self.config.out_init_std is None else self.config.out_init_std
+        nn.init.normal_(self.w1, std=self.config.init_std)
+        if self.w3 is not None:
+            nn.init.normal_(self.w3, std=self.config.init_std)
+        nn.init.normal_(self.w2, std=out_std)
+
+    def _apply_grouped(
+        self, x: Tensor, rows_N: Tensor | None, weights_N: Tensor | None, counts_E: Tensor | list[int], num_out: int
+    ) -> Tensor:
+        counts = _counts_list(counts_E)
+        if len(counts) != self.num_experts:
+            raise ValueError(f"counts_E has {len(counts)} entries, expected num_experts={self.num_experts}")
+        num_rows = x.shape[0] if rows_N is None else rows_N.shape[0]
+        if sum(counts) != num_rows:
+            raise ValueError(f"counts_E sums to {sum(counts)}, but there are {num_rows} copies: they must match")
+        if weights_N is not None:
+            weights_N = weights_N.to(x.dtype)
+        return _GroupedExpertMLP.apply(
+            x, rows_N, weights_N, self.w1, self.w3, self.w2, counts, self.config.activation, num_out
+        )
+
+    def forward(self, x_ND: Tensor, counts_E: Tensor | list[int]) -> Tensor:
+        """Run every expert on its contiguous block of expert-sorted rows.
+
+        Args:
+            x_ND: Token copies sorted by expert.
+            counts_E: Copies per expert, summing to ``N``.
+
+        Returns:
+            ``(N, D)`` expert outputs in the same order.
+        """
+        return self._apply_grouped(x_ND, None, None, counts_E, x_ND.shape[0])
+
+    def forward_scatter(self, x_TD: Tensor, token_ids_N: Tensor, weights_N: Tensor, counts_E: Tensor | list[int]) -> Tensor:
+        """Gather, run, weight and scatter-add in one pass, block by block.
+
+        Args:
+            x_TD: Tokens.
+            token_ids_N: Source token of each copy, copies sorted by expert.
+            weights_N: Combine weight of each copy.
+            counts_E: Copies per expert, summing to ``N``.
+
+        Returns:
+            ``(T, D)``: ``sum_n weights_N[n] * expert(x_TD[token_ids_N[n]])`` per token.
+        """
+        return self._apply_grouped(x_TD, token_ids_N, weights_N, counts_E, x_TD.shape[0])
+
+    def unbind_experts(self) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+        """Per-expert ``(w1, w3, w2)`` views, unbound in one autograd op (for the reference loop)."""
+        w3s = self.w3.unbind(0) if self.w3 is not None else [None] * self.num_experts
+        return list(zip(self.w1.unbind(0), w3s, self.w2.unbind(0), strict=True))
+
+    def expert_forward(self, x_MD: Tensor, weights: tuple[Tensor, Tensor | None, Tensor]) -> Tensor:
+        """Run one expert with plain tensor ops (the reference the grouped path is tested against).
+
+        Args:
+            x_MD: The expert's tokens.
+            weights: That expert's ``(w1, w3, w2)`` from :meth:`unbind_experts`.
+        """
+        w1_DF, w3_DF, w2_FD = weights
+        h_MF = self.act(x_MD @ w1_DF)
+        if w3_DF is not None:
+            h_MF = h_MF * (x_MD @ w3_DF)
+        return h_MF @ w2_FD

@@ -1,0 +1,181 @@
+"""The MoE feed-forward layer: router + capacity + dispatch + experts + shared experts.
+
+Shape legend: ``B`` sequences, ``S`` positions, ``T = B * S`` tokens, ``D`` model width, ``E`` experts,
+``K`` experts per token, ``N`` token copies.
+
+The layer returns its output and a :class:`MoEStats` record as a value. The only running state is the
+``tokens_per_expert`` buffer that training forwards add to, for the auxiliary-loss-free bias update; eval
+forwards leave it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.nn import losses
+from lightning_moe.nn.capacity import capacity_keep_mask, expert_capacity, priority_order
+from lightning_moe.nn.config import MoEConfig
+from lightning_moe.nn.dispatch import Dispatcher, GroupedDispatcher, LoopDispatcher
+from lightning_moe.nn.experts import GroupedExperts
+from lightning_moe.nn.ffn import FeedForward
+from lightning_moe.nn.router import Router
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer did in one forward.
+
+    Attributes:
+        tokens_per_expert: ``(E,)`` live token copies routed to each expert before capacity dropping.
+        kept_per_expert: ``(E,)`` copies each expert actually computed.
+        num_dropped: Copies dropped for capacity (scalar).
+        num_tokens: Real (non-padding) tokens (scalar).
+        router_entropy: Mean entropy of the per-token expert distribution (scalar, nats).
+        losses: Unweighted auxiliary loss terms, differentiable into the router: ``"load_balance"``
+            (token choice), ``"z_loss"``, and ``"seq_balance"`` (token choice, ``(B, S, D)`` input).
+    """
+
+    tokens_per_expert: Tensor
+    kept_per_expert: Tensor
+    num_dropped: Tensor
+    num_tokens: Tensor
+    router_entropy: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-experts FFN built from the shared blocks.
+
+    Args:
+        config: The layer config.
+
+    Example::
+
+        layer = MoELayer(MoEConfig(dim=64, router=RouterConfig(num_experts=8, top_k=2),
+                                   experts=ExpertsConfig(hidden_dim=128)))
+        y, stats = layer(torch.randn(2, 16, 64))
+        loss = y.pow(2).mean() + 0.01 * stats.losses["load_balance"]
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        num_experts = config.num_experts
+        self.router = Router(config.dim, config.router)
+        self.experts = GroupedExperts(config.dim, num_experts, config.experts)
+        self.shared_experts: FeedForward | None = None
+        self.shared_gate: nn.Linear | None = None
+        if config.shared_hidden_dim > 0:
+            act, gated = config.experts.activation, config.experts.gated
+            self.shared_experts = FeedForward(config.dim, config.shared_hidden_dim, act, gated)
+            if config.shared_gate:
+                self.shared_gate = nn.Linear(config.dim, 1, bias=False)
+        self.dispatcher: Dispatcher = GroupedDispatcher() if config.dispatch == "grouped" else LoopDispatcher()
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts), persistent=False)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity for ``num_tokens`` real tokens in the current mode (``None``: dropless)."""
+        cfg = self.config
+        factor = cfg.capacity_factor
+        if not self.training and cfg.eval_capacity_factor is not None:
+            factor = cfg.eval_capacity_factor
+        return expert_capacity(num_tokens, cfg.router.top_k, cfg.num_experts, factor, cfg.expert_capacity)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEStats]:
+        """Route, dispatch and combine.
+
+        Args:
+            x: ``(B, S, D)`` or ``(T, D)`` tokens.
+            mask: True for real tokens, False for padding, shaped like ``x`` without its last dim. Padding
+                tokens get a zero output and count in no statistic or loss.
+
+        Returns:
+            The ``x``-shaped output and the layer's statistics.
+
+        Raises:
+            ValueError: If ``x`` or ``mask`` has the wrong shape.
+        """
+        cfg = self.config
+        if x.dim() not in (2, 3) or x.shape[-1] != cfg.dim:
+            raise ValueError(f"x.shape={tuple(x.shape)} is invalid: expected (B, S, {cfg.dim}) or (T, {cfg.dim})")
+        if mask is not None and mask.shape != x.shape[:-1]:
+            raise ValueError(f"mask.shape={tuple(mask.shape)} is invalid: expected {tuple(x.shape[:-1])}")
+        x_TD = x.reshape(-1, cfg.dim)
+        mask_T = None if mask is None else mask.reshape(-1).bool()
+        num_tokens = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
+        capacity = self.capacity(num_tokens)
+
+        routing = self.router(x_TD, mask_T, capacity)
+        keep_N = routing.keep_N
+        if capacity is not None and routing.top_k is not None:
+            order_N = priority_order(routing.weights_N, routing.top_k, cfg.drop_priority)
+            kept_N = capacity_keep_mask(routing.expert_ids_N, keep_N, order_N, capacity, cfg.num_experts)
+        else:
+            kept_N = keep_N
+        out_TD = self.dispatcher(x_TD, routing.token_ids_N, routing.expert_ids_N, routing.weights_N, kept_N, self.experts)
+
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            if mask_T is not None:
+                shared_TD = shared_TD * mask_T.unsqueeze(-1).to(shared_TD.dtype)
+            out_TD = out_TD + shared_TD
+
+        stats = self._stats(x, routing, keep_N, kept_N, mask_T, num_tokens)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += stats.tokens_per_expert.to(self.tokens_per_expert.dtype)
+        return out_TD.view_as(x), stats
+
+    def _stats(
+        self,
+        x: Tensor,
+        routing,
+        keep_N: Tensor,
+        kept_N: Tensor,
+        mask_T: Tensor | None,
+        num_tokens: int,
+    ) -> MoEStats:
+        num_experts = self.config.num_experts
+        zeros_E = torch.zeros(num_experts, dtype=torch.float32, device=x.device)
+        expert_ids_N = routing.expert_ids_N.detach()
+        routed_E = zeros_E.index_add(0, expert_ids_N, keep_N.to(torch.float32))
+        kept_E = zeros_E.index_add(0, expert_ids_N, kept_N.to(torch.float32))
+        aux = {"z_loss": losses.router_z_loss(routing.logits_TE, mask_T)}
+        if routing.top_k is not None:
+            expert_ids_TK = expert_ids_N.view(-1, routing.top_k)
+            aux["load_balance"] = losses.load_balancing_loss(routing.probs_TE, expert_ids_TK, mask_T)
+            if x.dim() == 3:
+                batch, seq = x.shape[:2]
+                aux["seq_balance"] = losses.sequence_balance_loss(
+                    routing.probs_TE.view(batch, seq, num_experts),
+                    expert_ids_TK.view(batch, seq, routing.top_k),
+                    None if mask_T is None else mask_T.view(batch, seq),
+                )
+        return MoEStats(
+            tokens_per_expert=routed_E,
+            kept_per_expert=kept_E,
+            num_dropped=(routed_E.sum() - kept_E.sum()).long(),
+            num_tokens=torch.tensor(num_tokens, device=x.device),
+            router_entropy=losses.router_entropy(routing.probs_TE.detach(), mask_T),
+            losses=aux,
+        )
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float) -> None:
+        """Apply the auxiliary-loss-free bias rule to the router's score bias and reset the load counter.
+
+        Args:
+            gamma: Bias update speed.
+
+        Raises:
+            ValueError: If the router has no score bias (``RouterConfig.score_bias`` is False).
+        """
+        if self.router.score_bias is None:
+            raise ValueError("router.score_bias=False is invalid for update_bias: enable RouterConfig.score_bias")
+        self.router.score_bias.copy_(losses.bias_update(self.router.score_bias, self.tokens_per_expert, gamma))
+        self.tokens_per_expert.zero_()
