@@ -92,8 +92,10 @@ def main() -> None:
     parser.add_argument("--skip-loop", action="store_true", help="leave out the reference loop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.tokens} tokens, float32, forward+backward, "
-          f"median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {args.tokens} tokens, float32, forward+backward, "
+        f"median of {args.repeats}"
+    )
     header = f"| {'shape':40s} | dense (s) | grouped (s) | loop (s) | grouped/dense | loop/dense | grouped/loop |"
     print(header)
     print("|" + "|".join("-" * (len(col)) for col in header.split("|")[1:-1]) + "|")

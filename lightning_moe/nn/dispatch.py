@@ -64,6 +64,7 @@ class LoopDispatcher(Dispatcher):
         keep_N: Tensor,
         experts: GroupedExperts,
     ) -> Tensor:
+        """See :meth:`Dispatcher.__call__`."""
         out_TD = torch.zeros_like(x_TD)
         expert_weights = experts.unbind_experts()
         for expert in range(experts.num_experts):
@@ -88,6 +89,7 @@ class GroupedDispatcher(Dispatcher):
         keep_N: Tensor,
         experts: GroupedExperts,
     ) -> Tensor:
+        """See :meth:`Dispatcher.__call__`."""
         num_experts = experts.num_experts
         # Dead copies sort last under the sentinel expert E and are cut off.
         slot_expert_N = torch.where(keep_N, expert_ids_N, num_experts)

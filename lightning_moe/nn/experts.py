@@ -185,7 +185,9 @@ class GroupedExperts(nn.Module):
         """
         return self._apply_grouped(x_ND, None, None, counts_E, x_ND.shape[0])
 
-    def forward_scatter(self, x_TD: Tensor, token_ids_N: Tensor, weights_N: Tensor, counts_E: Tensor | list[int]) -> Tensor:
+    def forward_scatter(
+        self, x_TD: Tensor, token_ids_N: Tensor, weights_N: Tensor, counts_E: Tensor | list[int]
+    ) -> Tensor:
         """Gather, run, weight and scatter-add in one pass, block by block.
 
         Args:

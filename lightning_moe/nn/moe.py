@@ -115,7 +115,9 @@ class MoELayer(nn.Module):
             kept_N = capacity_keep_mask(routing.expert_ids_N, keep_N, order_N, capacity, cfg.num_experts)
         else:
             kept_N = keep_N
-        out_TD = self.dispatcher(x_TD, routing.token_ids_N, routing.expert_ids_N, routing.weights_N, kept_N, self.experts)
+        out_TD = self.dispatcher(
+            x_TD, routing.token_ids_N, routing.expert_ids_N, routing.weights_N, kept_N, self.experts
+        )
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)

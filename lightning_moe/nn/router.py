@@ -52,9 +52,7 @@ def router_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def group_limited_mask(
-    choice_TE: Tensor, n_group: int, topk_group: int, group_score: str
-) -> Tensor:
+def group_limited_mask(choice_TE: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:
     """Mask of the experts inside each token's ``topk_group`` best groups (DeepSeek-V2/V3).
 
     Args:

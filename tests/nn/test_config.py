@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from lightning_moe.nn import ExpertsConfig, FeedForward, MoEConfig, MoELayer, RouterConfig, activation_fn
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(num_experts=4, top_k=5), r"top_k=5 is invalid: must be <= num_experts \(4\)"),
+        (dict(num_experts=0), r"num_experts=0 is invalid"),
+        (dict(top_k=0), r"top_k=0 is invalid"),
+        (dict(num_experts=8, n_group=4, topk_group=5), r"topk_group=5 is invalid: must be in \[1, n_group\]"),
+        (dict(num_experts=10, n_group=4, topk_group=1), r"n_group=4 is invalid: must divide num_experts \(10\)"),
+        (dict(num_experts=8, top_k=4, n_group=4, topk_group=1), r"topk_group=1 is invalid: the chosen groups hold 2"),
+        (dict(score_func="tanh"), r"score_func='tanh' is invalid: must be one of 'softmax', 'sigmoid'"),
+        (dict(kind="hash"), r"kind='hash' is invalid: must be one of 'token_choice', 'expert_choice'"),
+        (dict(group_score="mean"), r"group_score='mean' is invalid"),
+        (dict(routed_scaling_factor=0.0), r"routed_scaling_factor=0.0 is invalid: must be > 0"),
+        (dict(jitter_eps=1.5), r"jitter_eps=1.5 is invalid"),
+        (dict(kind="expert_choice", random_routing=True), r"kind='expert_choice' is invalid"),
+    ],
+)
+def test_bad_router_config_names_field_value_and_allowed(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RouterConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            dict(activation="swish"),
+            r"activation='swish' is invalid: must be one of 'relu', 'gelu', 'gelu_tanh', 'silu'",
+        ),
+        (dict(hidden_dim=0), r"hidden_dim=0 is invalid: must be >= 1"),
+        (dict(init_std=-1.0), r"init_std=-1.0 is invalid"),
+    ],
+)
+def test_bad_experts_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ExpertsConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(capacity_factor=0.0), r"capacity_factor=0.0 is invalid: must be > 0, or None for dropless"),
+        (dict(capacity_factor=-1.25), r"capacity_factor=-1.25 is invalid"),
+        (dict(eval_capacity_factor=0.0), r"eval_capacity_factor=0.0 is invalid"),
+        (dict(expert_capacity=0), r"expert_capacity=0 is invalid: must be >= 1"),
+        (dict(drop_priority="random"), r"drop_priority='random' is invalid: must be one of 'position', 'weight'"),
+        (dict(dispatch="megablocks"), r"dispatch='megablocks' is invalid: must be one of 'grouped', 'loop'"),
+        (dict(shared_gate=True), r"shared_gate=True is invalid: needs a shared expert"),
+        (dict(shared_hidden_dim=-1), r"shared_hidden_dim=-1 is invalid"),
+        (dict(router=RouterConfig(kind="expert_choice")), r"capacity_factor=None is invalid: expert-choice"),
+    ],
+)
+def test_bad_moe_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**kwargs)
+
+
+def test_nested_dicts_become_configs():
+    cfg = MoEConfig(dim=8, router={"num_experts": 4, "top_k": 1}, experts={"hidden_dim": 16})
+    assert isinstance(cfg.router, RouterConfig) and cfg.router.num_experts == 4
+    assert isinstance(cfg.experts, ExpertsConfig) and cfg.experts.hidden_dim == 16
+
+
+def test_unknown_activation_function_raises():
+    with pytest.raises(ValueError, match=r"activation='tanh' is invalid"):
+        activation_fn("tanh")
+    with pytest.raises(ValueError, match=r"activation='tanh' is invalid"):
+        FeedForward(4, 8, activation="tanh")
+
+
+def _layer():
+    return MoELayer(MoEConfig(dim=8, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=16)))
+
+
+def test_input_width_mismatch_raises_before_any_work():
+    with pytest.raises(ValueError, match=r"x.shape=\(2, 3, 6\) is invalid: expected \(B, S, 8\) or \(T, 8\)"):
+        _layer()(torch.randn(2, 3, 6))
+
+
+def test_input_rank_mismatch_raises():
+    with pytest.raises(ValueError, match=r"x.shape=\(8,\) is invalid"):
+        _layer()(torch.randn(8))
+
+
+def test_mask_shape_mismatch_raises():
+    with pytest.raises(ValueError, match=r"mask.shape=\(2, 4\) is invalid: expected \(2, 3\)"):
+        _layer()(torch.randn(2, 3, 8), mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_update_bias_without_score_bias_raises():
+    with pytest.raises(ValueError, match=r"router.score_bias=False is invalid"):
+        _layer().update_bias(0.01)
+
+
+def test_grouped_experts_counts_mismatch_raises():
+    layer = _layer()
+    with pytest.raises(ValueError, match=r"counts_E sums to 5, but there are 6 copies"):
+        layer.experts(torch.randn(6, 8), [1, 1, 1, 2])
+    with pytest.raises(ValueError, match=r"counts_E has 3 entries, expected num_experts=4"):
+        layer.experts(torch.randn(6, 8), [2, 2, 2])

@@ -1,0 +1,119 @@
+import math
+
+import torch
+
+from lightning_moe.nn import (
+    ExpertsConfig,
+    MoEConfig,
+    MoELayer,
+    RouterConfig,
+    bias_update,
+    load_balancing_loss,
+    router_entropy,
+    router_z_loss,
+    sequence_balance_loss,
+)
+
+
+def test_load_balancing_loss_by_hand():
+    # 4 tokens, 2 experts, top-1: three tokens pick expert 0, one picks expert 1.
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
+    ids = torch.tensor([[0], [0], [0], [1]])
+    f = [3 / 4, 1 / 4]
+    p = [(0.9 + 0.8 + 0.6 + 0.3) / 4, (0.1 + 0.2 + 0.4 + 0.7) / 4]
+    expected = 2 * (f[0] * p[0] + f[1] * p[1])
+    assert math.isclose(load_balancing_loss(probs, ids).item(), expected, rel_tol=1e-6)
+
+
+def test_load_balancing_loss_top2_counts_copies_and_ignores_padding():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]])
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    mask = torch.tensor([True, True, False])
+    # Real tokens 0 and 1: copies to experts 0, 1, 1, 2 -> f = [1/4, 2/4, 1/4]; P = mean of rows 0, 1.
+    f = torch.tensor([0.25, 0.5, 0.25])
+    p = (probs[0] + probs[1]) / 2
+    expected = 3 * (f * p).sum()
+    torch.testing.assert_close(load_balancing_loss(probs, ids, mask), expected)
+
+
+def test_load_balancing_loss_is_one_when_uniform():
+    probs = torch.full((8, 4), 0.25)
+    ids = torch.arange(8).view(8, 1) % 4
+    torch.testing.assert_close(load_balancing_loss(probs, ids), torch.tensor(1.0))
+
+
+def test_sequence_balance_loss_by_hand():
+    # Two sequences of 2 tokens, 2 experts, top-1; the second sequence has one padding token.
+    probs = torch.tensor([[[0.7, 0.3], [0.4, 0.6]], [[0.9, 0.1], [0.5, 0.5]]])
+    ids = torch.tensor([[[0], [1]], [[0], [1]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    # Sequence 0: S=2, f = E/(K S) * counts = [1, 1], P = [0.55, 0.45] -> 1.0
+    # Sequence 1: S=1, f = [2, 0], P = [0.9, 0.1] -> 1.8
+    expected = (1.0 + 1.8) / 2
+    assert math.isclose(sequence_balance_loss(probs, ids, mask).item(), expected, rel_tol=1e-6)
+
+
+def test_sequence_balance_loss_skips_fully_padded_sequences():
+    probs = torch.tensor([[[0.7, 0.3]], [[0.2, 0.8]]])
+    ids = torch.tensor([[[0]], [[1]]])
+    mask = torch.tensor([[True], [False]])
+    # Only sequence 0 counts: f = [2, 0], P = [0.7, 0.3] -> 1.4
+    assert math.isclose(sequence_balance_loss(probs, ids, mask).item(), 1.4, rel_tol=1e-6)
+
+
+def test_router_z_loss_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0], [9.0, 9.0]])
+    mask = torch.tensor([True, True, False])
+    z0 = math.log(2.0)
+    z1 = math.log(math.exp(1.0) + math.exp(2.0))
+    assert math.isclose(router_z_loss(logits, mask).item(), (z0**2 + z1**2) / 2, rel_tol=1e-6)
+
+
+def test_router_entropy_uniform_and_one_hot():
+    assert math.isclose(router_entropy(torch.full((3, 4), 0.25)).item(), math.log(4), rel_tol=1e-6)
+    assert router_entropy(torch.tensor([[1.0, 0.0, 0.0]])).item() == 0.0
+
+
+def test_bias_update_rule_by_hand():
+    bias = torch.tensor([0.0, 0.1, -0.2, 0.0])
+    load = torch.tensor([10.0, 2.0, 6.0, 6.0])  # mean 6
+    new = bias_update(bias, load, gamma=0.01)
+    torch.testing.assert_close(new, torch.tensor([-0.01, 0.11, -0.2, 0.0]))
+    torch.testing.assert_close(bias, torch.tensor([0.0, 0.1, -0.2, 0.0]))  # pure
+
+
+def _layer(**router):
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        dim=8,
+        router=RouterConfig(num_experts=4, top_k=2, **router),
+        experts=ExpertsConfig(hidden_dim=16),
+        shared_hidden_dim=8,
+    )
+    return MoELayer(cfg)
+
+
+def test_aux_losses_give_gradients_to_the_router_only():
+    layer = _layer()
+    _, stats = layer(torch.randn(2, 5, 8))
+    for name in ("load_balance", "z_loss", "seq_balance"):
+        layer.zero_grad(set_to_none=True)
+        stats.losses[name].backward(retain_graph=True)
+        grads = {n: p.grad for n, p in layer.named_parameters()}
+        assert grads["router.gate.weight"] is not None and grads["router.gate.weight"].abs().sum() > 0, name
+        assert all(g is None for n, g in grads.items() if n != "router.gate.weight"), name
+
+
+def test_layer_losses_match_the_pure_functions():
+    layer = _layer(score_func="sigmoid")
+    x = torch.randn(3, 4, 8)
+    _, stats = layer(x)
+    logits = x.reshape(-1, 8) @ layer.router.gate.weight.t()
+    scores = torch.sigmoid(logits)
+    probs = scores / scores.sum(-1, keepdim=True)
+    ids = scores.topk(2, dim=-1).indices
+    torch.testing.assert_close(stats.losses["load_balance"], load_balancing_loss(probs, ids))
+    torch.testing.assert_close(stats.losses["z_loss"], router_z_loss(logits))
+    torch.testing.assert_close(
+        stats.losses["seq_balance"], sequence_balance_loss(probs.view(3, 4, 4), ids.view(3, 4, 2))
+    )

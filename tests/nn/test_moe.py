@@ -1,0 +1,269 @@
+import copy
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import functional_call
+
+from lightning_moe.nn import ExpertsConfig, FeedForward, MoEConfig, MoELayer, RouterConfig, bias_update
+
+
+def _pair(cfg: MoEConfig, dtype=torch.float64, router_std=1.0):
+    grouped = MoELayer(cfg).to(dtype)
+    grouped.router.gate.weight.data.normal_(std=router_std)
+    loop = MoELayer(MoEConfig(**{**cfg.__dict__, "dispatch": "loop"})).to(dtype)
+    loop.load_state_dict(grouped.state_dict())
+    return grouped, loop
+
+
+def _assert_same_forward_and_grads(grouped, loop, x, mask=None):
+    xg = x.clone().requires_grad_(True)
+    xl = x.clone().requires_grad_(True)
+    yg, sg = grouped(xg, mask)
+    yl, sl = loop(xl, mask)
+    torch.testing.assert_close(yg, yl, rtol=1e-10, atol=1e-12)
+    for name in ("tokens_per_expert", "kept_per_expert", "num_dropped", "router_entropy"):
+        torch.testing.assert_close(getattr(sg, name), getattr(sl, name))
+    grad = torch.randn_like(yg)
+    loss_g = (yg * grad).sum() + sum(sg.losses.values())
+    loss_l = (yl * grad).sum() + sum(sl.losses.values())
+    loss_g.backward()
+    loss_l.backward()
+    torch.testing.assert_close(xg.grad, xl.grad, rtol=1e-9, atol=1e-12)
+    for (name, pg), (_, pl) in zip(grouped.named_parameters(), loop.named_parameters(), strict=True):
+        if pl.grad is None:
+            assert pg.grad is None or torch.all(pg.grad == 0), name
+        else:
+            torch.testing.assert_close(pg.grad, pl.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_experts=st.integers(1, 8),
+    top_k=st.integers(1, 4),
+    dim=st.integers(1, 12),
+    hidden=st.integers(1, 12),
+    tokens=st.integers(1, 24),
+    capacity_factor=st.sampled_from([None, 0.5, 1.0, 1.5]),
+    drop_priority=st.sampled_from(["position", "weight"]),
+    shared=st.sampled_from([(0, False), (6, False), (6, True)]),
+    score_func=st.sampled_from(["softmax", "sigmoid"]),
+    softmax_after_topk=st.booleans(),
+    normalize_topk=st.booleans(),
+    ffn=st.sampled_from([("silu", True), ("gelu", True), ("relu", False), ("gelu_tanh", False)]),
+    seed=st.integers(0, 10_000),
+)
+def test_grouped_path_matches_loop_in_outputs_and_gradients(
+    num_experts,
+    top_k,
+    dim,
+    hidden,
+    tokens,
+    capacity_factor,
+    drop_priority,
+    shared,
+    score_func,
+    softmax_after_topk,
+    normalize_topk,
+    ffn,
+    seed,
+):
+    top_k = min(top_k, num_experts)
+    torch.manual_seed(seed)
+    cfg = MoEConfig(
+        dim=dim,
+        router=RouterConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            score_func=score_func,
+            softmax_after_topk=softmax_after_topk,
+            normalize_topk=normalize_topk,
+        ),
+        experts=ExpertsConfig(hidden_dim=hidden, activation=ffn[0], gated=ffn[1]),
+        capacity_factor=capacity_factor,
+        drop_priority=drop_priority,
+        shared_hidden_dim=shared[0],
+        shared_gate=shared[1],
+    )
+    grouped, loop = _pair(cfg)
+    _assert_same_forward_and_grads(grouped, loop, torch.randn(tokens, dim, dtype=torch.float64))
+
+
+@settings(max_examples=15, deadline=None)
+@given(num_experts=st.integers(1, 6), factor=st.sampled_from([0.5, 1.0, 2.0]), seed=st.integers(0, 1000))
+def test_expert_choice_grouped_matches_loop(num_experts, factor, seed):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(
+        dim=6,
+        router=RouterConfig(num_experts=num_experts, top_k=1, kind="expert_choice"),
+        experts=ExpertsConfig(hidden_dim=5),
+        capacity_factor=factor,
+    )
+    grouped, loop = _pair(cfg)
+    _assert_same_forward_and_grads(grouped, loop, torch.randn(2, 7, 6, dtype=torch.float64))
+
+
+def test_group_limited_sigmoid_with_bias_grouped_matches_loop():
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        dim=8,
+        router=RouterConfig(
+            num_experts=16,
+            top_k=4,
+            score_func="sigmoid",
+            n_group=4,
+            topk_group=2,
+            group_score="top2_sum",
+            score_bias=True,
+            normalize_topk=True,
+            routed_scaling_factor=2.5,
+        ),
+        experts=ExpertsConfig(hidden_dim=6),
+        shared_hidden_dim=12,
+    )
+    grouped, loop = _pair(cfg)
+    bias = torch.randn(16, dtype=torch.float64)
+    grouped.router.score_bias.copy_(bias)
+    loop.router.score_bias.copy_(bias)
+    _assert_same_forward_and_grads(grouped, loop, torch.randn(3, 10, 8, dtype=torch.float64))
+
+
+def test_one_expert_top1_equals_dense_ffn():
+    torch.manual_seed(0)
+    for activation, gated in (("silu", True), ("relu", False), ("gelu", True)):
+        layer = MoELayer(
+            MoEConfig(
+                dim=8,
+                router=RouterConfig(num_experts=1, top_k=1),
+                experts=ExpertsConfig(hidden_dim=16, activation=activation, gated=gated),
+            )
+        )
+        dense = FeedForward(8, 16, activation, gated)
+        dense.w1.weight.data = layer.experts.w1.data[0].t().clone()
+        dense.w2.weight.data = layer.experts.w2.data[0].t().clone()
+        if gated:
+            dense.w3.weight.data = layer.experts.w3.data[0].t().clone()
+        x = torch.randn(4, 5, 8)
+        y, stats = layer(x)
+        torch.testing.assert_close(y, dense(x))
+        assert stats.tokens_per_expert.tolist() == [20.0]
+
+
+def test_gradcheck_float64_tiny_layer():
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        dim=4,
+        router=RouterConfig(num_experts=3, top_k=2, normalize_topk=True),
+        experts=ExpertsConfig(hidden_dim=5),
+        capacity_factor=1.0,
+        shared_hidden_dim=3,
+        shared_gate=True,
+    )
+    layer = MoELayer(cfg).double()
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in layer.parameters())
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *params):
+        y, stats = functional_call(layer, dict(zip(names, params, strict=True)), (x,))
+        return y, stats.losses["load_balance"], stats.losses["z_loss"]
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6)
+
+
+def _pad(x, extra):
+    batch, seq, dim = x.shape
+    padded = torch.randn(batch, seq + extra, dim, dtype=x.dtype) * 100  # garbage must not leak
+    padded[:, :seq] = x
+    mask = torch.zeros(batch, seq + extra, dtype=torch.bool)
+    mask[:, :seq] = True
+    return padded, mask
+
+
+def test_padding_changes_no_output_statistic_or_loss():
+    for capacity_factor, kind in ((None, "token_choice"), (0.75, "token_choice"), (1.0, "expert_choice")):
+        torch.manual_seed(0)
+        cfg = MoEConfig(
+            dim=6,
+            router=RouterConfig(num_experts=4, top_k=2, kind=kind),
+            experts=ExpertsConfig(hidden_dim=8),
+            capacity_factor=capacity_factor,
+            shared_hidden_dim=4,
+            shared_gate=True,
+        )
+        layer = MoELayer(cfg).double()
+        layer.router.gate.weight.data.normal_()
+        x = torch.randn(3, 5, 6, dtype=torch.float64)
+        y, stats = layer(x)
+        padded, mask = _pad(x, 4)
+        y_pad, stats_pad = layer(padded, mask)
+        torch.testing.assert_close(y_pad[:, :5], y)
+        assert torch.all(y_pad[:, 5:] == 0)
+        for name in ("tokens_per_expert", "kept_per_expert", "num_dropped", "num_tokens", "router_entropy"):
+            torch.testing.assert_close(getattr(stats_pad, name), getattr(stats, name), msg=f"{kind} {name}")
+        assert stats.losses.keys() == stats_pad.losses.keys()
+        for name, value in stats.losses.items():
+            torch.testing.assert_close(stats_pad.losses[name], value, msg=name)
+
+
+def test_eval_forward_changes_no_counter_and_training_counts():
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        dim=6,
+        router=RouterConfig(num_experts=4, top_k=2, score_func="sigmoid", score_bias=True),
+        experts=ExpertsConfig(hidden_dim=8),
+    )
+    layer = MoELayer(cfg)
+    before = copy.deepcopy(layer.state_dict())
+    layer.eval()
+    layer(torch.randn(2, 5, 6))
+    assert torch.all(layer.tokens_per_expert == 0)
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+    layer.train()
+    _, s1 = layer(torch.randn(2, 5, 6))
+    _, s2 = layer(torch.randn(2, 5, 6))
+    torch.testing.assert_close(layer.tokens_per_expert, s1.tokens_per_expert + s2.tokens_per_expert)
+    expected_bias = bias_update(layer.router.score_bias.clone(), layer.tokens_per_expert.clone(), 0.1)
+    layer.update_bias(0.1)
+    torch.testing.assert_close(layer.router.score_bias, expected_bias)
+    assert torch.all(layer.tokens_per_expert == 0)
+
+
+def test_stats_count_routed_copies():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(dim=6, router=RouterConfig(num_experts=5, top_k=2), experts=ExpertsConfig(hidden_dim=4)))
+    x = torch.randn(30, 6)
+    _, stats = layer(x)
+    ids = layer.router(x).expert_ids_N
+    torch.testing.assert_close(stats.tokens_per_expert, torch.bincount(ids, minlength=5).float())
+    assert stats.num_tokens.item() == 30
+    assert set(stats.losses) == {"load_balance", "z_loss"}  # no sequence loss for (T, D) input
+
+
+def test_bfloat16_layer_runs_with_float32_router_and_matches_float32():
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=16, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=32))
+    layer = MoELayer(cfg)
+    x = torch.randn(2, 8, 16)
+    y32, _ = layer(x)
+    layer_bf16 = copy.deepcopy(layer).to(torch.bfloat16)
+    y16, stats = layer_bf16(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    assert stats.losses["load_balance"].dtype == torch.float32
+    torch.testing.assert_close(y16.float(), y32, rtol=5e-2, atol=5e-3)
+    y16.float().sum().backward()
+    assert layer_bf16.experts.w1.grad.dtype == torch.bfloat16
+
+
+def test_grouped_experts_forward_on_sorted_rows_matches_per_expert():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(dim=6, router=RouterConfig(num_experts=3, top_k=1), experts=ExpertsConfig(hidden_dim=4)))
+    experts = layer.experts.double()
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    counts = [3, 0, 4]
+    assert torch.autograd.gradcheck(lambda x: experts(x, counts), (x,))
+    per_expert = experts.unbind_experts()
+    expected = torch.cat([experts.expert_forward(x[:3], per_expert[0]), experts.expert_forward(x[3:], per_expert[2])])
+    torch.testing.assert_close(experts(x, counts), expected)
