@@ -80,12 +80,16 @@ class _GroupedExpertMLP(torch.autograd.Function):
         if need_x:
             dx = torch.zeros_like(x) if rows_N is not None else torch.empty_like(x)
         dweights_N = torch.empty_like(weights_N) if need_weights else None
-        dw1 = torch.zeros_like(w1_EDF) if need_w1 else None
-        dw3 = torch.zeros_like(w3_EDF) if need_w3 else None
-        dw2 = torch.zeros_like(w2_EFD) if need_w2 else None
+        # Every non-empty expert writes its whole gradient slice; only empty experts need zeros.
+        dw1 = torch.empty_like(w1_EDF) if need_w1 else None
+        dw3 = torch.empty_like(w3_EDF) if need_w3 else None
+        dw2 = torch.empty_like(w2_EFD) if need_w2 else None
         start = 0
         for e, count in enumerate(ctx.counts):
             if count == 0:
+                for dw in (dw1, dw3, dw2):
+                    if dw is not None:
+                        dw[e].zero_()
                 continue
             block = slice(start, start + count)
             start += count

@@ -1,0 +1,13 @@
+import re
+
+from lightning_moe.__main__ import main
+
+
+def test_demo_prints_loads_and_balancing_lowers_the_loss(capsys):
+    main(["--experts", "4", "--top-k", "2", "--dim", "16", "--hidden", "32", "--tokens", "256", "--steps", "40"])
+    out = capsys.readouterr().out
+    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", out)]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    copies = [int(v) for v in re.findall(r"(\d+) copies", out)]
+    assert len(copies) == 8 and sum(copies[:4]) == sum(copies[4:]) == 256 * 2
+    assert "grouped" in out and "reference loop" in out
