@@ -24,7 +24,8 @@ def _load_table(stats: MoEStats, width: int = 40) -> str:
     lines = []
     for e, (count, s) in enumerate(zip(load.tolist(), share.tolist(), strict=True)):
         kept = int(stats.kept_per_expert[e])
-        lines.append(f"  expert {e:3d} {'#' * round(width * s / top):<{width}} {int(count):6d} copies ({s:6.1%}) kept {kept}")
+        bar = "#" * round(width * s / top)
+        lines.append(f"  expert {e:3d} {bar:<{width}} {int(count):6d} copies ({s:6.1%}) kept {kept}")
     return "\n".join(lines)
 
 
