@@ -1,0 +1,162 @@
+"""Multi-head / grouped-query attention and the attention masks the zoo needs.
+
+Shape legend: ``B`` batch, ``T`` query positions, ``S`` key positions, ``D`` model width, ``H`` query heads,
+``G`` key/value heads, ``Dh`` head dim.
+
+All attention goes through ``torch.nn.functional.scaled_dot_product_attention``. Masks are either ``None``
+with ``is_causal`` (the fast path) or a float additive mask ``(B or 1, H or 1, T, S)`` built once per
+forward by :func:`attention_bias` and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_moe.nn.norm import RMSNorm
+from lightning_moe.nn.rope import apply_rope
+
+
+@dataclass
+class AttentionConfig:
+    """Multi-head or grouped-query attention.
+
+    Args:
+        num_heads: Query heads ``H``.
+        num_kv_heads: Key/value heads ``G`` (``H`` for MHA, fewer for GQA); must divide ``H``.
+        head_dim: Per-head width (``None``: ``dim // num_heads``).
+        qkv_bias: Bias on the q/k/v projections (Qwen1.5/2).
+        out_bias: Bias on the output projection.
+        qk_norm: RMSNorm on each head's queries and keys before RoPE (Qwen3).
+        rope: Apply rotary embeddings (the model passes cos/sin).
+        scale: Softmax scale (``None``: ``head_dim ** -0.5``; T5 uses 1.0).
+        sliding_window: Attend only to the last ``sliding_window`` positions (``None``: full causal).
+        norm_eps: Epsilon of the q/k norms.
+    """
+
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: int | None = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: bool = False
+    rope: bool = True
+    scale: float | None = None
+    sliding_window: int | None = None
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads={self.num_heads!r} is invalid: must be >= 1")
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads!r} is invalid: must be >= 1 and divide num_heads ({self.num_heads})"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window!r} is invalid: must be >= 1 or None")
+
+
+def attention_bias(
+    batch: int,
+    seq: int,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    padding_mask_BS: Tensor | None = None,
+    position_bias_HTS: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> Tensor | None:
+    """Additive attention mask ``(B or 1, H or 1, T, S)``, or ``None`` when plain causal attention suffices.
+
+    Query ``i`` may see key ``j`` when ``j <= i`` (causal), ``i - j < sliding_window`` (sliding window) and
+    key ``j`` is not padding. Every query may always see itself, so padded query rows stay finite.
+
+    Args:
+        batch: Batch size ``B``.
+        seq: Sequence length (``T == S``).
+        causal: Causal masking.
+        sliding_window: Window length, or ``None``.
+        padding_mask_BS: True for real tokens.
+        position_bias_HTS: Added bias (T5 relative position bias), or ``None``.
+        dtype: Mask dtype.
+        device: Mask device.
+    """
+    if causal and sliding_window is None and padding_mask_BS is None and position_bias_HTS is None:
+        return None
+    idx = torch.arange(seq, device=device)
+    allowed_TS = torch.ones(seq, seq, dtype=torch.bool, device=device)
+    if causal:
+        allowed_TS = idx.view(-1, 1) >= idx.view(1, -1)
+    if sliding_window is not None:
+        allowed_TS = allowed_TS & (idx.view(-1, 1) - idx.view(1, -1) < sliding_window)
+    allowed = allowed_TS.view(1, 1, seq, seq)
+    if padding_mask_BS is not None:
+        allowed = allowed & padding_mask_BS.bool().view(batch, 1, 1, seq)
+    allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device).view(1, 1, seq, seq)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if position_bias_HTS is not None:
+        bias = bias + position_bias_HTS.to(dtype).unsqueeze(0)
+    return bias
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with optional QKV bias, q/k norm and RoPE.
+
+    Args:
+        dim: Model width ``D``.
+        config: Attention config.
+    """
+
+    def __init__(self, dim: int, config: AttentionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim or dim // config.num_heads
+        heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=config.out_bias)
+        self.q_norm = RMSNorm(head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(head_dim, config.norm_eps) if config.qk_norm else None
+
+    def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None) -> Tensor:
+        """Attend.
+
+        Args:
+            x_BTD: Input.
+            rope: ``(cos, sin)`` tables ``(B or 1, T, Dh)`` when the config uses RoPE.
+            mask: Additive mask from :func:`attention_bias`; ``None`` means plain causal.
+
+        Returns:
+            ``(B, T, D)`` output.
+        """
+        batch, seq, _ = x_BTD.shape
+        cfg = self.config
+        q_BHTDh = self.q_proj(x_BTD).view(batch, seq, cfg.num_heads, self.head_dim).transpose(1, 2)
+        k_BGTDh = self.k_proj(x_BTD).view(batch, seq, cfg.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGTDh = self.v_proj(x_BTD).view(batch, seq, cfg.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q_BHTDh, k_BGTDh = self.q_norm(q_BHTDh), self.k_norm(k_BGTDh)
+        if cfg.rope:
+            if rope is None:
+                raise ValueError("rope=None is invalid: this attention uses rotary embeddings; pass (cos, sin)")
+            q_BHTDh, k_BGTDh = apply_rope(q_BHTDh, *rope), apply_rope(k_BGTDh, *rope)
+        out_BHTDh = sdpa(q_BHTDh, k_BGTDh, v_BGTDh, mask, cfg.scale)
+        return self.o_proj(out_BHTDh.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def sdpa(q_BHTDh: Tensor, k_BGSDh: Tensor, v_BGSDh: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    """Scaled dot-product attention with grouped key/value heads; causal when ``mask`` is None."""
+    groups = q_BHTDh.shape[1] // k_BGSDh.shape[1]
+    if groups > 1:
+        k_BGSDh = k_BGSDh.repeat_interleave(groups, dim=1)
+        v_BGSDh = v_BGSDh.repeat_interleave(groups, dim=1)
+    if mask is not None:
+        mask = mask.to(q_BHTDh.dtype)
+    return F.scaled_dot_product_attention(
+        q_BHTDh, k_BGSDh, v_BGSDh, attn_mask=mask, is_causal=mask is None, scale=scale
+    )

@@ -1,0 +1,173 @@
+"""Decoder blocks and the decoder-only language model every causal zoo family is assembled from.
+
+Shape legend: ``B`` batch, ``T`` positions, ``D`` model width, ``V`` vocabulary.
+
+A zoo family builds a list of :class:`DecoderLayer` (its attention, and a dense FFN or an MoE layer per
+layer) and hands it to :class:`DecoderLM` with its positional scheme; the forward returns a
+:class:`ModelOutput` with the logits and the router statistics of every MoE layer, in layer order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.nn.attention import attention_bias
+from lightning_moe.nn.moe import MoELayer, MoEStats
+from lightning_moe.nn.rope import RopeConfig, rope_cos_sin
+
+
+@dataclass
+class ModelOutput:
+    """What a zoo model returns.
+
+    Attributes:
+        logits: ``(B, T, V)`` next-token logits.
+        router_stats: One :class:`~lightning_moe.nn.moe.MoEStats` per MoE layer, in layer order.
+        hidden_states: ``(B, T, D)`` final hidden states (after the final norm).
+    """
+
+    logits: Tensor
+    router_stats: list[MoEStats] = field(default_factory=list)
+    hidden_states: Tensor | None = None
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``h = x + attn(norm1(x))``, ``out = h + ffn(norm2(h))``; the FFN is dense or MoE.
+
+    Args:
+        attention: Self-attention module taking ``(x, rope, mask)``.
+        ffn: A dense FFN, or an :class:`~lightning_moe.nn.moe.MoELayer`.
+        attn_norm: Norm before attention.
+        ffn_norm: Norm before the FFN.
+    """
+
+    def __init__(self, attention: nn.Module, ffn: nn.Module, attn_norm: nn.Module, ffn_norm: nn.Module) -> None:
+        super().__init__()
+        self.attn_norm = attn_norm
+        self.attention = attention
+        self.ffn_norm = ffn_norm
+        self.ffn = ffn
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the FFN is an MoE layer."""
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(
+        self,
+        x_BTD: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        token_mask_BT: Tensor | None = None,
+    ) -> tuple[Tensor, MoEStats | None]:
+        """Run the block; returns the output and the MoE statistics (``None`` for a dense FFN)."""
+        h_BTD = x_BTD + self.attention(self.attn_norm(x_BTD), rope, mask)
+        if self.is_moe:
+            ffn_BTD, stats = self.ffn(self.ffn_norm(h_BTD), token_mask_BT)
+        else:
+            ffn_BTD, stats = self.ffn(self.ffn_norm(h_BTD)), None
+        return h_BTD + ffn_BTD, stats
+
+
+class DecoderLM(nn.Module):
+    """Token embedding, decoder layers, final norm and LM head.
+
+    Args:
+        vocab_size: Vocabulary ``V``.
+        dim: Model width ``D``.
+        layers: The decoder layers.
+        norm: Final norm.
+        rope: Rotary settings, with the rotary width, or ``None`` for no RoPE.
+        position_bias: Module ``(T, S) -> (H, T, S)`` additive bias shared by all layers (T5-style), or
+            ``None``.
+        tie_embeddings: Share the embedding matrix with the LM head.
+        sliding_window: Causal window length for every layer, or ``None``.
+        embed_scale: Multiplies the embeddings (1.0: none).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        layers: list[DecoderLayer],
+        norm: nn.Module,
+        rope: tuple[RopeConfig, int] | None = None,
+        position_bias: nn.Module | None = None,
+        tie_embeddings: bool = False,
+        sliding_window: int | None = None,
+        embed_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = rope
+        self.position_bias = position_bias
+        self.sliding_window = sliding_window
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> ModelOutput:
+        """Next-token logits for ``(B, T)`` token ids.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            attention_mask: ``(B, T)``, 1/True for real tokens and 0/False for padding.
+
+        Returns:
+            Logits and router statistics.
+
+        Raises:
+            ValueError: If the shapes are wrong.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids.shape={tuple(input_ids.shape)} is invalid: expected (B, T)")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask.shape={tuple(attention_mask.shape)} is invalid: expected {tuple(input_ids.shape)}"
+            )
+        batch, seq = input_ids.shape
+        x_BTD = self.embed(input_ids)
+        if self.embed_scale != 1.0:
+            x_BTD = x_BTD * self.embed_scale
+        token_mask_BT = None if attention_mask is None else attention_mask.bool()
+        rope = None
+        if self.rope is not None:
+            rope_cfg, rope_dim = self.rope
+            positions_T = torch.arange(seq, device=input_ids.device)
+            cos, sin = rope_cos_sin(positions_T, rope_dim, rope_cfg, x_BTD.dtype)
+            rope = (cos.unsqueeze(0), sin.unsqueeze(0))
+        bias_HTS = self.position_bias(seq, seq) if self.position_bias is not None else None
+        mask = attention_bias(
+            batch,
+            seq,
+            sliding_window=self.sliding_window,
+            padding_mask_BS=token_mask_BT,
+            position_bias_HTS=bias_HTS,
+            dtype=x_BTD.dtype,
+            device=input_ids.device,
+        )
+        router_stats = []
+        for layer in self.layers:
+            x_BTD, stats = layer(x_BTD, rope, mask, token_mask_BT)
+            if stats is not None:
+                router_stats.append(stats)
+        hidden_BTD = self.norm(x_BTD)
+        return ModelOutput(logits=self.lm_head(hidden_BTD), router_stats=router_stats, hidden_states=hidden_BTD)
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """Normal(0, ``std``) for every Linear and Embedding weight below ``module``, zeros for biases.
+
+    Stacked experts and norms keep their own initialisation. A no-op in cost on the meta device.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)

@@ -1,0 +1,182 @@
+"""Model presets by name: the registry every zoo family adds itself to.
+
+A family module defines a config dataclass (a subclass of :class:`ModelConfig`), a ``build(config)``
+function returning an ``nn.Module``, and a dict of named presets, then calls :func:`register_family`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_moe.nn.moe import MoELayer
+
+
+@dataclass
+class ModelConfig:
+    """Fields every zoo model config has.
+
+    Args:
+        vocab_size: Vocabulary size ``V``.
+        dim: Model width ``D``.
+        num_layers: Decoder layers (encoder and decoder layers each, for encoder-decoder models).
+        init_std: Standard deviation of the weight initialisation.
+        load_balance_coef: Default coefficient of the Switch/GShard load-balancing loss (our normalisation:
+            1.0 when balanced; a Hugging Face ``router_aux_loss_coef`` ``c`` is ``c * top_k`` here).
+        z_loss_coef: Default coefficient of the router z-loss.
+        seq_balance_coef: Default coefficient of the DeepSeek sequence-wise balance loss.
+        bias_update_speed: Default speed ``gamma`` of the auxiliary-loss-free bias update (0: off).
+    """
+
+    vocab_size: int = 32000
+    dim: int = 512
+    num_layers: int = 2
+    init_std: float = 0.02
+    load_balance_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    seq_balance_coef: float = 0.0
+    bias_update_speed: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
+
+
+@dataclass
+class Family:
+    """A registered zoo family."""
+
+    name: str
+    config_cls: type[ModelConfig]
+    build: Callable[[Any], nn.Module]
+    presets: dict[str, ModelConfig]
+
+
+_FAMILIES: dict[str, Family] = {}
+_PRESETS: dict[str, tuple[Family, ModelConfig]] = {}
+
+
+def register_family(
+    name: str, config_cls: type[ModelConfig], build_fn: Callable[[Any], nn.Module], presets: dict[str, ModelConfig]
+) -> None:
+    """Add a family and its presets to the registry.
+
+    Raises:
+        ValueError: If the family or a preset name is already registered.
+    """
+    if name in _FAMILIES:
+        raise ValueError(f"family={name!r} is invalid: already registered")
+    family = Family(name, config_cls, build_fn, presets)
+    for preset in presets:
+        if preset in _PRESETS:
+            raise ValueError(f"preset={preset!r} is invalid: already registered by {_PRESETS[preset][0].name}")
+    _FAMILIES[name] = family
+    for preset, cfg in presets.items():
+        _PRESETS[preset] = (family, cfg)
+
+
+def names() -> list[str]:
+    """Sorted list of preset names."""
+    return sorted(_PRESETS)
+
+
+def families() -> list[str]:
+    """Sorted list of family names."""
+    return sorted(_FAMILIES)
+
+
+def family_of(name_or_config: str | ModelConfig) -> str:
+    """The family name of a preset name or config."""
+    if isinstance(name_or_config, str):
+        return _lookup(name_or_config)[0].name
+    return _family_for_config(name_or_config).name
+
+
+def _lookup(name: str) -> tuple[Family, ModelConfig]:
+    if name not in _PRESETS:
+        close = difflib.get_close_matches(name, _PRESETS, n=5, cutoff=0.4)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise ValueError(f"arch={name!r} is not a known preset{hint}. Known presets: {', '.join(names())}")
+    return _PRESETS[name]
+
+
+def _family_for_config(cfg: ModelConfig) -> Family:
+    for family in _FAMILIES.values():
+        if type(cfg) is family.config_cls:
+            return family
+    raise ValueError(f"config of type {type(cfg).__name__} is invalid: no registered family uses it")
+
+
+def _apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    valid = {f.name: f for f in dataclasses.fields(cfg)}
+    updates = {}
+    for key, value in overrides.items():
+        if key not in valid:
+            raise ValueError(
+                f"override {key}={value!r} is invalid for {type(cfg).__name__}: valid keys are {', '.join(valid)}"
+            )
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = _apply_overrides(current, value)
+        updates[key] = value
+    return dataclasses.replace(cfg, **updates)
+
+
+def config(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset's config with ``overrides`` applied (nested dataclass fields take dicts).
+
+    Raises:
+        ValueError: For an unknown name (listing the closest names) or an unknown override key (listing
+            the valid keys), and for invalid values.
+    """
+    _, cfg = _lookup(name)
+    return _apply_overrides(cfg, overrides)
+
+
+def build(name_or_config: str | ModelConfig, **overrides: Any) -> nn.Module:
+    """Build a model from a preset name or a config. Inside ``torch.device("meta")`` nothing is allocated."""
+    if isinstance(name_or_config, str):
+        family, _ = _lookup(name_or_config)
+        cfg = config(name_or_config, **overrides)
+    else:
+        family = _family_for_config(name_or_config)
+        cfg = _apply_overrides(name_or_config, overrides)
+    return family.build(cfg)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameter counts.
+
+    Attributes:
+        total: Every parameter once (tied weights once).
+        active: Parameters used per token: everything except the routed experts a token does not visit
+            (``top_k`` of ``E`` experts are active in each MoE layer); embeddings and LM head included.
+    """
+
+    total: int
+    active: int
+
+
+def count_parameters(model_or_config: nn.Module | ModelConfig | str) -> ParameterCount:
+    """Total and active parameters of a model, a config or a preset name (configs are built on meta)."""
+    if isinstance(model_or_config, nn.Module):
+        model = model_or_config
+    else:
+        with torch.device("meta"):
+            model = build(model_or_config)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            num_experts, top_k = module.config.num_experts, module.config.router.top_k
+            expert_params = sum(p.numel() for p in module.experts.parameters())
+            inactive += expert_params * (num_experts - top_k) // num_experts
+    return ParameterCount(total=total, active=total - inactive)

@@ -1,0 +1,118 @@
+"""Behaviour every zoo family shares: lookup errors, overrides, tiny presets that learn, causal masks."""
+
+import pytest
+import torch
+
+from lightning_moe import zoo
+
+from ._helpers import is_encoder_decoder, lm_loss
+
+TINY = [name for name in zoo.names() if name.endswith("-tiny")]
+CAUSAL_TINY = [name for name in TINY if not is_encoder_decoder(name)]
+
+
+def test_every_family_has_a_tiny_preset():
+    assert {zoo.family_of(name) for name in TINY} == set(zoo.families())
+
+
+def test_unknown_preset_lists_close_matches():
+    with pytest.raises(ValueError, match=r"arch='mixtral-8x7' is not a known preset; closest: mixtral-8x7b"):
+        zoo.config("mixtral-8x7")
+
+
+def test_unknown_override_names_key_and_valid_keys():
+    with pytest.raises(
+        ValueError, match=r"override num_expert=4 is invalid for MixtralConfig: valid keys are .*num_experts"
+    ):
+        zoo.config("mixtral-tiny", num_expert=4)
+
+
+def test_overrides_apply_and_presets_stay_untouched():
+    cfg = zoo.config("mixtral-tiny", num_experts=4, top_k=1)
+    assert (cfg.num_experts, cfg.top_k) == (4, 1)
+    assert zoo.config("mixtral-tiny").num_experts == 8
+    model = zoo.build("mixtral-tiny", num_experts=4)
+    assert model.layers[0].ffn.experts.w1.shape[0] == 4
+    assert zoo.build(cfg).layers[0].ffn.config.router.top_k == 1
+
+
+def test_build_on_meta_allocates_nothing():
+    with torch.device("meta"):
+        model = zoo.build("mixtral-8x22b")
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_count_parameters_by_hand_for_a_tiny_mixtral():
+    cfg = zoo.config("mixtral-tiny")
+    d, f, e, v, layers = cfg.dim, cfg.ffn_hidden, cfg.num_experts, cfg.vocab_size, cfg.num_layers
+    kv = cfg.num_kv_heads * (d // cfg.num_heads)
+    attention = 2 * d * d + 2 * d * kv
+    per_layer_experts = e * 3 * d * f
+    per_layer_rest = attention + d * e + 2 * d  # router, two norms
+    total = layers * (per_layer_experts + per_layer_rest) + 2 * v * d + d
+    active = total - layers * (e - cfg.top_k) * 3 * d * f
+    count = zoo.count_parameters("mixtral-tiny")
+    assert (count.total, count.active) == (total, active)
+    assert zoo.count_parameters(zoo.build("mixtral-tiny")) == count
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_preset_learns_a_fixed_batch(name):
+    torch.manual_seed(0)
+    model = zoo.build(name)
+    vocab = zoo.config(name).vocab_size
+    input_ids = torch.randint(0, vocab, (4, 32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = lm_loss(model, name, input_ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", CAUSAL_TINY)
+def test_causal_model_is_causal(name):
+    torch.manual_seed(0)
+    model = zoo.build(name).eval()
+    vocab = zoo.config(name).vocab_size
+    ids = torch.randint(0, vocab, (2, 24))
+    changed = ids.clone()
+    changed[:, 12] = (ids[:, 12] + 1) % vocab
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("name", CAUSAL_TINY)
+def test_masked_tokens_change_no_other_logit(name):
+    torch.manual_seed(0)
+    model = zoo.build(name).eval()
+    vocab = zoo.config(name).vocab_size
+    ids = torch.randint(0, vocab, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[0, 3:6] = False
+    mask[1, 0:2] = False
+    changed = ids.clone()
+    changed[~mask] = (ids[~mask] + 7) % vocab
+    with torch.no_grad():
+        a, b = model(ids, mask).logits, model(changed, mask).logits
+    torch.testing.assert_close(a[mask], b[mask])
+
+
+def test_sliding_window_limits_what_a_position_sees():
+    torch.manual_seed(0)
+    model = zoo.build("mixtral-tiny", num_layers=1, sliding_window=4).eval()
+    ids = torch.randint(0, 1024, (1, 12))
+    changed = ids.clone()
+    changed[0, 2] = (ids[0, 2] + 1) % 1024
+    with torch.no_grad():
+        a, b = model(ids).logits[0], model(changed).logits[0]
+    # Position i sees positions i-3..i: a change at 2 reaches positions 2..5 only.
+    for i in range(12):
+        same = torch.allclose(a[i], b[i], rtol=1e-4, atol=1e-5)  # MoE blocking adds float noise
+        assert same == (i < 2 or i > 5), i
