@@ -1,5 +1,7 @@
-"""Mixtral (Jiang et al. 2024, "Mixtral of Experts"): a decoder-only GQA + RoPE transformer, RMSNorm,
-every FFN a top-2-of-8 SwiGLU MoE with softmax over the chosen logits, optional sliding window.
+"""Mixtral (Jiang et al. 2024, "Mixtral of Experts").
+
+A decoder-only GQA + RoPE transformer with RMSNorm; every FFN is a top-2-of-8 SwiGLU MoE with softmax over
+the chosen logits; optional sliding window.
 
 Sizes from the Hugging Face configs of ``mistralai/Mixtral-8x7B-v0.1`` and ``mistralai/Mixtral-8x22B-v0.1``.
 """
