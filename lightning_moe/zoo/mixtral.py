@@ -40,6 +40,7 @@ class MixtralConfig(ModelConfig):
     vocab_size: int = 32000
     dim: int = 4096
     num_layers: int = 32
+    max_seq_len: int = 32768
     num_heads: int = 32
     num_kv_heads: int = 8
     head_dim: int | None = None
@@ -94,10 +95,17 @@ def build(cfg: MixtralConfig) -> DecoderLM:
 PRESETS = {
     "mixtral-8x7b": MixtralConfig(),
     "mixtral-8x22b": MixtralConfig(
-        vocab_size=32768, dim=6144, num_layers=56, num_heads=48, num_kv_heads=8, ffn_hidden=16384
+        vocab_size=32768, dim=6144, num_layers=56, num_heads=48, num_kv_heads=8, ffn_hidden=16384, max_seq_len=65536
     ),
     "mixtral-tiny": MixtralConfig(
-        vocab_size=1024, dim=128, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden=256, sliding_window=128
+        vocab_size=1024,
+        dim=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden=256,
+        sliding_window=128,
+        max_seq_len=1024,
     ),
 }
 

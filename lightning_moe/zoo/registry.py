@@ -26,6 +26,7 @@ class ModelConfig:
         vocab_size: Vocabulary size ``V``.
         dim: Model width ``D``.
         num_layers: Decoder layers (encoder and decoder layers each, for encoder-decoder models).
+        max_seq_len: Longest sequence the model is meant for (its published context length).
         init_std: Standard deviation of the weight initialisation.
         load_balance_coef: Default coefficient of the Switch/GShard load-balancing loss (our normalisation:
             1.0 when balanced; a Hugging Face ``router_aux_loss_coef`` ``c`` is ``c * top_k`` here).
@@ -37,6 +38,7 @@ class ModelConfig:
     vocab_size: int = 32000
     dim: int = 512
     num_layers: int = 2
+    max_seq_len: int = 4096
     init_std: float = 0.02
     load_balance_coef: float = 0.0
     z_loss_coef: float = 0.0
@@ -44,7 +46,7 @@ class ModelConfig:
     bias_update_speed: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "num_layers"):
+        for name in ("vocab_size", "dim", "num_layers", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
 

@@ -1,6 +1,6 @@
 import re
 
-from lightning_moe.__main__ import main
+from lightning_moe.demo import main
 
 
 def test_demo_prints_loads_and_balancing_lowers_the_loss(capsys):

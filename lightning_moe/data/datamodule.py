@@ -1,0 +1,244 @@
+"""A LightningDataModule of packed token blocks, tokenized with a byte-level BPE and cached on disk.
+
+The first run reads the corpus, trains (or loads) the tokenizer, encodes every document with an
+end-of-text token after it, and writes the token stream as a flat memory-mapped array under the cache
+directory. The file name is a hash of the corpus content and the tokenizer, so a second run with the same
+inputs starts at once, and any change to either builds a new cache. Blocks of ``block_size + 1`` tokens are
+views into that array (inputs are the first ``block_size`` tokens, targets the last ``block_size``), so
+the block size can change without re-encoding. The split into train and validation blocks is a seeded
+permutation: the same for every run with the same seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_moe.data.corpus import expand_sources, read_documents, stdlib_files
+from lightning_moe.data.tokenizer import EOS_TOKEN, load_tokenizer, save_atomic, train_bpe
+
+
+def default_cache_dir() -> Path:
+    """``$LIGHTNING_MOE_CACHE``, else ``~/.cache/lightning-moe``."""
+    return Path(os.environ.get("LIGHTNING_MOE_CACHE", Path.home() / ".cache" / "lightning-moe"))
+
+
+class PackedBlocks(Dataset):
+    """Blocks of ``block_size + 1`` tokens from a flat token file, opened lazily (one memmap per worker).
+
+    Args:
+        path: Flat token file.
+        dtype: Its numpy dtype.
+        block_size: Tokens per input sequence.
+        block_ids: Which blocks this dataset serves.
+    """
+
+    def __init__(self, path: Path, dtype: str, block_size: int, block_ids: np.ndarray) -> None:
+        self.path, self.dtype, self.block_size, self.block_ids = path, dtype, block_size, block_ids
+        self._tokens: np.ndarray | None = None
+
+    def tokens(self) -> np.ndarray:
+        """The whole token stream (memory-mapped)."""
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        return self._tokens
+
+    def __len__(self) -> int:
+        return len(self.block_ids)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        start = int(self.block_ids[index]) * self.block_size
+        block = self.tokens()[start : start + self.block_size + 1]
+        return torch.from_numpy(block.astype(np.int64))
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_tokens"] = None  # workers re-open the memmap instead of pickling the data
+        return state
+
+
+class TextDataModule(L.LightningDataModule):
+    """Packed-token language-modelling data from the embedded corpus or your own text.
+
+    Args:
+        sources: Text files, globs and ``.jsonl`` files; ``None`` uses the embedded corpus (the running
+            interpreter's standard library source).
+        text_field: Field with the text in ``.jsonl`` records.
+        max_bytes: Read at most this many bytes of text (``None``: everything).
+        tokenizer_path: An existing ``tokenizer.json``; ``None`` trains a byte-level BPE on the text.
+        vocab_size: Vocabulary of the trained tokenizer.
+        block_size: Tokens per training sequence.
+        batch_size: Sequences per batch.
+        val_fraction: Share of the blocks held out for validation.
+        num_workers: Dataloader worker processes.
+        seed: Seed of the train/validation split and the shuffling.
+        cache_dir: Where tokenizers and token files are cached (``None``: :func:`default_cache_dir`).
+
+    Raises:
+        ValueError: For invalid arguments (checked here), and from :meth:`prepare_data` for a missing or
+            empty corpus or a non-text file.
+
+    Example::
+
+        data = TextDataModule(vocab_size=1024, block_size=128, max_bytes=2_000_000)
+        data.prepare_data()
+        data.setup("fit")
+        batch = next(iter(data.train_dataloader()))  # (batch_size, block_size + 1) token ids
+    """
+
+    def __init__(
+        self,
+        sources: list[str] | None = None,
+        text_field: str = "text",
+        max_bytes: int | None = 4_000_000,
+        tokenizer_path: str | None = None,
+        vocab_size: int = 1024,
+        block_size: int = 128,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        seed: int = 1234,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        checks = {
+            "block_size": (block_size >= 1, "must be >= 1"),
+            "batch_size": (batch_size >= 1, "must be >= 1"),
+            "vocab_size": (vocab_size >= 258, "must be >= 258 (bytes + special tokens)"),
+            "val_fraction": (0.0 < val_fraction < 1.0, "must be in (0, 1)"),
+            "num_workers": (num_workers >= 0, "must be >= 0"),
+            "max_bytes": (max_bytes is None or max_bytes >= 1, "must be >= 1 or None"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={locals()[name]!r} is invalid: {allowed}")
+        if sources is not None and not sources:
+            raise ValueError("sources=[] is invalid: give at least one file or glob, or None for the embedded corpus")
+        self.save_hyperparameters()
+        self.sources, self.text_field, self.max_bytes = sources, text_field, max_bytes
+        self.tokenizer_path, self.vocab_size_arg = tokenizer_path, vocab_size
+        self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
+        self.num_workers, self.seed = num_workers, seed
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.tokenizer = None
+        self.train_set: PackedBlocks | None = None
+        self.val_set: PackedBlocks | None = None
+
+    # -- building the cache ---------------------------------------------------------------------------
+
+    def _files(self) -> list[Path]:
+        return stdlib_files() if self.sources is None else expand_sources(self.sources)
+
+    def _documents(self) -> list[str]:
+        docs = list(read_documents(self._files(), self.text_field, self.max_bytes))
+        if not any(doc.strip() for doc in docs):
+            what = "the embedded corpus" if self.sources is None else f"sources={self.sources!r}"
+            raise ValueError(f"{what} is invalid: it holds no text")
+        return docs
+
+    def _paths(self, docs: list[str]) -> tuple[Path, Path]:
+        corpus = hashlib.sha256()
+        for doc in docs:
+            corpus.update(hashlib.sha256(doc.encode("utf-8")).digest())
+        corpus_key = corpus.hexdigest()[:16]
+        if self.tokenizer_path is not None:
+            tok_key = hashlib.sha256(Path(self.tokenizer_path).read_bytes()).hexdigest()[:16]
+            tokenizer_file = Path(self.tokenizer_path)
+        else:
+            tok_key = f"bpe{self.vocab_size_arg}-{corpus_key}"
+            tokenizer_file = self.cache_dir / f"tokenizer-{tok_key}.json"
+        return tokenizer_file, self.cache_dir / f"tokens-{corpus_key}-{tok_key}.bin"
+
+    def prepare_data(self) -> None:
+        """Train or load the tokenizer and encode the corpus into the cache (once; later runs reuse it)."""
+        if self.tokenizer_path is not None:
+            load_tokenizer(self.tokenizer_path)  # fail early on a missing file
+        docs = self._documents()
+        tokenizer_file, tokens_file = self._paths(docs)
+        if self.tokenizer_path is None and not tokenizer_file.exists():
+            save_atomic(train_bpe(docs, self.vocab_size_arg), tokenizer_file)
+        if not tokens_file.exists():
+            tokenizer = load_tokenizer(tokenizer_file)
+            dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+            eos = tokenizer.token_to_id(EOS_TOKEN)
+            ids: list[int] = []
+            for start in range(0, len(docs), 256):
+                for encoding in tokenizer.encode_batch(docs[start : start + 256]):
+                    ids.extend(encoding.ids)
+                    if eos is not None:
+                        ids.append(eos)
+            tokens_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tokens_file.with_suffix(f".tmp{os.getpid()}")
+            np.asarray(ids, dtype=dtype).tofile(tmp)
+            os.replace(tmp, tokens_file)
+
+    # -- datasets -------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the cached tokens and split the blocks into train and validation sets."""
+        if self.train_set is not None:
+            return
+        docs = self._documents()
+        tokenizer_file, tokens_file = self._paths(docs)
+        if not tokens_file.exists():
+            self.prepare_data()
+        self.tokenizer = load_tokenizer(tokenizer_file)
+        dtype = "uint16" if self.tokenizer.get_vocab_size() <= 2**16 else "uint32"
+        num_tokens = tokens_file.stat().st_size // np.dtype(dtype).itemsize
+        num_blocks = (num_tokens - 1) // self.block_size
+        if num_blocks < 2:
+            raise ValueError(
+                f"block_size={self.block_size} is invalid for this corpus: its {num_tokens} tokens make fewer than "
+                "2 blocks (one to train, one to validate); use more text or a smaller block_size"
+            )
+        order = np.random.default_rng(self.seed).permutation(num_blocks)
+        num_val = max(1, math.ceil(self.val_fraction * num_blocks))
+        self.val_set = PackedBlocks(tokens_file, dtype, self.block_size, np.sort(order[:num_val]))
+        self.train_set = PackedBlocks(tokens_file, dtype, self.block_size, order[num_val:])
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size of the tokenizer (after :meth:`setup`)."""
+        if self.tokenizer is None:
+            raise RuntimeError("call setup() before reading vocab_size")
+        return self.tokenizer.get_vocab_size()
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training blocks (seeded), full batches only."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation blocks in a fixed order."""
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation blocks (the corpus has no separate test split)."""
+        return self.val_dataloader()
+
+    def val_tokens(self) -> np.ndarray:
+        """All validation target tokens, for reference statistics such as the unigram entropy."""
+        assert self.val_set is not None
+        return np.concatenate([self.val_set[i][1:].numpy() for i in range(len(self.val_set))])
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy (nats) of the empirical unigram distribution: the loss of a model that ignores context."""
+    counts = np.bincount(tokens.astype(np.int64))
+    probs = counts[counts > 0] / counts.sum()
+    return float(-(probs * np.log(probs)).sum())

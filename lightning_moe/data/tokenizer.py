@@ -1,0 +1,56 @@
+"""Byte-level BPE tokenizers trained with the ``tokenizers`` library and cached on disk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with ``vocab_size`` entries (special tokens included).
+
+    Byte-level means any text encodes without unknown tokens: the 256 byte symbols are always present.
+
+    Raises:
+        ValueError: If ``vocab_size`` cannot hold the byte alphabet and the special tokens.
+    """
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size} is invalid: a byte-level BPE needs at least {minimum}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def save_atomic(tokenizer: Tokenizer, path: Path) -> None:
+    """Write ``tokenizer.json`` atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tokenizer.save(str(tmp))
+    os.replace(tmp, path)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a ``tokenizer.json``.
+
+    Raises:
+        ValueError: If the file does not exist.
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"tokenizer_path={str(path)!r} is invalid: no such file")
+    return Tokenizer.from_file(str(path))

@@ -1,0 +1,281 @@
+"""LightningModules that train zoo models: causal LM (decoder-only families) and seq2seq (Switch).
+
+Both share :class:`MoELanguageModule`: the model is built from a preset name plus overrides; the loss is
+cross-entropy plus each MoE layer's auxiliary losses times their coefficients (defaults from the preset);
+AdamW without weight decay on norms, biases and embeddings; linear warmup then cosine decay.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from lightning_moe import zoo
+from lightning_moe.nn.moe import MoELayer, MoEStats
+
+AUX_TERMS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "seq_balance": "seq_balance_coef"}
+NAN_POLICIES = ("raise", "skip")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss or a router's logits stop being finite."""
+
+
+class MoELanguageModule(L.LightningModule):
+    """What the causal and seq2seq modules share.
+
+    Args:
+        arch: Zoo preset name (``lightning_moe.zoo.names()``).
+        overrides: Config fields to override (``{"num_layers": 4}``).
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay (not applied to norms, biases and embeddings).
+        betas: AdamW betas.
+        warmup_steps: Linear warmup steps.
+        min_lr_ratio: Final learning rate as a fraction of ``lr`` after the cosine decay.
+        load_balance_coef: Load-balancing loss coefficient (``None``: the preset's).
+        z_loss_coef: Router z-loss coefficient (``None``: the preset's).
+        seq_balance_coef: Sequence-wise balance loss coefficient (``None``: the preset's).
+        nan_policy: On a non-finite loss: ``"raise"`` (stop with an error naming the layer and step) or
+            ``"skip"`` (skip the batch).
+
+    Raises:
+        ValueError: For an unknown preset (with close matches), an unknown override or a bad argument.
+    """
+
+    def __init__(
+        self,
+        arch: str = "mixtral-tiny",
+        overrides: dict[str, Any] | None = None,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        load_balance_coef: float | None = None,
+        z_loss_coef: float | None = None,
+        seq_balance_coef: float | None = None,
+        nan_policy: str = "raise",
+    ) -> None:
+        super().__init__()
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(
+                f"nan_policy={nan_policy!r} is invalid: must be one of {', '.join(map(repr, NAN_POLICIES))}"
+            )
+        if lr <= 0:
+            raise ValueError(f"lr={lr!r} is invalid: must be > 0")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
+        self.save_hyperparameters()
+        self.config = zoo.config(arch, **(overrides or {}))
+        self.model = zoo.build(self.config)
+        self.coefs = {
+            term: (getattr(self.config, field) if value is None else value)
+            for (term, field), value in zip(
+                AUX_TERMS.items(), (load_balance_coef, z_loss_coef, seq_balance_coef), strict=True
+            )
+        }
+        self.val_loss = MeanMetric()
+        self.tokenizer_json: str | None = None
+        self._step_start = 0.0
+
+    # -- shared pieces --------------------------------------------------------------------------------
+
+    @property
+    def moe_layers(self) -> list[tuple[str, MoELayer]]:
+        """The model's MoE layers with their module names, in forward order."""
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, MoELayer)]
+
+    def aux_loss(self, router_stats: list[MoEStats]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted sum of the auxiliary losses over layers, and each term's mean over layers."""
+        total = torch.zeros((), device=self.device)
+        terms: dict[str, Tensor] = {}
+        for term, coef in self.coefs.items():
+            values = [s.losses[term] for s in router_stats if term in s.losses]
+            if not values:
+                continue
+            mean = torch.stack(values).mean()
+            terms[term] = mean.detach()
+            if coef:
+                total = total + coef * torch.stack(values).sum()
+        return total, terms
+
+    def check_finite(self, loss: Tensor, router_stats: list[MoEStats]) -> bool:
+        """True if training may go on with this loss; raises or returns False (skip) otherwise."""
+        if torch.isfinite(loss):
+            return True
+        where = "the loss"
+        for (name, _), stats in zip(self.moe_layers, router_stats, strict=False):
+            if not torch.isfinite(stats.losses["z_loss"]):
+                where = f"the router logits of layer {name}"
+                break
+        message = f"non-finite value in {where} at step {self.global_step}"
+        if self.hparams.nan_policy == "raise":
+            raise NonFiniteLossError(message + " (set nan_policy='skip' to skip such batches)")
+        self.print(f"skipping batch: {message}")
+        return False
+
+    def setup(self, stage: str) -> None:
+        """Check the data against the model before any work: vocabulary and block size."""
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if data is None or getattr(data, "tokenizer", None) is None:
+            return
+        if data.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"data.vocab_size={data.vocab_size} is invalid: the tokenizer's vocabulary exceeds the model's "
+                f"vocab_size={self.config.vocab_size} ({self.hparams.arch}); lower data.vocab_size or set "
+                "model.overrides.vocab_size"
+            )
+        max_len = getattr(self.config, "max_seq_len", None)
+        if max_len is not None and data.block_size > max_len:
+            raise ValueError(
+                f"data.block_size={data.block_size} is invalid: longer than the model's max_seq_len={max_len}"
+            )
+        self.tokenizer_json = data.tokenizer.to_str()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the tokenizer with the weights so ``generate`` needs nothing else."""
+        if self.tokenizer_json is not None:
+            checkpoint["tokenizer_json"] = self.tokenizer_json
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the tokenizer saved with the weights."""
+        self.tokenizer_json = checkpoint.get("tokenizer_json")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Start the tokens-per-second clock."""
+        self._step_start = time.perf_counter()
+
+    def log_train(self, loss: Tensor, ce: Tensor, terms: dict[str, Tensor], num_tokens: int) -> None:
+        """Log training loss, perplexity, each auxiliary term, learning rate and throughput."""
+        elapsed = max(time.perf_counter() - self._step_start, 1e-9)
+        self.log("train/loss", ce, prog_bar=True)
+        self.log("train/total_loss", loss)
+        self.log("train/ppl", torch.exp(ce.detach().clamp(max=30)))
+        for term, value in terms.items():
+            self.log(f"train/aux/{term}", value)
+        self.log("train/tokens_per_sec", num_tokens / elapsed)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the mean validation loss and its perplexity."""
+        if self.val_loss.update_count == 0:
+            return
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss.clamp(max=30)))
+        self.val_loss.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (no decay on norms, biases, embeddings) with linear warmup and cosine decay."""
+        decay, no_decay = [], []
+        embedding_params = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)}
+        seen: set[int] = set()
+        for param in self.model.parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (no_decay if param.dim() < 2 or id(param) in embedding_params else decay).append(param)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = self._total_steps()
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / (hp.warmup_steps + 1)
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        if self._trainer is None:
+            return 1000
+        try:
+            steps = self.trainer.estimated_stepping_batches
+        except Exception:  # noqa: BLE001  (no dataloader yet, e.g. in unit tests)
+            return 1000
+        return int(steps) if math.isfinite(steps) else 1000
+
+
+class CausalLMModule(MoELanguageModule):
+    """Next-token prediction for the decoder-only families. Batches are ``(B, T + 1)`` token ids."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Any:
+        """The model's output (logits and router statistics)."""
+        return self.model(input_ids, attention_mask)
+
+    def _loss(self, batch: Tensor) -> tuple[Tensor, Tensor, list[MoEStats], int]:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        out = self.model(inputs)
+        ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
+        return ce, out.logits, out.router_stats, inputs.numel()
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
+        """Cross-entropy plus weighted auxiliary losses."""
+        ce, _, router_stats, num_tokens = self._loss(batch)
+        aux, terms = self.aux_loss(router_stats)
+        loss = ce + aux
+        if not self.check_finite(loss, router_stats):
+            return None
+        self.log_train(loss, ce, terms, num_tokens)
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Accumulate the validation cross-entropy."""
+        ce, _, _, num_tokens = self._loss(batch)
+        self.val_loss.update(ce, weight=num_tokens)
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Log the test cross-entropy."""
+        ce, _, _, _ = self._loss(batch)
+        self.log("test/loss", ce)
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """Greedy continuation of 32 tokens for each prompt in the batch."""
+        return self.generate(batch, max_new_tokens=32)
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None
+    ) -> Tensor:
+        """Continue ``(B, T)`` prompts: greedy when ``temperature == 0``, else sampling (optionally top-k).
+
+        Returns:
+            ``(B, T + max_new_tokens)`` token ids.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature!r} is invalid: must be >= 0")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k!r} is invalid: must be >= 1 or None")
+        was_training = self.training
+        self.eval()
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            logits = self.model(ids).logits[:, -1].float()
+            ids = torch.cat([ids, sample_next(logits, temperature, top_k)], dim=1)
+        self.train(was_training)
+        return ids
+
+
+def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """Pick the next token ``(B, 1)``: argmax at temperature 0, else a sample from the (top-k) softmax."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1, keepdim=True)
+    logits_BV = logits_BV / temperature
+    if top_k is not None:
+        kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits_BV, dim=-1), 1)
