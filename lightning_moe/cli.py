@@ -82,22 +82,26 @@ def generate_main(argv: Sequence[str]) -> str:
     return text
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``lightning-moe`` and ``python -m lightning_moe``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "generate":
-        generate_main(argv[1:])
-        return
-    if argv and argv[0] == "demo":
-        from lightning_moe.demo import main as demo_main
-
-        demo_main(argv[1:])
-        return
-    MoECLI(
+def run_cli(argv: Sequence[str]) -> MoECLI:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) and return the CLI."""
+    return MoECLI(
         MoELanguageModule,
         TextDataModule,
         subclass_mode_model=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=list(argv),
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``lightning-moe`` and ``python -m lightning_moe``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "generate":
+        generate_main(argv[1:])
+    elif argv and argv[0] == "demo":
+        from lightning_moe.demo import main as demo_main
+
+        demo_main(argv[1:])
+    else:
+        run_cli(argv)

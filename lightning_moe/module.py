@@ -14,10 +14,13 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_moe import zoo
+from lightning_moe.data.span_corruption import span_corruption, span_counts
+from lightning_moe.data.tokenizer import PAD_TOKEN
 from lightning_moe.nn.moe import MoELayer, MoEStats
 
 AUX_TERMS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "seq_balance": "seq_balance_coef"}
@@ -90,7 +93,7 @@ class MoELanguageModule(L.LightningModule):
     @property
     def moe_layers(self) -> list[tuple[str, MoELayer]]:
         """The model's MoE layers with their module names, in forward order."""
-        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, MoELayer)]
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, MoELayer)]
 
     def aux_loss(self, router_stats: list[MoEStats]) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted sum of the auxiliary losses over layers, and each term's mean over layers."""
@@ -118,7 +121,7 @@ class MoELanguageModule(L.LightningModule):
         message = f"non-finite value in {where} at step {self.global_step}"
         if self.hparams.nan_policy == "raise":
             raise NonFiniteLossError(message + " (set nan_policy='skip' to skip such batches)")
-        self.print(f"skipping batch: {message}")
+        rank_zero_warn(f"skipping batch: {message}")
         return False
 
     def setup(self, stage: str) -> None:
@@ -249,9 +252,17 @@ class CausalLMModule(MoELanguageModule):
 
     @torch.no_grad()
     def generate(
-        self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
     ) -> Tensor:
         """Continue ``(B, T)`` prompts: greedy when ``temperature == 0``, else sampling (optionally top-k).
+
+        With ``use_cache`` the prompt is encoded once and each new token attends to cached keys and values
+        (a key/value cache), instead of re-running the whole sequence per token.
 
         Returns:
             ``(B, T + max_new_tokens)`` token ids.
@@ -262,10 +273,18 @@ class CausalLMModule(MoELanguageModule):
             raise ValueError(f"top_k={top_k!r} is invalid: must be >= 1 or None")
         was_training = self.training
         self.eval()
+        cache = self.model.new_cache() if use_cache and hasattr(self.model, "new_cache") else None
         ids = input_ids
-        for _ in range(max_new_tokens):
-            logits = self.model(ids).logits[:, -1].float()
-            ids = torch.cat([ids, sample_next(logits, temperature, top_k)], dim=1)
+        logits = self.model(ids, cache=cache).logits[:, -1] if cache is not None else self.model(ids).logits[:, -1]
+        for step in range(max_new_tokens):
+            next_ids = sample_next(logits.float(), temperature, top_k)
+            ids = torch.cat([ids, next_ids], dim=1)
+            if step == max_new_tokens - 1:
+                break
+            if cache is not None:
+                logits = self.model(next_ids, cache=cache).logits[:, -1]
+            else:
+                logits = self.model(ids).logits[:, -1]
         self.train(was_training)
         return ids
 
@@ -279,3 +298,100 @@ def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None) -> Ten
         kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits_BV, dim=-1), 1)
+
+
+class Seq2SeqLMModule(MoELanguageModule):
+    """T5 span-corruption training for the encoder-decoder family (Switch).
+
+    Each ``(B, L)`` block is corrupted on the fly (noise density 0.15, mean span length 3): the encoder reads
+    the block with sentinels in place of the masked spans, and the decoder predicts the sentinels and the
+    masked tokens. Sentinels count down from the top of the model's vocabulary, so the data's tokenizer must
+    leave room for them (checked before training). Validation corruption is seeded per batch, so the
+    validation loss is repeatable.
+
+    Args:
+        noise_density: Share of tokens masked.
+        mean_span_length: Mean masked-span length.
+        **kwargs: See :class:`MoELanguageModule`.
+    """
+
+    def __init__(self, *args: Any, noise_density: float = 0.15, mean_span_length: float = 3.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters()
+        self.decoder_start_id = 0
+
+    def setup(self, stage: str) -> None:
+        """Also check that the sentinels fit above the tokenizer's vocabulary."""
+        super().setup(stage)
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if data is None or getattr(data, "tokenizer", None) is None:
+            return
+        _, spans = span_counts(data.block_size + 1, self.hparams.noise_density, self.hparams.mean_span_length)
+        if data.vocab_size + spans > self.config.vocab_size:
+            raise ValueError(
+                f"data.vocab_size={data.vocab_size} is invalid: span corruption needs {spans} sentinel ids above the "
+                f"tokenizer's vocabulary, and the model's vocab_size is {self.config.vocab_size}"
+            )
+        pad = data.tokenizer.token_to_id(PAD_TOKEN)
+        self.decoder_start_id = pad if pad is not None else 0
+
+    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor) -> Any:
+        """The model's output (decoder logits and router statistics)."""
+        return self.model(input_ids, decoder_input_ids)
+
+    def _loss(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, list[MoEStats], int]:
+        inputs, targets = span_corruption(
+            batch,
+            self.config.vocab_size - 1,
+            self.hparams.noise_density,
+            self.hparams.mean_span_length,
+            generator,
+        )
+        start = torch.full_like(targets[:, :1], self.decoder_start_id)
+        out = self.model(inputs, torch.cat([start, targets[:, :-1]], dim=1))
+        ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
+        return ce, out.router_stats, targets.numel()
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
+        """Span-corruption cross-entropy plus weighted auxiliary losses."""
+        ce, router_stats, num_tokens = self._loss(batch)
+        aux, terms = self.aux_loss(router_stats)
+        loss = ce + aux
+        if not self.check_finite(loss, router_stats):
+            return None
+        self.log_train(loss, ce, terms, batch.numel())
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Accumulate the validation cross-entropy (corruption seeded by the batch index)."""
+        ce, _, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx))
+        self.val_loss.update(ce, weight=num_tokens)
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Log the test cross-entropy."""
+        ce, _, _ = self._loss(batch, torch.Generator().manual_seed(batch_idx))
+        self.log("test/loss", ce)
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """Greedy decoding of 32 tokens for each input in the batch."""
+        return self.generate(batch, max_new_tokens=32)
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None
+    ) -> Tensor:
+        """Decode ``max_new_tokens`` tokens for each encoder input (the decoder is re-run per token).
+
+        Returns:
+            ``(B, 1 + max_new_tokens)`` decoder ids, starting with the decoder start id.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature!r} is invalid: must be >= 0")
+        was_training = self.training
+        self.eval()
+        ids = torch.full((input_ids.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self.model(input_ids, ids).logits[:, -1].float()
+            ids = torch.cat([ids, sample_next(logits, temperature, top_k)], dim=1)
+        self.train(was_training)
+        return ids

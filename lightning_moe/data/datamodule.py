@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_moe.data.corpus import expand_sources, read_documents, stdlib_files
 from lightning_moe.data.tokenizer import EOS_TOKEN, load_tokenizer, save_atomic, train_bpe
@@ -62,6 +62,43 @@ class PackedBlocks(Dataset):
         state = dict(self.__dict__)
         state["_tokens"] = None  # workers re-open the memmap instead of pickling the data
         return state
+
+
+class ResumableShuffle(Sampler[int]):
+    """Seeded per-epoch shuffling that can start part-way into an epoch.
+
+    Each epoch ``e`` visits a permutation drawn from ``seed + e``. After a resume, :meth:`skip_to` sets the
+    epoch and how many samples of it were already consumed, so the first iteration continues exactly where
+    the interrupted run stopped; later epochs start from their beginning. Lightning calls
+    :meth:`set_epoch` at each epoch start.
+
+    Args:
+        num_samples: Dataset length.
+        seed: Base seed.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples, self.seed = num_samples, seed
+        self.epoch, self._skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        if epoch != self.epoch:
+            self._skip = 0
+        self.epoch = epoch
+
+    def skip_to(self, epoch: int, consumed: int) -> None:
+        """Resume at ``epoch`` with ``consumed`` samples of it already seen."""
+        self.epoch, self._skip = epoch, consumed
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        skip, self._skip = self._skip, 0
+        return iter(order[skip:])
 
 
 class TextDataModule(L.LightningDataModule):
@@ -211,14 +248,24 @@ class TextDataModule(L.LightningDataModule):
         return self.tokenizer.get_vocab_size()
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training blocks (seeded), full batches only."""
-        generator = torch.Generator().manual_seed(self.seed)
+        """Shuffled training blocks (seeded per epoch), full batches only, resuming mid-epoch exactly.
+
+        When a run resumes from a checkpoint, the trainer's restored step count tells how many batches were
+        consumed, and the sampler continues from there, so every step after the resume sees the batch the
+        uninterrupted run saw.
+        """
+        sampler = ResumableShuffle(len(self.train_set), self.seed)
+        trainer = self.trainer
+        if trainer is not None and trainer.global_step > 0:
+            batches_per_epoch = len(self.train_set) // self.batch_size
+            consumed = trainer.global_step * trainer.accumulate_grad_batches
+            epoch, batch_in_epoch = divmod(consumed, batches_per_epoch)
+            sampler.skip_to(epoch, batch_in_epoch * self.batch_size)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
-            generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

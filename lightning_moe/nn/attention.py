@@ -59,10 +59,54 @@ class AttentionConfig:
             raise ValueError(f"sliding_window={self.sliding_window!r} is invalid: must be >= 1 or None")
 
 
+class KVCache:
+    """Keys and values of past positions, one slot per attention layer, for incremental decoding.
+
+    Args:
+        num_layers: Attention layers that will use the cache.
+
+    Example::
+
+        cache = KVCache(len(model.layers))
+        logits = model(prompt_ids, cache=cache).logits          # prefill
+        logits = model(next_ids, cache=cache).logits            # one position at a time after that
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        """Positions held so far."""
+        return 0 if self.keys[0] is None else self.keys[0].shape[-2]
+
+    def layer(self, index: int) -> LayerKVCache:
+        """The view of one layer's slot."""
+        return LayerKVCache(self, index)
+
+
+class LayerKVCache:
+    """One layer's slot of a :class:`KVCache`."""
+
+    def __init__(self, cache: KVCache, index: int) -> None:
+        self.cache, self.index = cache, index
+
+    def update(self, k_BGTDh: Tensor, v_BGTDv: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this step's keys and values; return all of them ``(B, G, S, ...)``."""
+        keys, values = self.cache.keys, self.cache.values
+        if keys[self.index] is not None:
+            k_BGTDh = torch.cat([keys[self.index], k_BGTDh], dim=-2)
+            v_BGTDv = torch.cat([values[self.index], v_BGTDv], dim=-2)
+        keys[self.index], values[self.index] = k_BGTDh, v_BGTDv
+        return k_BGTDh, v_BGTDv
+
+
 def attention_bias(
     batch: int,
     seq: int,
     *,
+    past: int = 0,
     causal: bool = True,
     sliding_window: int | None = None,
     padding_mask_BS: Tensor | None = None,
@@ -72,31 +116,34 @@ def attention_bias(
 ) -> Tensor | None:
     """Additive attention mask ``(B or 1, H or 1, T, S)``, or ``None`` when plain causal attention suffices.
 
-    Query ``i`` may see key ``j`` when ``j <= i`` (causal), ``i - j < sliding_window`` (sliding window) and
-    key ``j`` is not padding. Every query may always see itself, so padded query rows stay finite.
+    Queries are positions ``past .. past + T - 1``, keys ``0 .. S - 1`` with ``S = past + T``. Query ``i`` may
+    see key ``j`` when ``j <= i`` (causal), ``i - j < sliding_window`` (sliding window) and key ``j`` is not
+    padding. Every query may always see itself, so padded query rows stay finite.
 
     Args:
         batch: Batch size ``B``.
-        seq: Sequence length (``T == S``).
+        seq: Query positions ``T``.
+        past: Cached positions before the queries.
         causal: Causal masking.
         sliding_window: Window length, or ``None``.
-        padding_mask_BS: True for real tokens.
+        padding_mask_BS: True for real tokens, over all ``S`` key positions.
         position_bias_HTS: Added bias (T5 relative position bias), or ``None``.
         dtype: Mask dtype.
         device: Mask device.
     """
-    if causal and sliding_window is None and padding_mask_BS is None and position_bias_HTS is None:
+    plain = sliding_window is None and padding_mask_BS is None and position_bias_HTS is None
+    if causal and plain and past == 0:
         return None
-    idx = torch.arange(seq, device=device)
-    allowed_TS = torch.ones(seq, seq, dtype=torch.bool, device=device)
-    if causal:
-        allowed_TS = idx.view(-1, 1) >= idx.view(1, -1)
+    total = past + seq
+    q_T1 = torch.arange(past, total, device=device).view(-1, 1)
+    k_1S = torch.arange(total, device=device).view(1, -1)
+    allowed_TS = k_1S <= q_T1 if causal else torch.ones(seq, total, dtype=torch.bool, device=device)
     if sliding_window is not None:
-        allowed_TS = allowed_TS & (idx.view(-1, 1) - idx.view(1, -1) < sliding_window)
-    allowed = allowed_TS.view(1, 1, seq, seq)
+        allowed_TS = allowed_TS & (q_T1 - k_1S < sliding_window)
+    allowed = allowed_TS.view(1, 1, seq, total)
     if padding_mask_BS is not None:
-        allowed = allowed & padding_mask_BS.bool().view(batch, 1, 1, seq)
-    allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device).view(1, 1, seq, seq)
+        allowed = allowed & padding_mask_BS.bool().view(batch, 1, 1, total)
+    allowed = allowed | (k_1S == q_T1).view(1, 1, seq, total)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     if position_bias_HTS is not None:
         bias = bias + position_bias_HTS.to(dtype).unsqueeze(0)
@@ -123,13 +170,20 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.norm_eps) if config.qk_norm else None
 
-    def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x_BTD: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        cache: LayerKVCache | None = None,
+    ) -> Tensor:
         """Attend.
 
         Args:
             x_BTD: Input.
             rope: ``(cos, sin)`` tables ``(B or 1, T, Dh)`` when the config uses RoPE.
             mask: Additive mask from :func:`attention_bias`; ``None`` means plain causal.
+            cache: This layer's key/value cache for incremental decoding, or ``None``.
 
         Returns:
             ``(B, T, D)`` output.
@@ -145,6 +199,8 @@ class Attention(nn.Module):
             if rope is None:
                 raise ValueError("rope=None is invalid: this attention uses rotary embeddings; pass (cos, sin)")
             q_BHTDh, k_BGTDh = apply_rope(q_BHTDh, *rope), apply_rope(k_BGTDh, *rope)
+        if cache is not None:
+            k_BGTDh, v_BGTDh = cache.update(k_BGTDh, v_BGTDh)
         out_BHTDh = sdpa(q_BHTDh, k_BGTDh, v_BGTDh, mask, cfg.scale)
         return self.o_proj(out_BHTDh.transpose(1, 2).reshape(batch, seq, -1))
 

@@ -111,3 +111,21 @@ def apply_rope(x_BHTR: Tensor, cos_BTR: Tensor, sin_BTR: Tensor) -> Tensor:
     """Rotate ``(B, H, T, R)`` queries or keys by position."""
     cos, sin = cos_BTR.unsqueeze(-3), sin_BTR.unsqueeze(-3)
     return x_BHTR * cos + rotate_half(x_BHTR) * sin
+
+
+def apply_rope_interleaved(x_BHTR: Tensor, cos_BTR: Tensor, sin_BTR: Tensor) -> Tensor:
+    """Rotate ``(B, H, T, R)`` queries or keys whose rotary pairs are interleaved ``(x0, x1), (x2, x3), ...``.
+
+    DeepSeek-V2/V3 checkpoints lay rotary dims out this way. The output is de-interleaved: the rotated even
+    dims, then the rotated odd dims (Hugging Face's ``apply_rotary_pos_emb_interleave``). Queries and keys get
+    the same permutation, so attention scores equal those of the interleaved (complex-number) rotation.
+
+    Args:
+        x_BHTR: Queries or keys with interleaved rotary pairs.
+        cos_BTR: Cos table from :func:`rope_cos_sin` (``cat(freqs, freqs)`` layout; its first half is used).
+        sin_BTR: Sin table, likewise.
+    """
+    half = cos_BTR.shape[-1] // 2
+    cos, sin = cos_BTR[..., :half].unsqueeze(-3), sin_BTR[..., :half].unsqueeze(-3)
+    even, odd = x_BHTR[..., 0::2], x_BHTR[..., 1::2]
+    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)

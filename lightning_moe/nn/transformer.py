@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_moe.nn.attention import attention_bias
+from lightning_moe.nn.attention import KVCache, LayerKVCache, attention_bias
 from lightning_moe.nn.moe import MoELayer, MoEStats
 from lightning_moe.nn.rope import RopeConfig, rope_cos_sin
 
@@ -62,9 +62,10 @@ class DecoderLayer(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         token_mask_BT: Tensor | None = None,
+        cache: LayerKVCache | None = None,
     ) -> tuple[Tensor, MoEStats | None]:
         """Run the block; returns the output and the MoE statistics (``None`` for a dense FFN)."""
-        h_BTD = x_BTD + self.attention(self.attn_norm(x_BTD), rope, mask)
+        h_BTD = x_BTD + self.attention(self.attn_norm(x_BTD), rope, mask, cache)
         if self.is_moe:
             ffn_BTD, stats = self.ffn(self.ffn_norm(h_BTD), token_mask_BT)
         else:
@@ -112,12 +113,16 @@ class DecoderLM(nn.Module):
         self.sliding_window = sliding_window
         self.embed_scale = embed_scale
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> ModelOutput:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> ModelOutput:
         """Next-token logits for ``(B, T)`` token ids.
 
         Args:
             input_ids: ``(B, T)`` token ids.
-            attention_mask: ``(B, T)``, 1/True for real tokens and 0/False for padding.
+            attention_mask: 1/True for real tokens and 0/False for padding: ``(B, T)``, or ``(B, past + T)``
+                covering the cached positions too when a cache is given.
+            cache: Key/value cache for incremental decoding (see :meth:`new_cache`); it is extended in place.
 
         Returns:
             Logits and router statistics.
@@ -125,40 +130,60 @@ class DecoderLM(nn.Module):
         Raises:
             ValueError: If the shapes are wrong.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids.shape={tuple(input_ids.shape)} is invalid: expected (B, T)")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask.shape={tuple(attention_mask.shape)} is invalid: expected {tuple(input_ids.shape)}"
-            )
-        batch, seq = input_ids.shape
-        x_BTD = self.embed(input_ids)
-        if self.embed_scale != 1.0:
-            x_BTD = x_BTD * self.embed_scale
-        token_mask_BT = None if attention_mask is None else attention_mask.bool()
-        rope = None
-        if self.rope is not None:
-            rope_cfg, rope_dim = self.rope
-            positions_T = torch.arange(seq, device=input_ids.device)
-            cos, sin = rope_cos_sin(positions_T, rope_dim, rope_cfg, x_BTD.dtype)
-            rope = (cos.unsqueeze(0), sin.unsqueeze(0))
-        bias_HTS = self.position_bias(seq, seq) if self.position_bias is not None else None
-        mask = attention_bias(
-            batch,
-            seq,
-            sliding_window=self.sliding_window,
-            padding_mask_BS=token_mask_BT,
-            position_bias_HTS=bias_HTS,
-            dtype=x_BTD.dtype,
-            device=input_ids.device,
-        )
+        x_BTD, rope, mask, token_mask_BT, past = self.prepare(input_ids, attention_mask, cache)
         router_stats = []
-        for layer in self.layers:
-            x_BTD, stats = layer(x_BTD, rope, mask, token_mask_BT)
+        for index, layer in enumerate(self.layers):
+            layer_cache = cache.layer(index) if cache is not None else None
+            x_BTD, stats = layer(x_BTD, rope, mask, token_mask_BT, layer_cache)
             if stats is not None:
                 router_stats.append(stats)
         hidden_BTD = self.norm(x_BTD)
         return ModelOutput(logits=self.lm_head(hidden_BTD), router_stats=router_stats, hidden_states=hidden_BTD)
+
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for this model."""
+        return KVCache(len(self.layers))
+
+    def prepare(
+        self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor | None, Tensor | None, int]:
+        """Embeddings, rotary tables, attention mask and MoE token mask for a forward.
+
+        Returns:
+            ``(x_BTD, rope, mask, token_mask_BT, past)``.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids.shape={tuple(input_ids.shape)} is invalid: expected (B, T)")
+        batch, seq = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (batch, past + seq):
+            raise ValueError(
+                f"attention_mask.shape={tuple(attention_mask.shape)} is invalid: expected {(batch, past + seq)}"
+            )
+        x_BTD = self.embed(input_ids)
+        if self.embed_scale != 1.0:
+            x_BTD = x_BTD * self.embed_scale
+        token_mask_BT = None if attention_mask is None else attention_mask[:, past:].bool()
+        rope = None
+        if self.rope is not None:
+            rope_cfg, rope_dim = self.rope
+            positions_T = torch.arange(past, past + seq, device=input_ids.device)
+            cos, sin = rope_cos_sin(positions_T, rope_dim, rope_cfg, x_BTD.dtype)
+            rope = (cos.unsqueeze(0), sin.unsqueeze(0))
+        bias_HTS = None
+        if self.position_bias is not None:
+            bias_HTS = self.position_bias(past + seq, past + seq)[:, past:]
+        mask = attention_bias(
+            batch,
+            seq,
+            past=past,
+            sliding_window=self.sliding_window,
+            padding_mask_BS=attention_mask,
+            position_bias_HTS=bias_HTS,
+            dtype=x_BTD.dtype,
+            device=input_ids.device,
+        )
+        return x_BTD, rope, mask, token_mask_BT, past
 
 
 def init_weights(module: nn.Module, std: float) -> None:

@@ -1,6 +1,7 @@
 """The model zoo: architectures by preset name, built from the shared blocks in :mod:`lightning_moe.nn`."""
 
-from lightning_moe.zoo import mixtral  # noqa: F401  (registers its presets)
+# Importing a family module registers its presets.
+from lightning_moe.zoo import deepseek, glam, mixtral, qwen_moe, switch  # noqa: F401
 from lightning_moe.zoo.registry import (
     ModelConfig,
     ParameterCount,

@@ -1,0 +1,144 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_moe.data import TextDataModule, load_tokenizer, read_documents, stdlib_files, unigram_entropy
+
+TEXT = "def add(a, b):\n    return a + b\n\n# numbers: 1 2 3 4 5 6 7 8 9 10\nclass Point:\n    x: int\n" * 40
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    (tmp_path / "a.txt").write_text(TEXT)
+    (tmp_path / "b.txt").write_text(TEXT.upper())
+    return tmp_path
+
+
+def _data(corpus, tmp_path, **kwargs):
+    kwargs = {
+        "sources": [str(corpus / "*.txt")],
+        "vocab_size": 300,
+        "block_size": 16,
+        "batch_size": 4,
+        "cache_dir": str(tmp_path / "cache"),
+        **kwargs,
+    }
+    return TextDataModule(**kwargs)
+
+
+def test_blocks_hold_the_encoded_corpus_with_end_of_text_between_documents(corpus, tmp_path):
+    data = _data(corpus, tmp_path)
+    data.prepare_data()
+    data.setup("fit")
+    tokens = np.fromfile(next((tmp_path / "cache").glob("tokens-*.bin")), dtype=np.uint16)
+    tok = data.tokenizer
+    eos = tok.token_to_id("<|endoftext|>")
+    expected = tok.encode(TEXT).ids + [eos] + tok.encode(TEXT.upper()).ids + [eos]
+    assert tokens.tolist() == expected
+    block = data.train_set[0]
+    start = int(data.train_set.block_ids[0]) * 16
+    assert block.tolist() == expected[start : start + 17]
+    assert tok.decode(tok.encode(TEXT).ids) == TEXT  # byte-level BPE round-trips
+
+
+def test_split_is_deterministic_disjoint_and_covers_every_block(corpus, tmp_path):
+    a, b = _data(corpus, tmp_path), _data(corpus, tmp_path)
+    a.setup("fit")
+    b.setup("fit")
+    assert np.array_equal(a.val_set.block_ids, b.val_set.block_ids)
+    ids = np.concatenate([a.train_set.block_ids, a.val_set.block_ids])
+    assert sorted(ids.tolist()) == list(range(len(ids)))
+    other_seed = _data(corpus, tmp_path, seed=7)
+    other_seed.setup("fit")
+    assert not np.array_equal(other_seed.val_set.block_ids, a.val_set.block_ids)
+
+
+def test_second_run_reuses_the_cache(corpus, tmp_path):
+    first = _data(corpus, tmp_path)
+    first.prepare_data()
+    files = sorted((tmp_path / "cache").iterdir())
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    second = _data(corpus, tmp_path)
+    second.prepare_data()
+    assert sorted((tmp_path / "cache").iterdir()) == files
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    # Changing the text makes a new cache entry.
+    (corpus / "a.txt").write_text(TEXT + "extra\n")
+    _data(corpus, tmp_path).prepare_data()
+    assert len(list((tmp_path / "cache").glob("tokens-*.bin"))) == 2
+
+
+def test_jsonl_records_with_a_text_field(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"body": TEXT, "id": i}) for i in range(3)) + "\n")
+    docs = list(read_documents([path], text_field="body"))
+    assert docs == [TEXT] * 3
+    with pytest.raises(ValueError, match=r"docs.jsonl:1 is invalid: expected a JSON object with a string field 'text'"):
+        list(read_documents([path]))
+
+
+def test_max_bytes_caps_the_text(corpus):
+    docs = list(read_documents([corpus / "a.txt", corpus / "b.txt"], max_bytes=100))
+    assert sum(len(d.encode()) for d in docs) == 100
+
+
+def test_given_tokenizer_is_used(corpus, tmp_path):
+    trained = _data(corpus, tmp_path)
+    trained.setup("fit")
+    path = tmp_path / "tok.json"
+    trained.tokenizer.save(str(path))
+    data = _data(corpus, tmp_path, tokenizer_path=str(path), vocab_size=999)
+    data.setup("fit")
+    assert data.vocab_size == load_tokenizer(path).get_vocab_size()
+
+
+def test_errors_before_any_work(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"sources entry '.*nothing-\*.txt' is invalid: it matches no file"):
+        _data(corpus, tmp_path, sources=[str(tmp_path / "nothing-*.txt")]).prepare_data()
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"sources=\['.*empty.txt'\] is invalid: it holds no text"):
+        _data(corpus, tmp_path, sources=[str(tmp_path / "empty.txt")]).prepare_data()
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"source file '.*blob.bin' is invalid: not UTF-8 text"):
+        _data(corpus, tmp_path, sources=[str(tmp_path / "blob.bin")]).prepare_data()
+    with pytest.raises(ValueError, match=r"tokenizer_path='.*missing.json' is invalid: no such file"):
+        _data(corpus, tmp_path, tokenizer_path=str(tmp_path / "missing.json")).prepare_data()
+    with pytest.raises(ValueError, match=r"block_size=0 is invalid: must be >= 1"):
+        _data(corpus, tmp_path, block_size=0)
+    with pytest.raises(ValueError, match=r"sources=\[\] is invalid"):
+        _data(corpus, tmp_path, sources=[])
+    with pytest.raises(ValueError, match=r"block_size=100000 is invalid for this corpus"):
+        _data(corpus, tmp_path, block_size=100_000).setup("fit")
+
+
+def test_dataset_pickles_without_its_data(corpus, tmp_path):
+    data = _data(corpus, tmp_path)
+    data.setup("fit")
+    data.train_set[0]  # opens the memmap
+    clone = pickle.loads(pickle.dumps(data.train_set))
+    assert clone._tokens is None
+    assert torch.equal(clone[3], data.train_set[3])
+
+
+def test_worker_processes_give_the_same_batches(corpus, tmp_path):
+    single = _data(corpus, tmp_path)
+    single.setup("fit")
+    workers = _data(corpus, tmp_path, num_workers=2)
+    workers.setup("fit")
+    assert all(torch.equal(a, b) for a, b in zip(single.val_dataloader(), workers.val_dataloader(), strict=True))
+
+
+def test_embedded_corpus_is_the_standard_library():
+    files = stdlib_files()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert not any("site-packages" in f.parts for f in files)
+    assert files == sorted(files)
+
+
+def test_unigram_entropy_by_hand():
+    tokens = np.array([0, 0, 1, 2])
+    expected = -(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25))
+    assert abs(unigram_entropy(tokens) - expected) < 1e-12

@@ -1,0 +1,112 @@
+"""The lightning-moe command: every config runs, tiny presets learn through the CLI, generation works."""
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+from lightning_moe.cli import generate_main, main, run_cli
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+
+
+class LossRecorder(Callback):
+    """Keeps every training loss (used through --trainer.callbacks+)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_MOE_CACHE", str(tmp_path_factory.getbasetemp() / "lightning-moe-cache"))
+
+
+def _small(tmp_path, *extra):
+    return [
+        "--data.max_bytes", "300000",
+        "--data.block_size", "64",
+        "--data.batch_size", "8",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_there_is_a_config_per_family():
+    from lightning_moe import zoo
+
+    assert {p.stem for p in CONFIGS} >= {"mixtral-tiny"}
+    archs = {zoo.family_of(p.stem) for p in CONFIGS if p.stem in zoo.names()}
+    assert archs == set(zoo.families())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_parses_and_runs_fast_dev_run(config, tmp_path):
+    cli = run_cli(["fit", "--config", str(config), *_small(tmp_path), "--trainer.fast_dev_run", "2"])
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 2
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_tiny_preset_learns_through_the_cli(config, tmp_path):
+    recorder = "tests.test_cli.LossRecorder"
+    args = ["fit", "--config", str(config), *_small(tmp_path), "--trainer.max_steps", "30",
+            "--trainer.val_check_interval", "30", "--trainer.limit_val_batches", "2",
+            "--model.init_args.warmup_steps", "5", "--trainer.callbacks+", recorder]  # fmt: skip
+    cli = run_cli(args)
+    losses = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LossRecorder)).losses
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+    assert "val/loss" in cli.trainer.callback_metrics
+    ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    assert ckpt.is_file()
+
+
+def test_generate_from_a_trained_checkpoint(tmp_path, capsys):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    cli = run_cli(["fit", "--config", config, *_small(tmp_path), "--trainer.max_steps", "20",
+                   "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "20"])  # fmt: skip
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    text = generate_main(["--ckpt_path", ckpt, "--prompt", "def ", "--max_new_tokens", "12"])
+    assert text.startswith("def ") and len(text) > len("def ")
+    assert text in capsys.readouterr().out
+    sampled = generate_main(["--ckpt_path", ckpt, "--prompt", "import ", "--max_new_tokens", "5",
+                             "--temperature", "0.8", "--top_k", "20"])  # fmt: skip
+    assert sampled.startswith("import ")
+
+
+def test_end_of_fit_summary_compares_loss_with_unigram_entropy(tmp_path, capsys):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    main(["fit", "--config", config, *_small(tmp_path), "--trainer.max_steps", "4",
+          "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "4"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "validation loss" in out and "unigram entropy of the validation tokens" in out
+    assert "last.ckpt" in out and "tensorboard --logdir" in out
+
+
+def test_unknown_preset_on_the_command_line_fails_before_training(tmp_path):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    with pytest.raises(ValueError, match=r"arch='mixtral-8x7' is not a known preset; closest: mixtral-8x7b"):
+        run_cli(["fit", "--config", config, *_small(tmp_path), "--model.init_args.arch", "mixtral-8x7"])
+
+
+def test_tokenizer_larger_than_the_model_vocab_fails_before_training(tmp_path):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    with pytest.raises(ValueError, match=r"data.vocab_size=2048 is invalid: the tokenizer's vocabulary exceeds"):
+        run_cli(["fit", "--config", config, *_small(tmp_path), "--data.vocab_size", "2048"])
+
+
+def test_block_size_beyond_the_model_fails_before_training(tmp_path):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    args = ["fit", "--config", config, *_small(tmp_path), "--model.init_args.overrides", "{max_seq_len: 32}"]
+    with pytest.raises(ValueError, match=r"data.block_size=64 is invalid: longer than the model's max_seq_len=32"):
+        run_cli(args)
+
+
+def test_missing_checkpoint_for_generate():
+    with pytest.raises(ValueError, match=r"ckpt_path='nope.ckpt' is invalid: no such file"):
+        generate_main(["--ckpt_path", "nope.ckpt"])

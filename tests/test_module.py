@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+
+from lightning_moe import zoo
+from lightning_moe.module import CausalLMModule, NonFiniteLossError, sample_next
+
+
+def _module(arch="mixtral-tiny", **kwargs):
+    torch.manual_seed(0)
+    return CausalLMModule(arch=arch, overrides={"num_layers": 2}, **kwargs)
+
+
+def test_unknown_preset_fails_before_any_work():
+    with pytest.raises(ValueError, match=r"arch='mixtral-tinny' is not a known preset; closest: mixtral-tiny"):
+        CausalLMModule(arch="mixtral-tinny")
+    with pytest.raises(ValueError, match=r"nan_policy='ignore' is invalid"):
+        CausalLMModule(nan_policy="ignore")
+
+
+def test_loss_is_cross_entropy_plus_weighted_aux_terms():
+    module = _module(load_balance_coef=0.5, z_loss_coef=0.25, seq_balance_coef=0.0)
+    batch = torch.randint(0, 1024, (2, 17))
+    loss = module.training_step(batch, 0)
+    out = module.model(batch[:, :-1])
+    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 1024), batch[:, 1:].reshape(-1))
+    aux = sum(0.5 * s.losses["load_balance"] + 0.25 * s.losses["z_loss"] for s in out.router_stats)
+    torch.testing.assert_close(loss, ce + aux)
+
+
+def test_coefficients_default_to_the_preset():
+    module = _module()
+    assert module.coefs["load_balance"] == zoo.config("mixtral-tiny").load_balance_coef
+    assert _module(z_loss_coef=0.1).coefs["z_loss"] == 0.1
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    module = _module(arch="qwen-moe-tiny")  # has QKV biases
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.1
+    assert "embed.weight" in no_decay_names
+    assert any(n.endswith("q_proj.bias") for n in no_decay_names)
+    assert any(n.endswith("norm.weight") for n in no_decay_names)
+    assert any(n.endswith("experts.w1") for n in decay_names)
+    assert not any("norm" in n or n.endswith("bias") for n in decay_names)
+    assert len(decay_names) + len(no_decay_names) == len(list(module.model.parameters()))
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
+    module = _module(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    module._total_steps = lambda: 14
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    factors = []
+    for _ in range(16):
+        factors.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    assert factors[:4] == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5])
+    assert factors[4] == pytest.approx(1.0)
+    assert factors[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert factors[14] == pytest.approx(0.1) and factors[15] == pytest.approx(0.1)
+
+
+def test_nan_in_router_logits_names_the_layer_and_step():
+    module = _module()
+    with torch.no_grad():
+        module.model.layers[1].ffn.router.gate.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"router logits of layer model.layers.1.ffn at step 0"):
+        module.training_step(torch.randint(0, 1024, (2, 9)), 0)
+
+
+def test_nan_policy_skip_skips_the_batch():
+    module = _module(nan_policy="skip")
+    with torch.no_grad():
+        module.model.embed.weight[:] = float("nan")
+    with pytest.warns(UserWarning, match=r"skipping batch: non-finite value in the router logits of layer"):
+        assert module.training_step(torch.randint(0, 1024, (2, 9)), 0) is None
+
+
+@pytest.mark.parametrize("arch", ["mixtral-tiny", "qwen-moe-tiny", "qwen3-moe-tiny", "deepseek-tiny"])
+def test_cached_generation_equals_full_recompute(arch):
+    module = _module(arch)
+    prompt = torch.randint(0, zoo.config(arch).vocab_size, (2, 7))
+    cached = module.generate(prompt, 6, use_cache=True)
+    full = module.generate(prompt, 6, use_cache=False)
+    assert torch.equal(cached, full)
+    assert torch.equal(cached[:, :7], prompt)
+    # Greedy: the first new token is the argmax of the model's last logits.
+    with torch.no_grad():
+        first = module.model(prompt).logits[:, -1].argmax(-1)
+    assert torch.equal(cached[:, 7], first)
+
+
+def test_cache_matches_full_forward_with_sliding_window_past_its_length():
+    torch.manual_seed(0)
+    model = zoo.build("mixtral-tiny", sliding_window=4).eval()
+    ids = torch.randint(0, 1024, (1, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :3], cache=cache).logits]
+        steps += [model(ids[:, i : i + 1], cache=cache).logits for i in range(3, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_respects_top_k_and_temperature():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]])
+    torch.manual_seed(0)
+    draws = torch.cat([sample_next(logits, 1.0, 2) for _ in range(200)])
+    assert set(draws.flatten().tolist()) == {1, 2}
+    assert torch.equal(sample_next(logits, 0.0, None), torch.tensor([[1]]))
+    with pytest.raises(ValueError, match=r"temperature=-1.0 is invalid"):
+        _module().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=-1.0)
