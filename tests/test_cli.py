@@ -21,8 +21,9 @@ class LossRecorder(Callback):
 
 
 @pytest.fixture(autouse=True)
-def shared_cache(tmp_path_factory, monkeypatch):
+def shared_cache(tmp_path_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_MOE_CACHE", str(tmp_path_factory.getbasetemp() / "lightning-moe-cache"))
+    monkeypatch.chdir(tmp_path)  # the configs write logs and checkpoints relative to the working directory
 
 
 def _small(tmp_path, *extra):
@@ -31,7 +32,6 @@ def _small(tmp_path, *extra):
         "--data.block_size", "64",
         "--data.batch_size", "8",
         "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
         *extra,
     ]  # fmt: skip
 
@@ -64,6 +64,21 @@ def test_tiny_preset_learns_through_the_cli(config, tmp_path):
     assert "val/loss" in cli.trainer.callback_metrics
     ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
     assert ckpt.is_file()
+
+
+def test_fit_ckpt_path_last_resumes_the_previous_run(tmp_path):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    common = ["--config", config, *_small(tmp_path), "--trainer.limit_val_batches", "1"]
+    first = run_cli(["fit", *common, "--trainer.max_steps", "4", "--trainer.val_check_interval", "4"])
+    assert (
+        Path(first.trainer.checkpoint_callback.last_model_path).parent
+        == tmp_path / "lightning_logs/mixtral-tiny/checkpoints"
+    )
+    second = run_cli(["fit", *common, "--trainer.max_steps", "6", "--trainer.val_check_interval", "2",
+                      "--ckpt_path", "last", "--trainer.callbacks+", "tests.test_cli.LossRecorder"])  # fmt: skip
+    assert second.trainer.global_step == 6
+    losses = next(cb for cb in second.trainer.callbacks if isinstance(cb, LossRecorder)).losses
+    assert len(losses) == 2  # steps 5 and 6 only: the run continued from step 4
 
 
 def test_generate_from_a_trained_checkpoint(tmp_path, capsys):

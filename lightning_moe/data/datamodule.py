@@ -92,7 +92,9 @@ class ResumableShuffle(Sampler[int]):
         self.epoch, self._skip = epoch, consumed
 
     def __len__(self) -> int:
-        return self.num_samples - self._skip
+        # The full epoch: after a resume Lightning counts the batches it already saw, and the iterator
+        # yields only the rest.
+        return self.num_samples
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)

@@ -1,0 +1,99 @@
+"""Resuming and checkpoint safety: `fit --ckpt_path last` continues exactly; saves are atomic."""
+
+import fsspec.implementations.local
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_moe.data import TextDataModule
+from lightning_moe.module import CausalLMModule
+
+TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}  # square\n" for i in range(60))
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAfter(Callback):
+    """Kills the run once ``step`` optimizer steps are done (after the checkpoint at that step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Crash(f"killed at step {self.step}")
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def _data(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    return TextDataModule(sources=[str(tmp_path / "corpus.txt")], vocab_size=300, block_size=16, batch_size=8,
+                          val_fraction=0.1, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+
+
+def _fit(tmp_path, max_steps, ckpt_path=None, every=None, crash_after=None):
+    torch.manual_seed(0)
+    recorder = LossRecorder()
+    callbacks = [recorder] + ([CrashAfter(crash_after)] if crash_after else [])
+    if every:
+        callbacks.append(
+            ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=every)
+        )
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
+                        default_root_dir=tmp_path)  # fmt: skip
+    module = CausalLMModule(arch="mixtral-tiny", overrides={"dim": 32, "ffn_hidden": 32}, warmup_steps=3)
+    trainer.fit(module, _data(tmp_path), ckpt_path=ckpt_path)
+    return trainer, recorder.losses
+
+
+def test_resume_from_last_repeats_the_uninterrupted_losses(tmp_path):
+    data = _data(tmp_path)
+    data.setup("fit")
+    batches_per_epoch = len(data.train_set) // data.batch_size
+    total = 2 * batches_per_epoch + 3  # the resumed part crosses an epoch boundary
+    stop = batches_per_epoch - 2  # interrupt mid-epoch
+    _, uninterrupted = _fit(tmp_path / "a", total)
+    with pytest.raises(Crash):
+        _fit(tmp_path / "b", total, every=stop, crash_after=stop)
+    last = tmp_path / "b" / "ckpt" / "last.ckpt"
+    assert last.is_file()
+    _, resumed = _fit(tmp_path / "b", total, ckpt_path=str(last))
+    assert len(resumed) == total - stop
+    assert resumed == uninterrupted[stop:]
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    trainer, _ = _fit(tmp_path, 2)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    before = torch.load(path, weights_only=False)["state_dict"]
+
+    original_write = fsspec.implementations.local.LocalFileOpener.write
+
+    def write_half_then_die(self, data):
+        original_write(self, data[: len(data) // 2])
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", write_half_then_die)
+    with torch.no_grad():
+        for p in trainer.lightning_module.parameters():
+            p.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(path)
+    monkeypatch.undo()
+    after = torch.load(path, weights_only=False)["state_dict"]
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert CausalLMModule.load_from_checkpoint(path) is not None
