@@ -94,6 +94,19 @@ def test_generate_from_a_trained_checkpoint(tmp_path, capsys):
     assert sampled.startswith("import ")
 
 
+def test_validate_test_and_predict_subcommands_load_a_checkpoint(tmp_path):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    common = ["--config", config, *_small(tmp_path), "--trainer.limit_val_batches", "1"]
+    fit = run_cli(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    validate = run_cli(["validate", *common, "--ckpt_path", ckpt])
+    assert "val/loss" in validate.trainer.callback_metrics
+    test = run_cli(["test", *common, "--trainer.limit_test_batches", "1", "--ckpt_path", ckpt])
+    assert "test/loss" in test.trainer.callback_metrics
+    predict = run_cli(["predict", *common, "--trainer.limit_predict_batches", "1", "--ckpt_path", ckpt])
+    assert predict.trainer.state.finished
+
+
 def test_end_of_fit_summary_compares_loss_with_unigram_entropy(tmp_path, capsys):
     config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
     main(["fit", "--config", config, *_small(tmp_path), "--trainer.max_steps", "4",

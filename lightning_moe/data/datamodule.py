@@ -280,6 +280,12 @@ class TextDataModule(L.LightningDataModule):
         """The validation blocks (the corpus has no separate test split)."""
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts for ``predict``: the first half of each validation block."""
+        half = max(1, self.block_size // 2)
+        prompts = [self.val_set[i][:half] for i in range(len(self.val_set))]
+        return DataLoader(prompts, batch_size=self.batch_size)
+
     def val_tokens(self) -> np.ndarray:
         """All validation target tokens, for reference statistics such as the unigram entropy."""
         assert self.val_set is not None
