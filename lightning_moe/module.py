@@ -226,20 +226,26 @@ class CausalLMModule(MoELanguageModule):
         ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
         return ce, out.logits, out.router_stats, inputs.numel()
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
-        """Cross-entropy plus weighted auxiliary losses."""
+    def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any] | None:
+        """Cross-entropy plus weighted auxiliary losses.
+
+        Returns:
+            ``{"loss": ..., "router_stats": [...]}``: callbacks read the detached per-layer statistics from
+            the outputs of ``on_train_batch_end``.
+        """
         ce, _, router_stats, num_tokens = self._loss(batch)
         aux, terms = self.aux_loss(router_stats)
         loss = ce + aux
         if not self.check_finite(loss, router_stats):
             return None
         self.log_train(loss, ce, terms, num_tokens)
-        return loss
+        return {"loss": loss, "router_stats": [s.detach() for s in router_stats]}
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        """Accumulate the validation cross-entropy."""
-        ce, _, _, num_tokens = self._loss(batch)
+    def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any]:
+        """Accumulate the validation cross-entropy; return the router statistics for callbacks."""
+        ce, _, router_stats, num_tokens = self._loss(batch)
         self.val_loss.update(ce, weight=num_tokens)
+        return {"router_stats": [s.detach() for s in router_stats]}
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         """Log the test cross-entropy."""
@@ -352,20 +358,21 @@ class Seq2SeqLMModule(MoELanguageModule):
         ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
         return ce, out.router_stats, targets.numel()
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
-        """Span-corruption cross-entropy plus weighted auxiliary losses."""
+    def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any] | None:
+        """Span-corruption cross-entropy plus weighted auxiliary losses (and the router statistics)."""
         ce, router_stats, num_tokens = self._loss(batch)
         aux, terms = self.aux_loss(router_stats)
         loss = ce + aux
         if not self.check_finite(loss, router_stats):
             return None
         self.log_train(loss, ce, terms, batch.numel())
-        return loss
+        return {"loss": loss, "router_stats": [s.detach() for s in router_stats]}
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any]:
         """Accumulate the validation cross-entropy (corruption seeded by the batch index)."""
-        ce, _, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx))
+        ce, router_stats, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx))
         self.val_loss.update(ce, weight=num_tokens)
+        return {"router_stats": [s.detach() for s in router_stats]}
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         """Log the test cross-entropy."""

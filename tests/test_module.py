@@ -22,11 +22,19 @@ def test_unknown_preset_fails_before_any_work():
 def test_loss_is_cross_entropy_plus_weighted_aux_terms():
     module = _module(load_balance_coef=0.5, z_loss_coef=0.25, seq_balance_coef=0.0)
     batch = torch.randint(0, 1024, (2, 17))
-    loss = module.training_step(batch, 0)
+    outputs = module.training_step(batch, 0)
+    loss = outputs["loss"]
     out = module.model(batch[:, :-1])
     ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 1024), batch[:, 1:].reshape(-1))
     aux = sum(0.5 * s.losses["load_balance"] + 0.25 * s.losses["z_loss"] for s in out.router_stats)
     torch.testing.assert_close(loss, ce + aux)
+    # The per-layer statistics come back detached for callbacks.
+    assert len(outputs["router_stats"]) == len(out.router_stats) == 2
+    first = outputs["router_stats"][0]
+    assert not first.losses["load_balance"].requires_grad
+    assert first.expert_ids.shape == (2 * 16, 2)
+    counts = torch.bincount(first.expert_ids.reshape(-1), minlength=8).float()
+    torch.testing.assert_close(counts, first.tokens_per_expert)
 
 
 def test_coefficients_default_to_the_preset():

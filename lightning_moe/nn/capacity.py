@@ -62,28 +62,39 @@ def priority_order(weights_N: Tensor, top_k: int | None, by: str) -> Tensor:
 
 
 def capacity_keep_mask(
-    expert_ids_N: Tensor, keep_N: Tensor, order_N: Tensor, capacity: int, num_experts: int
+    expert_ids_N: Tensor,
+    keep_N: Tensor,
+    order_N: Tensor,
+    capacity: int | Tensor,
+    num_experts: int,
+    group_ids_N: Tensor | None = None,
 ) -> Tensor:
-    """Keep at most ``capacity`` live copies per expert, dropping the lowest-priority ones.
+    """Keep at most ``capacity`` live copies per expert (per group), dropping the lowest-priority ones.
 
     Args:
         expert_ids_N: Target expert of each copy.
         keep_N: Live copies before capacity (padding and random-routing drops are False and take no slot).
         order_N: Copies from highest to lowest priority (see :func:`priority_order`).
-        capacity: Slots per expert.
+        capacity: Slots per expert, or a ``(G,)`` tensor of slots per expert in each group.
         num_experts: Routed experts ``E``.
+        group_ids_N: Capacity group of each copy (e.g. its sequence); ``None``: one group.
 
     Returns:
         The new keep mask.
     """
     num_copies = expert_ids_N.shape[0]
-    # Dead copies go to a sentinel expert E so they occupy no slot.
-    slot_expert_N = torch.where(keep_N, expert_ids_N, num_experts)[order_N]
-    by_expert = torch.argsort(slot_expert_N, stable=True)
-    sorted_expert = slot_expert_N[by_expert]
-    counts = torch.bincount(sorted_expert, minlength=num_experts + 1)
+    # Dead copies go to a sentinel expert E so they occupy no slot; groups get disjoint key ranges.
+    slot_N = torch.where(keep_N, expert_ids_N, num_experts)
+    if group_ids_N is not None:
+        slot_N = group_ids_N * (num_experts + 1) + slot_N
+    ordered_slot = slot_N[order_N]
+    by_slot = torch.argsort(ordered_slot, stable=True)
+    sorted_slot = ordered_slot[by_slot]
+    counts = torch.bincount(sorted_slot, minlength=int(slot_N.max()) + 1 if num_copies else 1)
     starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(num_copies, device=expert_ids_N.device) - starts[sorted_expert]
+    rank_sorted = torch.arange(num_copies, device=expert_ids_N.device) - starts[sorted_slot]
     rank_N = torch.empty_like(rank_sorted)
-    rank_N[order_N[by_expert]] = rank_sorted
+    rank_N[order_N[by_slot]] = rank_sorted
+    if isinstance(capacity, Tensor):
+        capacity = capacity[group_ids_N] if group_ids_N is not None else capacity
     return keep_N & (rank_N < capacity)

@@ -15,6 +15,7 @@ ROUTER_KINDS = ("token_choice", "expert_choice")
 GROUP_SCORES = ("max", "top2_sum")
 DROP_PRIORITIES = ("position", "weight")
 DISPATCHERS = ("grouped", "loop")
+CAPACITY_SCOPES = ("batch", "sequence")
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -165,6 +166,9 @@ class MoEConfig:
         drop_priority: Which copies an over-full expert keeps: ``"position"`` (all first choices before
             second choices, earlier tokens first; GShard/Switch) or ``"weight"`` (highest router weight
             first; batch-prioritised routing).
+        capacity_scope: Over which tokens capacity is counted: ``"batch"`` (all tokens of the forward) or
+            ``"sequence"`` (each sequence of a ``(B, S, D)`` input separately, with the capacity computed from
+            that sequence's real tokens; Hugging Face's Switch Transformers).
         shared_hidden_dim: Hidden size of the shared expert every token goes through (0 = none). Several
             DeepSeek shared experts of hidden ``F`` are one shared expert of hidden ``n * F``.
         shared_gate: Scale the shared expert's output by ``sigmoid(x w_gate)`` (Qwen-MoE).
@@ -179,6 +183,7 @@ class MoEConfig:
     eval_capacity_factor: float | None = None
     expert_capacity: int | None = None
     drop_priority: str = "position"
+    capacity_scope: str = "batch"
     shared_hidden_dim: int = 0
     shared_gate: bool = False
     dispatch: str = "grouped"
@@ -199,6 +204,7 @@ class MoEConfig:
             "must be >= 1, or None",
         )
         _check_choice("drop_priority", self.drop_priority, DROP_PRIORITIES)
+        _check_choice("capacity_scope", self.capacity_scope, CAPACITY_SCOPES)
         _check(self.shared_hidden_dim >= 0, "shared_hidden_dim", self.shared_hidden_dim, "must be >= 0")
         _check(
             not self.shared_gate or self.shared_hidden_dim > 0,

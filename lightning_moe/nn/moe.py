@@ -10,6 +10,7 @@ forwards leave it alone.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,8 @@ class MoEStats:
         router_entropy: Mean entropy of the per-token expert distribution (scalar, nats).
         losses: Unweighted auxiliary loss terms, differentiable into the router: ``"load_balance"``
             (token choice), ``"z_loss"``, and ``"seq_balance"`` (token choice, ``(B, S, D)`` input).
+        expert_ids: ``(T, K)`` experts each token chose (token choice; ``-1`` for padding and copies dropped
+            by random routing), for callbacks that look at which tokens go where; ``None`` for expert choice.
     """
 
     tokens_per_expert: Tensor
@@ -44,6 +47,15 @@ class MoEStats:
     num_tokens: Tensor
     router_entropy: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
+    expert_ids: Tensor | None = None
+
+    def detach(self) -> MoEStats:
+        """A copy without autograd history (for logging and callbacks)."""
+        return dataclasses.replace(
+            self,
+            losses={name: value.detach() for name, value in self.losses.items()},
+            router_entropy=self.router_entropy.detach(),
+        )
 
 
 class MoELayer(nn.Module):
@@ -112,7 +124,13 @@ class MoELayer(nn.Module):
         keep_N = routing.keep_N
         if capacity is not None and routing.top_k is not None:
             order_N = priority_order(routing.weights_N, routing.top_k, cfg.drop_priority)
-            kept_N = capacity_keep_mask(routing.expert_ids_N, keep_N, order_N, capacity, cfg.num_experts)
+            group_ids_N = None
+            if cfg.capacity_scope == "sequence" and x.dim() == 3:
+                batch, seq = x.shape[:2]
+                group_ids_N = routing.token_ids_N // seq
+                real_B = [seq] * batch if mask is None else mask.reshape(batch, seq).sum(1).tolist()
+                capacity = torch.tensor([self.capacity(int(n)) for n in real_B], device=x.device)
+            kept_N = capacity_keep_mask(routing.expert_ids_N, keep_N, order_N, capacity, cfg.num_experts, group_ids_N)
         else:
             kept_N = keep_N
         out_TD = self.dispatcher(
@@ -165,6 +183,7 @@ class MoELayer(nn.Module):
             num_tokens=torch.tensor(num_tokens, device=x.device),
             router_entropy=losses.router_entropy(routing.probs_TE.detach(), mask_T),
             losses=aux,
+            expert_ids=None if routing.top_k is None else torch.where(keep_N, expert_ids_N, -1).view(-1, routing.top_k),
         )
 
     @torch.no_grad()

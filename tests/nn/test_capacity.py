@@ -139,3 +139,41 @@ def test_dropless_default_never_drops():
     assert stats.num_dropped.item() == 0
     assert torch.equal(stats.kept_per_expert, stats.tokens_per_expert)
     assert stats.tokens_per_expert.sum().item() == 128
+
+
+def test_sequence_scope_counts_capacity_per_sequence_like_switch():
+    torch.manual_seed(0)
+    layer = _layer(4, 1, expert_capacity=2, capacity_scope="sequence")
+    x = torch.randn(3, 7, 8)
+    _, stats = layer(x)
+    # Independent rule (Switch / Hugging Face): per sequence, a token keeps its expert while the running
+    # count of that expert in the sequence is <= capacity.
+    ids = layer.router(x.reshape(-1, 8)).expert_ids_N.view(3, 7)
+    onehot = torch.nn.functional.one_hot(ids, 4)
+    kept = ((onehot.cumsum(dim=1) <= 2) & (onehot == 1)).any(-1)
+    assert stats.kept_per_expert.sum().item() == kept.sum().item()
+    expected_per_expert = (onehot * kept.unsqueeze(-1)).sum((0, 1)).float()
+    torch.testing.assert_close(stats.kept_per_expert, expected_per_expert)
+    y, _ = layer(x)
+    assert torch.equal(y.abs().sum(-1) > 0, kept)  # dropped tokens get zero
+
+
+def test_sequence_scope_capacity_factor_uses_each_sequence_real_tokens():
+    torch.manual_seed(0)
+    layer = _layer(2, 1, capacity_factor=0.5, capacity_scope="sequence")
+    x = torch.randn(2, 8, 8)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 4:] = False
+    _, stats = layer(x, mask)
+    ids = layer.router(x.reshape(-1, 8)).expert_ids_N.view(2, 8)
+    expected = 0
+    for row, real in ((0, 8), (1, 4)):
+        cap = math.ceil(0.5 * real / 2)
+        counts = torch.bincount(ids[row, :real], minlength=2)
+        expected += counts.clamp(max=cap).sum().item()
+    assert stats.kept_per_expert.sum().item() == expected
+
+
+def test_bad_capacity_scope():
+    with pytest.raises(ValueError, match=r"capacity_scope='global' is invalid: must be one of 'batch', 'sequence'"):
+        MoEConfig(capacity_scope="global")
