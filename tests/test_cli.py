@@ -107,6 +107,14 @@ def test_validate_test_and_predict_subcommands_load_a_checkpoint(tmp_path):
     assert predict.trainer.state.finished
 
 
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    cli = run_cli(["fit", "--config", config, *_small(tmp_path), "--trainer.precision", "bf16-mixed",
+                   "--trainer.fast_dev_run", "3"])  # fmt: skip
+    assert cli.trainer.global_step == 3
+    assert cli.trainer.precision == "bf16-mixed"
+
+
 def test_end_of_fit_summary_compares_loss_with_unigram_entropy(tmp_path, capsys):
     config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
     main(["fit", "--config", config, *_small(tmp_path), "--trainer.max_steps", "4",

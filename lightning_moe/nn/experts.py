@@ -171,11 +171,18 @@ class GroupedExperts(nn.Module):
         num_rows = x.shape[0] if rows_N is None else rows_N.shape[0]
         if sum(counts) != num_rows:
             raise ValueError(f"counts_E sums to {sum(counts)}, but there are {num_rows} copies: they must match")
+        w1, w3, w2 = self.w1, self.w3, self.w2
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Mixed precision: run the whole expert MLP in the autocast dtype, as autocast would run each
+            # matmul; the casts are differentiable, so float32 master weights get their gradients.
+            dtype = torch.get_autocast_dtype(device_type)
+            x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+            w3 = w3.to(dtype) if w3 is not None else None
         if weights_N is not None:
             weights_N = weights_N.to(x.dtype)
-        return _GroupedExpertMLP.apply(
-            x, rows_N, weights_N, self.w1, self.w3, self.w2, counts, self.config.activation, num_out
-        )
+        with torch.autocast(device_type, enabled=False):
+            return _GroupedExpertMLP.apply(x, rows_N, weights_N, w1, w3, w2, counts, self.config.activation, num_out)
 
     def forward(self, x_ND: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         """Run every expert on its contiguous block of expert-sorted rows.

@@ -127,11 +127,12 @@ class Router(nn.Module):
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits ``(T, E)`` in the router dtype, with training-only jitter on the input."""
         dtype = router_dtype(x_TD.dtype)
-        x_TD = x_TD.to(dtype)
-        if self.training and self.config.jitter_eps > 0:
-            eps = self.config.jitter_eps
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        return F.linear(x_TD, self.gate.weight.to(dtype))
+        with torch.autocast(x_TD.device.type, enabled=False):  # float32 even under mixed precision
+            x_TD = x_TD.to(dtype)
+            if self.training and self.config.jitter_eps > 0:
+                eps = self.config.jitter_eps
+                x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+            return F.linear(x_TD, self.gate.weight.to(dtype))
 
     def forward(self, x_TD: Tensor, mask_T: Tensor | None = None, capacity: int | None = None) -> Routing:
         """Route tokens.

@@ -267,3 +267,22 @@ def test_grouped_experts_forward_on_sorted_rows_matches_per_expert():
     per_expert = experts.unbind_experts()
     expected = torch.cat([experts.expert_forward(x[:3], per_expert[0]), experts.expert_forward(x[3:], per_expert[2])])
     torch.testing.assert_close(experts(x, counts), expected)
+
+
+def test_autocast_bfloat16_runs_experts_in_bfloat16_with_float32_master_grads():
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=16, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=32),
+                    shared_hidden_dim=8)  # fmt: skip
+    layer = MoELayer(cfg)
+    x = torch.randn(2, 8, 16)
+    y32, _ = layer(x)
+    y32.sum().backward()
+    grad32 = layer.experts.w1.grad.clone()
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, stats = layer(x)
+    y16.float().sum().backward()
+    assert stats.losses["load_balance"].dtype == torch.float32  # router stays float32
+    assert layer.experts.w1.grad.dtype == torch.float32
+    torch.testing.assert_close(y16.float(), y32, rtol=5e-2, atol=2e-2)
+    torch.testing.assert_close(layer.experts.w1.grad, grad32, rtol=5e-2, atol=2e-2)
