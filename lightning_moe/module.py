@@ -47,6 +47,9 @@ class MoELanguageModule(L.LightningModule):
         seq_balance_coef: Sequence-wise balance loss coefficient (``None``: the preset's).
         nan_policy: On a non-finite loss: ``"raise"`` (stop with an error naming the layer and step) or
             ``"skip"`` (skip the batch).
+        init_from: A local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) to start from:
+            the model is built by :func:`lightning_moe.interop.from_hf` with its config and weights, and ``arch``
+            only names the run in the hyperparameters and logs.
 
     Raises:
         ValueError: For an unknown preset (with close matches), an unknown override or a bad argument.
@@ -65,6 +68,7 @@ class MoELanguageModule(L.LightningModule):
         z_loss_coef: float | None = None,
         seq_balance_coef: float | None = None,
         nan_policy: str = "raise",
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
@@ -76,8 +80,18 @@ class MoELanguageModule(L.LightningModule):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
         self.save_hyperparameters()
-        self.config = zoo.config(arch, **(overrides or {}))
-        self.model = zoo.build(self.config)
+        if init_from is not None:
+            if overrides:
+                raise ValueError(
+                    f"overrides={overrides!r} is invalid with init_from: the checkpoint's config.json sets the model"
+                )
+            from lightning_moe.interop.hf import from_hf
+
+            self.model = from_hf(init_from)
+            self.config = self.model.zoo_config
+        else:
+            self.config = zoo.config(arch, **(overrides or {}))
+            self.model = zoo.build(self.config)
         self.coefs = {
             term: (getattr(self.config, field) if value is None else value)
             for (term, field), value in zip(
@@ -123,6 +137,9 @@ class MoELanguageModule(L.LightningModule):
             raise NonFiniteLossError(message + " (set nan_policy='skip' to skip such batches)")
         rank_zero_warn(f"skipping batch: {message}")
         return False
+
+    def configure_model(self) -> None:
+        """Nothing to build lazily; ``ExpertParallelStrategy`` shards ``self.model`` after this hook."""
 
     def setup(self, stage: str) -> None:
         """Check the data against the model before any work: vocabulary and block size."""

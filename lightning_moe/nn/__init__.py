@@ -3,7 +3,7 @@
 from lightning_moe.nn.capacity import capacity_keep_mask, expert_capacity, priority_order
 from lightning_moe.nn.config import ExpertsConfig, MoEConfig, RouterConfig
 from lightning_moe.nn.dispatch import Dispatcher, GroupedDispatcher, LoopDispatcher
-from lightning_moe.nn.experts import GroupedExperts
+from lightning_moe.nn.experts import GroupedExperts, grouped_expert_mlp
 from lightning_moe.nn.ffn import FeedForward, activation_fn
 from lightning_moe.nn.losses import (
     bias_update,
@@ -29,6 +29,7 @@ __all__ = [
     "RouterConfig",
     "Routing",
     "activation_fn",
+    "grouped_expert_mlp",
     "bias_update",
     "capacity_keep_mask",
     "expert_capacity",

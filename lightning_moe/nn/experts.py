@@ -43,13 +43,12 @@ class _GroupedExpertMLP(torch.autograd.Function):
         w2_EFD: Tensor,
         counts: list[int],
         activation: str,
-        num_out: int,
     ) -> Tensor:
         act = activation_fn(activation)
         num_copies, hidden = sum(counts), w1_EDF.shape[-1]
         h1_NF = x.new_empty(num_copies, hidden)
         h3_NF = x.new_empty(num_copies, hidden) if w3_EDF is not None else None
-        out = x.new_zeros(num_out, x.shape[-1]) if rows_N is not None else x.new_empty(num_copies, x.shape[-1])
+        out = torch.zeros_like(x) if rows_N is not None else x.new_empty(num_copies, x.shape[-1])
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
@@ -126,7 +125,57 @@ class _GroupedExpertMLP(torch.autograd.Function):
                     dx[block] = dx_MD
                 else:
                     dx.index_add_(0, rows_N[block], dx_MD)
-        return dx, None, dweights_N, dw1, dw3, dw2, None, None, None
+        return dx, None, dweights_N, dw1, dw3, dw2, None, None
+
+
+def grouped_expert_mlp(
+    x: Tensor,
+    counts_E: Tensor | list[int],
+    w1_EDF: Tensor,
+    w3_EDF: Tensor | None,
+    w2_EFD: Tensor,
+    activation: str,
+    rows_N: Tensor | None = None,
+    weights_N: Tensor | None = None,
+) -> Tensor:
+    """Run expert ``e`` (weights ``w*[e]``) on its contiguous block of expert-sorted copies.
+
+    The one entry point to the fused expert computation: :class:`GroupedExperts` calls it with its own
+    weights, the expert-parallel experts with the slice their rank owns. Under autocast the MLP runs in the
+    autocast dtype (as autocast would run each matmul); the casts are differentiable, so float32 master
+    weights get their gradients.
+
+    Args:
+        x: Copies sorted by expert ``(N, D)``, or, with ``rows_N``, the tokens ``(T, D)`` they come from.
+        counts_E: Copies per expert (one entry per row of ``w1_EDF``), summing to ``N``.
+        w1_EDF: Input (gate) projections.
+        w3_EDF: Up projections of gated experts, else ``None``.
+        w2_EFD: Output projections.
+        activation: Activation name (``ExpertsConfig.activation``).
+        rows_N: Source token of each copy; then each output is weighted and added into that token's row.
+        weights_N: Combine weight of each copy (with ``rows_N``).
+
+    Returns:
+        ``(N, D)`` outputs in the order of the copies, or ``(T, D)`` combined outputs with ``rows_N``.
+
+    Raises:
+        ValueError: If ``counts_E`` does not match the weights or the copies.
+    """
+    counts = _counts_list(counts_E)
+    if len(counts) != w1_EDF.shape[0]:
+        raise ValueError(f"counts_E has {len(counts)} entries, expected num_experts={w1_EDF.shape[0]}")
+    num_rows = x.shape[0] if rows_N is None else rows_N.shape[0]
+    if sum(counts) != num_rows:
+        raise ValueError(f"counts_E sums to {sum(counts)}, but there are {num_rows} copies: they must match")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, w1_EDF, w2_EFD = x.to(dtype), w1_EDF.to(dtype), w2_EFD.to(dtype)
+        w3_EDF = w3_EDF.to(dtype) if w3_EDF is not None else None
+    if weights_N is not None:
+        weights_N = weights_N.to(x.dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _GroupedExpertMLP.apply(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation)
 
 
 class GroupedExperts(nn.Module):
@@ -162,28 +211,6 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(self.w3, std=self.config.init_std)
         nn.init.normal_(self.w2, std=out_std)
 
-    def _apply_grouped(
-        self, x: Tensor, rows_N: Tensor | None, weights_N: Tensor | None, counts_E: Tensor | list[int], num_out: int
-    ) -> Tensor:
-        counts = _counts_list(counts_E)
-        if len(counts) != self.num_experts:
-            raise ValueError(f"counts_E has {len(counts)} entries, expected num_experts={self.num_experts}")
-        num_rows = x.shape[0] if rows_N is None else rows_N.shape[0]
-        if sum(counts) != num_rows:
-            raise ValueError(f"counts_E sums to {sum(counts)}, but there are {num_rows} copies: they must match")
-        w1, w3, w2 = self.w1, self.w3, self.w2
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            # Mixed precision: run the whole expert MLP in the autocast dtype, as autocast would run each
-            # matmul; the casts are differentiable, so float32 master weights get their gradients.
-            dtype = torch.get_autocast_dtype(device_type)
-            x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
-            w3 = w3.to(dtype) if w3 is not None else None
-        if weights_N is not None:
-            weights_N = weights_N.to(x.dtype)
-        with torch.autocast(device_type, enabled=False):
-            return _GroupedExpertMLP.apply(x, rows_N, weights_N, w1, w3, w2, counts, self.config.activation, num_out)
-
     def forward(self, x_ND: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         """Run every expert on its contiguous block of expert-sorted rows.
 
@@ -194,7 +221,7 @@ class GroupedExperts(nn.Module):
         Returns:
             ``(N, D)`` expert outputs in the same order.
         """
-        return self._apply_grouped(x_ND, None, None, counts_E, x_ND.shape[0])
+        return grouped_expert_mlp(x_ND, counts_E, self.w1, self.w3, self.w2, self.config.activation)
 
     def forward_scatter(
         self, x_TD: Tensor, token_ids_N: Tensor, weights_N: Tensor, counts_E: Tensor | list[int]
@@ -210,7 +237,9 @@ class GroupedExperts(nn.Module):
         Returns:
             ``(T, D)``: ``sum_n weights_N[n] * expert(x_TD[token_ids_N[n]])`` per token.
         """
-        return self._apply_grouped(x_TD, token_ids_N, weights_N, counts_E, x_TD.shape[0])
+        return grouped_expert_mlp(
+            x_TD, counts_E, self.w1, self.w3, self.w2, self.config.activation, token_ids_N, weights_N
+        )
 
     def unbind_experts(self) -> list[tuple[Tensor, Tensor | None, Tensor]]:
         """Per-expert ``(w1, w3, w2)`` views, unbound in one autograd op (for the reference loop)."""

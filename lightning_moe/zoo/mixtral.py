@@ -34,6 +34,7 @@ class MixtralConfig(ModelConfig):
         norm_eps: RMSNorm epsilon.
         sliding_window: Attention window, or ``None`` for full causal attention.
         router_jitter: Training-only multiplicative router-input noise.
+        tie_embeddings: Share the embedding matrix with the LM head.
         capacity_factor: ``None`` (dropless, Mixtral's behaviour) or a capacity factor.
     """
 
@@ -51,6 +52,7 @@ class MixtralConfig(ModelConfig):
     norm_eps: float = 1e-5
     sliding_window: int | None = None
     router_jitter: float = 0.0
+    tie_embeddings: bool = False
     capacity_factor: float | None = None
     # HF's router_aux_loss_coef=0.02 on a loss top_k times ours.
     load_balance_coef: float = 0.04
@@ -87,6 +89,7 @@ def build(cfg: MixtralConfig) -> DecoderLM:
         RMSNorm(cfg.dim, cfg.norm_eps),
         rope=(RopeConfig(theta=cfg.rope_theta), head_dim),
         sliding_window=cfg.sliding_window,
+        tie_embeddings=cfg.tie_embeddings,
     )
     init_weights(model, cfg.init_std)
     return model

@@ -29,8 +29,9 @@ is rounding). Table 9's GEGLU d_ff 2816 for Switch-Large would give 27.1B, furth
 checkpoint's ReLU d_ff 4096.
 
 Hugging Face applies an absolute ``expert_capacity`` per sequence; our MoE layer counts capacity over the
-whole batch (``capacity_factor`` / ``eval_capacity_factor``, or an absolute ``expert_capacity``). With no
-dropping the two agree. Capacity dropping couples the tokens of a batch, so the decoder is only causal in
+whole batch by default (``capacity_factor`` / ``eval_capacity_factor``, or an absolute ``expert_capacity``), or
+per sequence with ``capacity_scope="sequence"``, which :func:`lightning_moe.interop.from_hf` sets so the same
+tokens drop as in ``transformers``. Capacity dropping couples the tokens of a batch, so the decoder is only causal in
 the absence of drops (true of the original as well). There is no dropout.
 """
 
@@ -65,7 +66,9 @@ class SwitchConfig(ModelConfig):
         sparse_step: Layer ``i`` is MoE when ``i % sparse_step == 1``, or every layer when it is 1.
         capacity_factor: Training capacity factor (``None``: dropless).
         eval_capacity_factor: Evaluation capacity factor (``None``: same as training).
-        expert_capacity: Absolute tokens per expert over the batch; overrides both factors.
+        expert_capacity: Absolute tokens per expert; overrides both factors.
+        capacity_scope: Count capacity over the whole batch (``"batch"``) or per sequence (``"sequence"``, Hugging
+            Face's rule: with an absolute ``expert_capacity`` the same tokens drop as in ``transformers``).
         router_jitter: Training-only multiplicative noise on the router input.
         num_buckets: Relative position buckets.
         max_distance: Relative distance from which positions share the last bucket.
@@ -86,6 +89,7 @@ class SwitchConfig(ModelConfig):
     capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None = 2.0
     expert_capacity: int | None = None
+    capacity_scope: str = "batch"
     router_jitter: float = 0.01
     num_buckets: int = 32
     max_distance: int = 128
@@ -121,6 +125,7 @@ def _ffn(cfg: SwitchConfig, moe: bool) -> FeedForward | MoELayer:
             capacity_factor=cfg.capacity_factor,
             eval_capacity_factor=cfg.eval_capacity_factor,
             expert_capacity=cfg.expert_capacity,
+            capacity_scope=cfg.capacity_scope,
             drop_priority="position",
         )
     )

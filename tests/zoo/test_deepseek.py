@@ -1,12 +1,12 @@
 """DeepSeek family: published sizes, layer layout, MTP, and logits against Hugging Face's DeepSeek-V2/V3."""
 
 import math
-import re
 
 import pytest
 import torch
 
 from lightning_moe import zoo
+from lightning_moe.interop import from_hf
 from lightning_moe.nn.attention import Attention
 from lightning_moe.nn.mla import MultiHeadLatentAttention, mla_softmax_scale
 from lightning_moe.nn.moe import MoELayer
@@ -137,63 +137,6 @@ SHAPES = dict(
     rope_parameters=YARN,
     rms_norm_eps=1e-6,
 )
-OUR_SHAPES = dict(
-    vocab_size=512,
-    dim=64,
-    num_layers=3,
-    num_heads=4,
-    attention="mla",
-    kv_lora_rank=24,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=12,
-    first_k_dense=1,
-    dense_hidden=96,
-    moe_hidden=32,
-    num_experts=16,
-    top_k=4,
-    n_group=4,
-    topk_group=2,
-    rope=OUR_YARN,
-)
-
-_RENAMES = [
-    (r"^model\.embed_tokens\.", "embed."),
-    (r"^model\.norm\.", "norm."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attn_norm."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
-    (r"^model\.layers\.(\d+)\.self_attn\.", r"layers.\1.attention."),
-    (r"^model\.layers\.(\d+)\.mlp\.gate\.weight$", r"layers.\1.ffn.router.gate.weight"),
-    (r"^model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias$", r"layers.\1.ffn.router.score_bias"),
-    (r"^model\.layers\.(\d+)\.mlp\.shared_experts\.", r"layers.\1.ffn.shared_experts."),
-    (r"^model\.layers\.(\d+)\.mlp\.", r"layers.\1.ffn."),
-    (r"\.gate_proj\.", ".w1."),
-    (r"\.up_proj\.", ".w3."),
-    (r"\.down_proj\.", ".w2."),
-]
-
-
-def hf_to_ours(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a Hugging Face DeepSeek-V2/V3 state dict onto ours.
-
-    HF v5 stores the routed experts fused: ``gate_up_proj`` ``(E, 2F, D)`` (gate rows first) and ``down_proj``
-    ``(E, D, F)``; ours are ``w1``/``w3`` ``(E, D, F)`` and ``w2`` ``(E, F, D)``.
-    """
-    ours = {}
-    for key, value in hf_state.items():
-        if key.endswith("experts.gate_up_proj"):
-            prefix = re.sub(r"^model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj$", r"layers.\1.ffn.experts.", key)
-            gate, up = value.chunk(2, dim=1)
-            ours[prefix + "w1"], ours[prefix + "w3"] = gate.transpose(1, 2), up.transpose(1, 2)
-            continue
-        if key.endswith("experts.down_proj"):
-            prefix = re.sub(r"^model\.layers\.(\d+)\.mlp\.experts\.down_proj$", r"layers.\1.ffn.experts.", key)
-            ours[prefix + "w2"] = value.transpose(1, 2)
-            continue
-        for pattern, replacement in _RENAMES:
-            key = re.sub(pattern, replacement, key)
-        ours[key] = value
-    return {k: v.contiguous() for k, v in ours.items()}
 
 
 def _sharpen_routers(hf_model: torch.nn.Module, bias: bool) -> None:
@@ -207,7 +150,6 @@ def _sharpen_routers(hf_model: torch.nn.Module, bias: bool) -> None:
 
 
 def _compare(hf_model: torch.nn.Module, ours: torch.nn.Module) -> None:
-    ours.load_state_dict(hf_to_ours(hf_model.state_dict()), strict=True)
     hf_model.eval()
     ours.eval()
     ids = torch.randint(0, 512, (2, 24))
@@ -233,17 +175,12 @@ def test_logits_match_hugging_face_deepseek_v3():
     )
     hf_model = transformers.DeepseekV3ForCausalLM(hf_config).float()
     _sharpen_routers(hf_model, bias=True)
-    cfg = DeepSeekConfig(
-        **OUR_SHAPES,
-        q_lora_rank=40,
-        n_shared_experts=1,
-        score_func="sigmoid",
-        group_score="top2_sum",
-        routed_scaling_factor=2.5,
-        normalize_topk=True,
-        score_bias=True,
-    )
-    _compare(hf_model, zoo.build(cfg))
+    ours = from_hf(hf_model)
+    cfg = ours.zoo_config
+    assert (cfg.score_func, cfg.group_score, cfg.score_bias, cfg.normalize_topk) == ("sigmoid", "top2_sum", True, True)
+    assert (cfg.q_lora_rank, cfg.n_shared_experts, cfg.routed_scaling_factor, cfg.rope) == (40, 1, 2.5, OUR_YARN)
+    assert ours.layers[1].ffn.router.score_bias.abs().sum() > 0  # the correction bias came along
+    _compare(hf_model, ours)
 
 
 def test_logits_match_hugging_face_deepseek_v2_without_q_lora():
@@ -258,10 +195,11 @@ def test_logits_match_hugging_face_deepseek_v2_without_q_lora():
     )
     hf_model = transformers.DeepseekV2ForCausalLM(hf_config).float()
     _sharpen_routers(hf_model, bias=False)
-    cfg = DeepSeekConfig(
-        **OUR_SHAPES, q_lora_rank=None, n_shared_experts=2, group_score="max", routed_scaling_factor=3.0
-    )
-    _compare(hf_model, zoo.build(cfg))
+    ours = from_hf(hf_model)
+    cfg = ours.zoo_config
+    assert (cfg.score_func, cfg.group_score, cfg.score_bias, cfg.normalize_topk) == ("softmax", "max", False, False)
+    assert (cfg.q_lora_rank, cfg.n_shared_experts, cfg.routed_scaling_factor, cfg.n_group) == (None, 2, 3.0, 4)
+    _compare(hf_model, ours)
 
 
 @pytest.mark.parametrize("name", ["deepseek-v2", "deepseek-v3"])

@@ -5,6 +5,8 @@ import torch
 import transformers
 
 from lightning_moe import zoo
+from lightning_moe.interop import from_hf
+from lightning_moe.nn.transformer import DecoderLM
 
 # Published totals/actives (Mistral AI's Mixtral announcements and the Mixtral paper, Jiang et al. 2024).
 PUBLISHED = {
@@ -19,27 +21,6 @@ def test_published_sizes_within_one_percent(name):
     count = zoo.count_parameters(name)
     assert abs(count.total / total - 1) < 0.01, count
     assert abs(count.active / active - 1) < 0.01, count
-
-
-def copy_hf_mixtral(hf_model, model) -> None:
-    """Copy a Hugging Face Mixtral's weights into our model (test helper; the real importer is interop)."""
-    sd = hf_model.state_dict()
-    with torch.no_grad():
-        model.embed.weight.copy_(sd["model.embed_tokens.weight"])
-        model.norm.weight.copy_(sd["model.norm.weight"])
-        model.lm_head.weight.copy_(sd["lm_head.weight"])
-        for i, layer in enumerate(model.layers):
-            prefix = f"model.layers.{i}."
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(layer.attention, proj).weight.copy_(sd[prefix + f"self_attn.{proj}.weight"])
-            layer.attn_norm.weight.copy_(sd[prefix + "input_layernorm.weight"])
-            layer.ffn_norm.weight.copy_(sd[prefix + "post_attention_layernorm.weight"])
-            layer.ffn.router.gate.weight.copy_(sd[prefix + "mlp.gate.weight"])
-            gate_up = sd[prefix + "mlp.experts.gate_up_proj"]  # (E, 2F, D)
-            hidden = gate_up.shape[1] // 2
-            layer.ffn.experts.w1.copy_(gate_up[:, :hidden].transpose(1, 2))
-            layer.ffn.experts.w3.copy_(gate_up[:, hidden:].transpose(1, 2))
-            layer.ffn.experts.w2.copy_(sd[prefix + "mlp.experts.down_proj"].transpose(1, 2))
 
 
 @pytest.mark.parametrize(
@@ -66,19 +47,8 @@ def test_logits_match_hugging_face(experts, top_k, heads, kv_heads, window):
                 p.normal_(std=1.0)  # non-trivial routing
             elif p.dim() > 1:
                 p.normal_(std=0.1)
-    model = zoo.build(
-        "mixtral-tiny",
-        vocab_size=97,
-        dim=32,
-        ffn_hidden=24,
-        num_layers=2,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        num_experts=experts,
-        top_k=top_k,
-        sliding_window=window,
-    ).eval()
-    copy_hf_mixtral(hf, model)
+    model = from_hf(hf).eval()
+    assert isinstance(model, DecoderLM) and model.sliding_window == window
     ids = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         ours = model(ids)

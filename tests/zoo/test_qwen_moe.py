@@ -5,6 +5,7 @@ import torch
 import transformers
 
 from lightning_moe import zoo
+from lightning_moe.interop import from_hf
 from lightning_moe.nn.ffn import FeedForward
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.nn.norm import RMSNorm
@@ -109,57 +110,6 @@ def test_invalid_dense_layer_settings_raise():
 # --- Faithfulness against Hugging Face ------------------------------------------------------------------
 
 
-def copy_hf_qwen_moe(hf_model: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Copy a Hugging Face Qwen2-MoE / Qwen3-MoE's weights into our model (test helper).
-
-    HF v5 stores the routed experts fused: ``gate_up_proj`` ``(E, 2F, D)`` (gate rows first) and
-    ``down_proj`` ``(E, D, F)``; ours are ``w1``/``w3`` ``(E, D, F)`` and ``w2`` ``(E, F, D)``.
-    """
-    sd = hf_model.state_dict()
-    used = set()
-
-    def get(key: str) -> torch.Tensor:
-        used.add(key)
-        return sd[key]
-
-    def copy_mlp(ffn: FeedForward, prefix: str) -> None:
-        ffn.w1.weight.copy_(get(prefix + "gate_proj.weight"))
-        ffn.w3.weight.copy_(get(prefix + "up_proj.weight"))
-        ffn.w2.weight.copy_(get(prefix + "down_proj.weight"))
-
-    with torch.no_grad():
-        model.embed.weight.copy_(get("model.embed_tokens.weight"))
-        model.norm.weight.copy_(get("model.norm.weight"))
-        model.lm_head.weight.copy_(get("lm_head.weight"))
-        for i, layer in enumerate(model.layers):
-            prefix = f"model.layers.{i}."
-            attention = layer.attention
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                for kind in ("weight", "bias"):
-                    ours = getattr(getattr(attention, proj), kind)
-                    if ours is not None:
-                        ours.copy_(get(f"{prefix}self_attn.{proj}.{kind}"))
-            if attention.q_norm is not None:
-                attention.q_norm.weight.copy_(get(prefix + "self_attn.q_norm.weight"))
-                attention.k_norm.weight.copy_(get(prefix + "self_attn.k_norm.weight"))
-            layer.attn_norm.weight.copy_(get(prefix + "input_layernorm.weight"))
-            layer.ffn_norm.weight.copy_(get(prefix + "post_attention_layernorm.weight"))
-            if not layer.is_moe:
-                copy_mlp(layer.ffn, prefix + "mlp.")
-                continue
-            moe = layer.ffn
-            moe.router.gate.weight.copy_(get(prefix + "mlp.gate.weight"))
-            gate_up_E2FD = get(prefix + "mlp.experts.gate_up_proj")
-            hidden = gate_up_E2FD.shape[1] // 2
-            moe.experts.w1.copy_(gate_up_E2FD[:, :hidden].transpose(1, 2))
-            moe.experts.w3.copy_(gate_up_E2FD[:, hidden:].transpose(1, 2))
-            moe.experts.w2.copy_(get(prefix + "mlp.experts.down_proj").transpose(1, 2))
-            if moe.shared_experts is not None:
-                copy_mlp(moe.shared_experts, prefix + "mlp.shared_expert.")
-                moe.shared_gate.weight.copy_(get(prefix + "mlp.shared_expert_gate.weight"))
-    assert used == set(sd), f"HF weights not copied: {sorted(set(sd) - used)}"
-
-
 def perturb(hf_model: torch.nn.Module) -> None:
     """Random weights everywhere: sharp routers, non-trivial biases and norm weights."""
     with torch.no_grad():
@@ -232,23 +182,10 @@ def test_qwen2_moe_logits_and_experts_match_hugging_face(step, mlp_only, normali
     )
     hf = transformers.Qwen2MoeForCausalLM(hf_cfg).eval()
     perturb(hf)
-    model = zoo.build(
-        "qwen-moe-tiny",
-        vocab_size=97,
-        dim=32,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        num_experts=6,
-        top_k=3,
-        expert_hidden=12,
-        shared_expert_hidden=24,
-        dense_hidden=40,
-        normalize_topk=normalize,
-        decoder_sparse_step=step,
-        mlp_only_layers=mlp_only,
-    ).eval()
-    copy_hf_qwen_moe(hf, model)
+    model = from_hf(hf).eval()
+    cfg = model.zoo_config
+    assert (cfg.decoder_sparse_step, cfg.mlp_only_layers, cfg.normalize_topk) == (step, mlp_only, normalize)
+    assert cfg.qkv_bias and not cfg.qk_norm and cfg.shared_expert_hidden == 24
     assert_matches_hf(hf, model, vocab=97, top_k=3, experts=6)
 
 
@@ -273,19 +210,8 @@ def test_qwen3_moe_logits_and_experts_match_hugging_face(mlp_only, kv_heads):
     )
     hf = transformers.Qwen3MoeForCausalLM(hf_cfg).eval()
     perturb(hf)
-    model = zoo.build(
-        "qwen3-moe-tiny",
-        vocab_size=97,
-        dim=32,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=kv_heads,
-        head_dim=16,
-        num_experts=8,
-        top_k=3,
-        expert_hidden=12,
-        dense_hidden=40,
-        mlp_only_layers=mlp_only,
-    ).eval()
-    copy_hf_qwen_moe(hf, model)
+    model = from_hf(hf).eval()
+    cfg = model.zoo_config
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.mlp_only_layers) == (16, kv_heads, mlp_only)
+    assert cfg.qk_norm and not cfg.qkv_bias and cfg.shared_expert_hidden == 0 and cfg.normalize_topk
     assert_matches_hf(hf, model, vocab=97, top_k=3, experts=8)

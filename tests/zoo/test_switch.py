@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_moe import zoo
-from lightning_moe.nn.encoder_decoder import EncoderDecoderLM
+from lightning_moe.interop import from_hf
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.zoo.switch import SwitchConfig
 
@@ -149,74 +149,11 @@ def _hf_model(tied: bool):
     return model, config
 
 
-def _our_model(config, tied: bool) -> EncoderDecoderLM:
-    cfg = SwitchConfig(
-        vocab_size=config.vocab_size,
-        dim=config.d_model,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        head_dim=config.d_kv,
-        ffn_hidden=config.d_ff,
-        num_experts=config.num_experts,
-        sparse_step=config.encoder_sparse_step,
-        num_buckets=config.relative_attention_num_buckets,
-        max_distance=config.relative_attention_max_distance,
-        capacity_factor=None,
-        eval_capacity_factor=None,
-        tie_embeddings=tied,
-    )
-    return zoo.build(cfg).eval()
-
-
-def _copy_hf_weights(ours: EncoderDecoderLM, hf) -> None:
-    """HF key -> our parameter. HF experts are Linears: wi.weight is (F, D), wo.weight (D, F); ours w1 (E, D, F)."""
-    sd = hf.state_dict()
-
-    def attn(dst, prefix):
-        for name in "qkvo":
-            getattr(dst, f"{name}_proj").weight.copy_(sd[f"{prefix}.{name}.weight"])
-
-    def ffn(dst, prefix):
-        if isinstance(dst, MoELayer):
-            dst.router.gate.weight.copy_(sd[f"{prefix}.mlp.router.classifier.weight"])
-            for e in range(dst.config.num_experts):
-                dst.experts.w1[e].copy_(sd[f"{prefix}.mlp.experts.expert_{e}.wi.weight"].t())
-                dst.experts.w2[e].copy_(sd[f"{prefix}.mlp.experts.expert_{e}.wo.weight"].t())
-        else:
-            dst.w1.weight.copy_(sd[f"{prefix}.mlp.wi.weight"])
-            dst.w2.weight.copy_(sd[f"{prefix}.mlp.wo.weight"])
-
-    with torch.no_grad():
-        ours.embed.weight.copy_(sd["shared.weight"])
-        if ours.lm_head.weight is not ours.embed.weight:
-            ours.lm_head.weight.copy_(sd["lm_head.weight"])
-        for i, layer in enumerate(ours.encoder):
-            p = f"encoder.block.{i}.layer"
-            attn(layer.attention, f"{p}.0.SelfAttention")
-            layer.attn_norm.weight.copy_(sd[f"{p}.0.layer_norm.weight"])
-            layer.ffn_norm.weight.copy_(sd[f"{p}.1.layer_norm.weight"])
-            ffn(layer.ffn, f"{p}.1")
-        for i, layer in enumerate(ours.decoder):
-            p = f"decoder.block.{i}.layer"
-            attn(layer.attention, f"{p}.0.SelfAttention")
-            attn(layer.cross_attention, f"{p}.1.EncDecAttention")
-            layer.attn_norm.weight.copy_(sd[f"{p}.0.layer_norm.weight"])
-            layer.cross_norm.weight.copy_(sd[f"{p}.1.layer_norm.weight"])
-            layer.ffn_norm.weight.copy_(sd[f"{p}.2.layer_norm.weight"])
-            ffn(layer.ffn, f"{p}.2")
-        bias = "SelfAttention.relative_attention_bias.weight"
-        ours.encoder_position_bias.embedding.weight.copy_(sd[f"encoder.block.0.layer.0.{bias}"])
-        ours.decoder_position_bias.embedding.weight.copy_(sd[f"decoder.block.0.layer.0.{bias}"])
-        ours.encoder_norm.weight.copy_(sd["encoder.final_layer_norm.weight"])
-        ours.decoder_norm.weight.copy_(sd["decoder.final_layer_norm.weight"])
-
-
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
 def test_logits_match_hugging_face(tied, padded):
     hf, config = _hf_model(tied)
-    ours = _our_model(config, tied)
-    _copy_hf_weights(ours, hf)
+    ours = from_hf(hf).eval()
     assert [layer.is_moe for layer in ours.encoder] == [False, True, False, True]
     torch.manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (3, 20))  # 20 > max_distance: log-spaced buckets are used

@@ -1,0 +1,59 @@
+"""Helpers the MoE callbacks share: finding the MoE layers, summing counts over ranks, reaching TensorBoard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from lightning_moe.nn.moe import MoELayer, MoEStats
+
+
+def moe_layers(pl_module: pl.LightningModule) -> list[tuple[str, MoELayer]]:
+    """The module's MoE layers with their names, in forward order (the order of ``router_stats``)."""
+    layers = getattr(pl_module, "moe_layers", None)
+    if layers is None:
+        layers = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, MoELayer)]
+    return list(layers)
+
+
+def router_stats(outputs: Any) -> list[MoEStats] | None:
+    """The per-layer statistics a training or validation step returned, or ``None`` (skipped batch)."""
+    if isinstance(outputs, dict):
+        stats = outputs.get("router_stats")
+        if stats:
+            return list(stats)
+    return None
+
+
+def reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all ranks (a no-op on one device); every rank gets the same result."""
+    if trainer.world_size <= 1:
+        return tensor
+    return trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+
+
+def tensorboard(trainer: pl.Trainer) -> Any | None:
+    """The ``SummaryWriter`` of the first TensorBoard logger on rank zero, else ``None``."""
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Send scalars to every logger (loggers write on rank zero only)."""
+    if not metrics:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def as_float(value: Tensor | float) -> float:
+    """A plain float from a 0-d tensor or a number."""
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)

@@ -1,0 +1,213 @@
+"""Hold the dropped-token rate at a target with the least capacity, by tuning each layer's capacity factor."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_moe.callbacks._utils import log_scalars, moe_layers, router_stats
+from lightning_moe.nn.capacity import expert_capacity
+from lightning_moe.nn.moe import MoELayer
+
+
+class CapacityFactorTuner(Callback):
+    r"""Tune the training capacity factor of every MoE layer that has one.
+
+    Token-choice routing does not depend on the capacity, so the routed counts of a batch tell exactly how many
+    copies any capacity factor would have dropped. Every ``interval`` optimizer steps the tuner replays the
+    window's batches (from every rank) to find, per layer, the smallest factor in ``[min_factor, max_factor]``
+    whose drop rate over the window is at most ``target_drop_rate``, and moves the layer's factor towards it:
+    ``factor <- smoothing * factor + (1 - smoothing) * needed`` (up at once if the current factor drops too
+    much and ``fast_up`` is set). Layers that are dropless, use an absolute ``expert_capacity`` or route by
+    expert choice are left alone.
+
+    Each layer gets its own copy of its :class:`~lightning_moe.nn.config.MoEConfig` first (zoo builds share one
+    config object between layers). The factors are logged as ``capacity/layer_{i}/factor`` next to the
+    window's actual ``capacity/layer_{i}/drop_rate``, kept in :attr:`factors` (module name -> factor) and saved
+    in checkpoints; on resume they are applied again before training continues. Per-sequence capacity
+    (``capacity_scope="sequence"``) is estimated with the batch rule, which slightly overestimates the drop.
+
+    Args:
+        target_drop_rate: Largest acceptable share of dropped token copies (0.01 = 1%).
+        min_factor: Lower bound of the factor.
+        max_factor: Upper bound of the factor.
+        interval: Optimizer steps between adjustments.
+        smoothing: Weight of the old factor in each move, in ``[0, 1)``; 0 jumps to the estimate.
+        fast_up: Raise the factor to the estimate at once when the window dropped more than the target.
+        tune_eval: Also set ``eval_capacity_factor`` to the tuned factor (otherwise it is left as configured).
+
+    Raises:
+        ValueError: If an argument is out of range.
+
+    Example::
+
+        from lightning_moe.callbacks import CapacityFactorTuner
+
+        trainer = Trainer(callbacks=[CapacityFactorTuner(target_drop_rate=0.01, interval=20)])
+    """
+
+    def __init__(
+        self,
+        target_drop_rate: float = 0.01,
+        min_factor: float = 1.0,
+        max_factor: float = 4.0,
+        interval: int = 20,
+        smoothing: float = 0.8,
+        fast_up: bool = True,
+        tune_eval: bool = False,
+    ) -> None:
+        if not 0.0 <= target_drop_rate < 1.0:
+            raise ValueError(f"target_drop_rate={target_drop_rate!r} is invalid: must be in [0, 1)")
+        if min_factor <= 0:
+            raise ValueError(f"min_factor={min_factor!r} is invalid: must be > 0")
+        if max_factor < min_factor:
+            raise ValueError(f"max_factor={max_factor!r} is invalid: must be >= min_factor ({min_factor})")
+        if interval < 1:
+            raise ValueError(f"interval={interval!r} is invalid: must be >= 1")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing={smoothing!r} is invalid: must be in [0, 1)")
+        self.target_drop_rate = target_drop_rate
+        self.min_factor = min_factor
+        self.max_factor = max_factor
+        self.interval = interval
+        self.smoothing = smoothing
+        self.fast_up = fast_up
+        self.tune_eval = tune_eval
+        self.factors: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+        # Per tuned layer index: this window's batches as rows of (num_tokens, routed copies per expert...).
+        self._batches: dict[int, list[Tensor]] = {}
+        self._seen_step = -1
+
+    def _tuned(self, pl_module: pl.LightningModule) -> list[tuple[int, str, MoELayer]]:
+        return [
+            (i, name, layer)
+            for i, (name, layer) in enumerate(moe_layers(pl_module))
+            if layer.config.capacity_factor is not None
+            and layer.config.expert_capacity is None
+            and layer.config.router.kind == "token_choice"
+        ]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tuned = self._tuned(pl_module)
+        if not tuned:
+            rank_zero_warn("CapacityFactorTuner: no MoE layer has a capacity_factor (dropless model); nothing to tune")
+        for _, name, layer in tuned:
+            layer.config = copy.copy(layer.config)  # one config per layer: zoo builds share one object
+            if name in self.factors:  # restored from a checkpoint
+                self._apply(layer, self.factors[name])
+            else:
+                self.factors[name] = float(layer.config.capacity_factor)
+
+    def _apply(self, layer: MoELayer, factor: float) -> None:
+        layer.config.capacity_factor = factor
+        if self.tune_eval:
+            layer.config.eval_capacity_factor = factor
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen_step = trainer.global_step  # windows close when the step count moves on from here
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stats = router_stats(outputs)
+        tuned = self._tuned(pl_module)
+        if stats is not None:
+            for i, _, _ in tuned:
+                s = stats[i]
+                row = torch.cat([s.num_tokens.reshape(1).double(), s.tokens_per_expert.double()])
+                self._batches.setdefault(i, []).append(row)
+        if trainer.global_step == self._seen_step:
+            return
+        self._seen_step = trainer.global_step
+        if trainer.global_step % self.interval == 0 and self._batches:
+            self._update(trainer, pl_module, tuned)
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tuned: list[tuple[int, str, MoELayer]]):
+        batches, self._batches = self._batches, {}
+        step = trainer.global_step
+        metrics: dict[str, float] = {}
+        for i, name, layer in tuned:
+            if i not in batches:
+                continue
+            rows = torch.stack(batches[i])
+            if trainer.world_size > 1:  # every rank's batches, so all ranks choose the same factor
+                rows = pl_module.all_gather(rows).reshape(-1, rows.shape[-1])
+            rows = rows.cpu()
+            top_k, num_experts = layer.config.router.top_k, layer.config.num_experts
+            current = float(layer.config.capacity_factor)
+            rate = drop_rate(rows, current, top_k, num_experts)
+            needed = smallest_factor(rows, self.target_drop_rate, top_k, num_experts, self.min_factor, self.max_factor)
+            if self.fast_up and rate > self.target_drop_rate and needed > current:
+                new = needed
+            else:
+                new = self.smoothing * current + (1 - self.smoothing) * needed
+            new = min(self.max_factor, max(self.min_factor, new))
+            self._apply(layer, new)
+            self.factors[name] = new
+            metrics[f"capacity/layer_{i}/factor"] = new
+            metrics[f"capacity/layer_{i}/drop_rate"] = rate
+            self.history.append({"step": step, "layer": i, "drop_rate": rate, "factor": new})
+        log_scalars(trainer, metrics, step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"factors": dict(self.factors), "history": list(self.history)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.factors = dict(state_dict.get("factors", {}))
+        self.history = list(state_dict.get("history", []))
+
+
+def drop_rate(rows: Tensor, factor: float, top_k: int, num_experts: int) -> float:
+    """Share of routed copies a capacity factor drops over batches.
+
+    Args:
+        rows: ``(batches, 1 + E)``: each batch's real-token count followed by its routed copies per expert.
+        factor: Capacity factor.
+        top_k: Experts per token.
+        num_experts: Experts ``E``.
+
+    Returns:
+        Dropped copies over routed copies (0 when nothing was routed).
+    """
+    routed = float(rows[:, 1:].sum())
+    if routed <= 0:
+        return 0.0
+    capacity = torch.tensor(
+        [expert_capacity(int(n), top_k, num_experts, factor, None) for n in rows[:, 0].tolist()], dtype=rows.dtype
+    )
+    dropped = (rows[:, 1:] - capacity[:, None]).clamp_min(0).sum()
+    return float(dropped) / routed
+
+
+def smallest_factor(
+    rows: Tensor, target: float, top_k: int, num_experts: int, low: float, high: float, tol: float = 1e-3
+) -> float:
+    """Smallest factor in ``[low, high]`` whose :func:`drop_rate` over ``rows`` is at most ``target``.
+
+    Bisection (the drop rate never grows with the factor); ``high`` if no factor in range reaches the target.
+    """
+    if drop_rate(rows, low, top_k, num_experts) <= target:
+        return low
+    if drop_rate(rows, high, top_k, num_experts) > target:
+        return high
+    for _ in range(max(1, math.ceil(math.log2((high - low) / tol)))):
+        mid = (low + high) / 2
+        if drop_rate(rows, mid, top_k, num_experts) <= target:
+            high = mid
+        else:
+            low = mid
+    return high

@@ -1,0 +1,208 @@
+"""Per-layer, per-expert load statistics: scalars, histograms and a layer-by-expert heatmap."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_moe.callbacks._utils import log_scalars, moe_layers, reduce_sum, router_stats, tensorboard
+from lightning_moe.callbacks.heatmap import load_heatmap
+from lightning_moe.nn.moe import MoEStats
+
+AUX_TERMS = ("load_balance", "z_loss", "seq_balance")
+
+
+class ExpertLoadMonitor(Callback):
+    r"""Log how the router spreads tokens over the experts of every MoE layer.
+
+    Counts from every training batch are summed over a window of ``logging_interval`` optimizer steps and over
+    all ranks, then logged once at the window's last step. Layers are numbered ``0..L-1`` in forward order
+    (``pl_module.moe_layers``; the names are logged once as the text ``moe/layers``). For layer ``i``:
+
+    - ``moe/layer_{i}/imbalance``: max over experts of the routed copies divided by their mean (1 = balanced).
+    - ``moe/layer_{i}/cv``: coefficient of variation (population std / mean) of the routed copies.
+    - ``moe/layer_{i}/entropy``: token-weighted mean router entropy (nats; ``log E`` is uniform).
+    - ``moe/layer_{i}/drop_rate``: share of routed copies dropped for capacity.
+    - ``moe/layer_{i}/dead_experts``: experts that received no copy in the whole window.
+    - ``moe/layer_{i}/aux/{term}``: mean of each auxiliary loss the layer returned (unweighted).
+    - ``moe/layer_{i}/load/expert_{e}`` and ``moe/layer_{i}/kept/expert_{e}``: share of the layer's routed copies
+      sent to expert ``e`` before and after capacity dropping (the kept shares sum to ``1 - drop_rate``); only
+      while ``L * E <= max_expert_scalars``, so the number of tags stays bounded. Otherwise
+      ``moe/layer_{i}/load_min`` and ``moe/layer_{i}/load_max`` summarise them.
+
+    TensorBoard also gets a histogram ``moe/layer_{i}/routed`` per layer (bucket ``e`` holds expert ``e``'s
+    routed copies) and the image ``moe/load_heatmap`` (rows layers, columns experts; blue starving, white
+    balanced, red overloaded; see :func:`lightning_moe.callbacks.heatmap.load_heatmap`). Other loggers get the
+    scalars only. The latest window's values are kept in :attr:`last_metrics` and its ``(L, E)`` routed loads
+    in :attr:`last_load`.
+
+    Args:
+        logging_interval: Optimizer steps per window (log every this many steps).
+        max_expert_scalars: Largest ``layers * experts`` for which per-expert scalars are logged.
+        log_histograms: Log the per-layer histograms (TensorBoard).
+        log_heatmap: Log the heatmap image (TensorBoard).
+
+    Raises:
+        ValueError: If ``logging_interval < 1`` or ``max_expert_scalars < 0``.
+
+    Example::
+
+        from lightning_moe.callbacks import ExpertLoadMonitor
+
+        trainer = Trainer(callbacks=[ExpertLoadMonitor(logging_interval=50)])
+    """
+
+    def __init__(
+        self,
+        logging_interval: int = 50,
+        max_expert_scalars: int = 64,
+        log_histograms: bool = True,
+        log_heatmap: bool = True,
+    ) -> None:
+        if logging_interval < 1:
+            raise ValueError(f"logging_interval={logging_interval!r} is invalid: must be >= 1")
+        if max_expert_scalars < 0:
+            raise ValueError(f"max_expert_scalars={max_expert_scalars!r} is invalid: must be >= 0")
+        self.logging_interval = logging_interval
+        self.max_expert_scalars = max_expert_scalars
+        self.log_histograms = log_histograms
+        self.log_heatmap = log_heatmap
+        self.last_metrics: dict[str, float] = {}
+        self.last_load: Tensor | None = None
+        self._window: dict[str, Tensor] | None = None
+        self._seen_step = -1
+        self._names_logged = False
+
+    # -- accumulation ---------------------------------------------------------------------------------
+
+    def _reset(self, num_layers: int, num_experts: int) -> None:
+        zeros = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self._window = {
+            "routed": zeros.clone(),
+            "kept": zeros.clone(),
+            # Per layer: dropped, tokens, entropy * tokens, batches, then one sum and one count per aux term.
+            "scalars": torch.zeros(num_layers, 4 + 2 * len(AUX_TERMS), dtype=torch.float64),
+        }
+
+    def _add(self, stats: list[MoEStats]) -> None:
+        num_experts = max(s.tokens_per_expert.numel() for s in stats)
+        if self._window is None or self._window["routed"].shape != (len(stats), num_experts):
+            self._reset(len(stats), num_experts)
+        window = self._window
+        for i, s in enumerate(stats):
+            experts = s.tokens_per_expert.numel()
+            window["routed"][i, :experts] += s.tokens_per_expert.detach().double().cpu()
+            window["kept"][i, :experts] += s.kept_per_expert.detach().double().cpu()
+            tokens = float(s.num_tokens)
+            row = window["scalars"][i]
+            row[0] += float(s.num_dropped)
+            row[1] += tokens
+            row[2] += float(s.router_entropy) * tokens
+            row[3] += 1
+            for j, term in enumerate(AUX_TERMS):
+                if term in s.losses:
+                    row[4 + 2 * j] += float(s.losses[term])
+                    row[5 + 2 * j] += 1
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen_step = trainer.global_step  # windows close when the step count moves on from here
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stats = router_stats(outputs)
+        if stats is not None:
+            self._add(stats)
+        step = trainer.global_step
+        if step == self._seen_step:
+            return  # mid gradient accumulation: the window closes at optimizer steps only
+        self._seen_step = step
+        if step % self.logging_interval == 0 and self._window is not None:
+            self._emit(trainer, pl_module, step)
+
+    # -- logging --------------------------------------------------------------------------------------
+
+    def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        window = self._window
+        self._window = None
+        device = pl_module.device
+        routed_LE = reduce_sum(trainer, window["routed"].to(device)).cpu()
+        kept_LE = reduce_sum(trainer, window["kept"].to(device)).cpu()
+        scalars = reduce_sum(trainer, window["scalars"].to(device)).cpu()
+        num_layers, num_experts = routed_LE.shape
+        per_expert = num_layers * num_experts <= self.max_expert_scalars
+        metrics: dict[str, float] = {}
+        for i in range(num_layers):
+            prefix = f"moe/layer_{i}"
+            routed_E, kept_E, row = routed_LE[i], kept_LE[i], scalars[i]
+            total = float(routed_E.sum())
+            mean = total / num_experts
+            share_E = routed_E / total if total > 0 else torch.zeros_like(routed_E)
+            kept_share_E = kept_E / total if total > 0 else torch.zeros_like(kept_E)
+            metrics[f"{prefix}/imbalance"] = float(routed_E.max()) / mean if mean > 0 else 0.0
+            metrics[f"{prefix}/cv"] = float(routed_E.std(unbiased=False)) / mean if mean > 0 else 0.0
+            metrics[f"{prefix}/entropy"] = float(row[2] / row[1]) if row[1] > 0 else 0.0
+            metrics[f"{prefix}/drop_rate"] = float(row[0]) / total if total > 0 else 0.0
+            metrics[f"{prefix}/dead_experts"] = float((routed_E == 0).sum())
+            for j, term in enumerate(AUX_TERMS):
+                if row[5 + 2 * j] > 0:
+                    metrics[f"{prefix}/aux/{term}"] = float(row[4 + 2 * j] / row[5 + 2 * j])
+            if per_expert:
+                for e in range(num_experts):
+                    metrics[f"{prefix}/load/expert_{e}"] = float(share_E[e])
+                    metrics[f"{prefix}/kept/expert_{e}"] = float(kept_share_E[e])
+            else:
+                metrics[f"{prefix}/load_min"] = float(share_E.min())
+                metrics[f"{prefix}/load_max"] = float(share_E.max())
+        self.last_metrics = metrics
+        total_L = routed_LE.sum(dim=1, keepdim=True)
+        self.last_load = torch.where(total_L > 0, routed_LE / total_L.clamp_min(1), 0.0).float()
+        log_scalars(trainer, metrics, step)
+        writer = tensorboard(trainer)
+        if writer is None:
+            return
+        if not self._names_logged:
+            names = [name for name, _ in moe_layers(pl_module)]
+            table = "| layer | module |\n|---|---|\n" + "\n".join(f"| {i} | `{n}` |" for i, n in enumerate(names))
+            writer.add_text("moe/layers", table, step)
+            self._names_logged = True
+        if self.log_histograms:
+            for i in range(num_layers):
+                _add_count_histogram(writer, f"moe/layer_{i}/routed", routed_LE[i].numpy(), step)
+        if self.log_heatmap:
+            writer.add_image("moe/load_heatmap", load_heatmap(self.last_load.numpy()), step, dataformats="HWC")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": self._window}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._window = state_dict.get("window")
+
+
+def _add_count_histogram(writer: Any, tag: str, counts_E: np.ndarray, step: int) -> None:
+    """A histogram whose bucket ``e`` (right edge ``e + 0.5``) holds expert ``e``'s count."""
+    num_experts = len(counts_E)
+    ids = np.arange(num_experts, dtype=np.float64)
+    total = float(counts_E.sum())
+    nonzero = ids[counts_E > 0]
+    writer.add_histogram_raw(
+        tag,
+        min=float(nonzero.min()) if nonzero.size else 0.0,
+        max=float(nonzero.max()) if nonzero.size else 0.0,
+        num=total,
+        sum=float((ids * counts_E).sum()),
+        sum_squares=float((ids**2 * counts_E).sum()),
+        bucket_limits=(ids + 0.5).tolist(),
+        bucket_counts=counts_E.astype(np.float64).tolist(),
+        global_step=step,
+    )

@@ -1,0 +1,112 @@
+"""DeepSeek-V3 auxiliary-loss-free load balancing: nudge each router's selection bias towards balance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_moe.callbacks._utils import log_scalars, moe_layers, reduce_sum
+from lightning_moe.nn.losses import bias_update
+from lightning_moe.nn.moe import MoELayer
+
+
+class LoadBalancingBias(Callback):
+    r"""Update every router's score-correction bias from the load since the last optimizer step.
+
+    DeepSeek-V3 (Liu et al. 2024, section 2.1.2) balances experts without an auxiliary loss: a per-expert bias
+    is added to the routing scores for *selection only*, and after each step
+    ``b_i += gamma * sign(mean_load - load_i)`` raises the bias of under-loaded experts and lowers that of
+    over-loaded ones.
+
+    The load is each layer's ``tokens_per_expert`` buffer, which every training forward adds to: in
+    ``on_before_optimizer_step`` it holds all micro-batches of a gradient-accumulation cycle, and it is summed
+    over all ranks before the update, so every rank applies the same bias and the update is the same as one
+    large batch on one device. The buffer is then reset. Layers whose router has no score bias
+    (``RouterConfig.score_bias=False``) are skipped; at least one must have it.
+
+    Every ``trainer.log_every_n_steps`` steps it logs ``bias/layer_{i}/imbalance`` (max / mean of the load the
+    update used) and ``bias/layer_{i}/max_abs`` (largest absolute bias).
+
+    Args:
+        gamma: Bias update speed; ``None`` takes the model config's ``bias_update_speed`` (DeepSeek-V3: 0.001).
+
+    Raises:
+        ValueError: If ``gamma`` is not positive.
+        MisconfigurationException: At fit start, if no router has a score bias or ``gamma`` is ``None`` and the
+            model config sets no positive ``bias_update_speed``.
+
+    Example::
+
+        from lightning_moe.callbacks import LoadBalancingBias
+
+        model = CausalLMModule(arch="deepseek-tiny", load_balance_coef=0.0)
+        trainer = Trainer(callbacks=[LoadBalancingBias(gamma=1e-3)])
+    """
+
+    def __init__(self, gamma: float | None = None) -> None:
+        if gamma is not None and gamma <= 0:
+            raise ValueError(f"gamma={gamma!r} is invalid: must be > 0, or None for the model's bias_update_speed")
+        self.gamma = gamma
+        self.updates = 0
+        self._gamma: float = gamma or 0.0
+
+    def _layers(self, pl_module: pl.LightningModule) -> list[tuple[int, MoELayer]]:
+        return [(i, layer) for i, (_, layer) in enumerate(moe_layers(pl_module)) if layer.router.score_bias is not None]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._layers(pl_module):
+            raise MisconfigurationException(
+                "LoadBalancingBias needs routers with a score-correction bias: no MoE layer has "
+                "RouterConfig.score_bias=True (e.g. use a DeepSeek-V3 style preset)"
+            )
+        if self.gamma is None:
+            speed = getattr(getattr(pl_module, "config", None), "bias_update_speed", 0.0) or 0.0
+            if speed <= 0:
+                raise MisconfigurationException(
+                    "LoadBalancingBias(gamma=None) takes the model config's bias_update_speed, which is not set; "
+                    "pass gamma"
+                )
+            self._gamma = float(speed)
+        for _, layer in self._layers(pl_module):
+            layer.tokens_per_expert.zero_()  # drop counts from forwards before training (e.g. a sanity check)
+
+    @override
+    @torch.no_grad()
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if optimizer is not trainer.optimizers[0]:
+            return  # one update per step, also with several optimizers
+        layers = self._layers(pl_module)
+        if not layers:
+            return
+        sizes = [layer.tokens_per_expert.numel() for _, layer in layers]
+        loads = reduce_sum(trainer, torch.cat([layer.tokens_per_expert for _, layer in layers])).split(sizes)
+        metrics: dict[str, float] = {}
+        log_now = (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
+        for (i, layer), load_E in zip(layers, loads, strict=True):
+            bias_E = layer.router.score_bias
+            bias_E.copy_(bias_update(bias_E, load_E, self._gamma))
+            layer.tokens_per_expert.zero_()
+            if log_now:
+                mean = float(load_E.float().mean())
+                metrics[f"bias/layer_{i}/imbalance"] = float(load_E.max()) / mean if mean > 0 else 0.0
+                metrics[f"bias/layer_{i}/max_abs"] = float(bias_E.abs().max())
+        self.updates += 1
+        if log_now:
+            log_scalars(trainer, metrics, trainer.global_step + 1)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "gamma": self._gamma}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.updates = int(state_dict.get("updates", 0))

@@ -1,0 +1,14 @@
+"""Expert parallelism and FSDP2: the only package that knows about process groups.
+
+Importing it registers ``"expert_parallel"`` in Lightning's ``StrategyRegistry``.
+"""
+
+from lightning_moe.strategies.dispatch import AllToAllDispatcher
+from lightning_moe.strategies.expert_parallel import (
+    ExpertParallelStrategy,
+    apply_expert_parallel,
+    apply_fsdp,
+    moe_layers,
+)
+
+__all__ = ["AllToAllDispatcher", "ExpertParallelStrategy", "apply_expert_parallel", "apply_fsdp", "moe_layers"]

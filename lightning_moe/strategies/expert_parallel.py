@@ -1,0 +1,230 @@
+"""Expert parallelism + FSDP2 as a Lightning strategy.
+
+The device mesh is ``(dp, ep)``: ``ep`` ranks share the experts of every MoE layer (rank ``r`` of an
+expert-parallel group owns ``num_experts / ep`` of them), ``dp = world / ep`` such groups hold copies of
+the experts. Every rank reads its own slice of the global batch.
+
+* Expert weights become DTensors sharded on the expert dimension over the ``ep`` sub-mesh, then FSDP2
+  shards them further over their ``dp`` sub-mesh (2-D: the two sub-meshes share the root mesh, so the
+  replicas of one expert in different expert-parallel groups are reduced together).
+* Every other parameter is sharded by FSDP2 over all ranks (the flattened mesh).
+* Gradients: FSDP2 averages over the mesh it shards on. A non-expert parameter sees the mean over all
+  ``world`` ranks, as a single process on the global batch would. An expert sees the tokens of its whole
+  expert-parallel group through the all-to-all, so its gradient is a *sum* over ``ep`` ranks before the
+  ``dp`` average; :class:`~lightning_moe.strategies.dispatch.ExpertParallelExperts` multiplies it by ``1 / ep``
+  (gloo has no ``PREMUL_SUM``, so FSDP's gradient divide factor cannot do this on CPU).
+* Router statistics and auxiliary losses are computed on each rank's own tokens (data-parallel
+  semantics, like a gradient-accumulation micro-batch). The cross-entropy, z-loss and sequence-balance
+  loss average to the global-batch values; the Switch load-balancing loss is a product of two means and
+  is the mean of the per-rank losses. Callbacks reduce ``MoEStats`` counts across ranks before logging.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from typing_extensions import override
+
+from lightning_moe.nn.moe import MoELayer
+from lightning_moe.strategies.dispatch import AllToAllDispatcher, ExpertParallelExperts
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoE layers of ``model`` in module order."""
+    return [module for module in model.modules() if isinstance(module, MoELayer)]
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, expert_grad_scale: float | None = None) -> nn.Module:
+    """Shard the experts of every MoE layer over ``ep_mesh`` and swap in the all-to-all dispatcher.
+
+    The stacked expert weights (``w1``, ``w3``, ``w2``) become DTensors ``Shard(0)`` on ``ep_mesh``: rank
+    ``r`` keeps experts ``r * E / ep ... (r + 1) * E / ep - 1``. Values come from the mesh's first rank, so
+    every rank ends up with the same global weights. Routers and everything else are left alone.
+
+    Args:
+        model: Any module containing :class:`~lightning_moe.nn.moe.MoELayer` s (changed in place).
+        ep_mesh: 1-D expert-parallel mesh.
+        expert_grad_scale: Factor on the expert gradients (default ``1 / ep``: right when the loss is then
+            averaged over data-parallel ranks, see the module docstring; ``1.0`` keeps raw sums).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: If a layer's expert count is not divisible by the mesh size, or the mesh is not 1-D.
+    """
+    if ep_mesh.ndim != 1:
+        raise ValueError(f"ep_mesh.ndim={ep_mesh.ndim} is invalid: expected a 1-D expert-parallel mesh")
+    ep = ep_mesh.size()
+    scale = 1.0 / ep if expert_grad_scale is None else expert_grad_scale
+    for layer in moe_layers(model):
+        experts = layer.experts
+        if experts.num_experts % ep:
+            raise ValueError(
+                f"num_experts={experts.num_experts} is invalid for expert_parallel_size={ep}: must be divisible"
+            )
+        for name in ("w1", "w3", "w2"):
+            weight = getattr(experts, name)
+            if weight is None or isinstance(weight, DTensor):
+                continue
+            sharded = distribute_tensor(weight.detach(), ep_mesh, [Shard(0)])
+            setattr(experts, name, nn.Parameter(sharded, requires_grad=weight.requires_grad))
+        ExpertParallelExperts.convert(experts, expert_grad_scale=scale)
+        layer.dispatcher = AllToAllDispatcher(ep_mesh.get_group())
+    return model
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    expert_mesh: DeviceMesh,
+    reshard_after_forward: bool = True,
+    mp_policy: MixedPrecisionPolicy | None = None,
+) -> nn.Module:
+    """FSDP2: experts over ``expert_mesh``, each block of every ``ModuleList``, then the rest over ``mesh``.
+
+    Call after :func:`apply_expert_parallel`. Inner modules are sharded before the modules that contain
+    them, so each parameter belongs to exactly one FSDP group.
+
+    Args:
+        model: The model (changed in place).
+        mesh: 1-D mesh of all ranks, for the non-expert parameters.
+        expert_mesh: 1-D data-parallel mesh of the expert parameters (the ranks holding the same experts).
+        reshard_after_forward: Free the gathered parameters after forward (re-gather in backward).
+        mp_policy: FSDP2 mixed-precision policy.
+
+    Returns:
+        ``model``.
+    """
+    kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for layer in moe_layers(model):
+        fully_shard(layer.experts, mesh=expert_mesh, **kwargs)
+    blocks = [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
+    for block in reversed(blocks):
+        if not isinstance(block, FSDPModule) and any(p.requires_grad for p in block.parameters()):
+            fully_shard(block, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    return model
+
+
+class ExpertParallelStrategy(ModelParallelStrategy):
+    """Expert parallelism with all-to-all token dispatch, and FSDP2 for everything, from the Trainer.
+
+    Registered as ``"expert_parallel"``. The LightningModule's ``model`` attribute (or, without one, each
+    child module with parameters) is parallelised in :meth:`setup`, after the module's own
+    ``configure_model``: experts sharded over the expert-parallel mesh, then FSDP2.
+
+    Args:
+        expert_parallel_size: Ranks sharing the experts of a layer (``"auto"``: all ranks). Must divide the
+            world size and every layer's expert count.
+        reshard_after_forward: FSDP2: free gathered parameters after forward.
+        param_dtype: FSDP2 mixed precision: dtype of the gathered parameters for compute (``None``: as
+            stored), e.g. ``"bfloat16"``.
+        reduce_dtype: FSDP2 mixed precision: dtype of the gradient reduction (``None``: ``param_dtype``).
+        save_distributed_checkpoint: Save one shard per rank (``torch.distributed.checkpoint``) rather than
+            a full checkpoint gathered on rank 0.
+        process_group_backend: ``"gloo"``, ``"nccl"``, ... (default: by device).
+        timeout: Collective timeout.
+
+    Raises:
+        ValueError: For a bad size or dtype name.
+
+    Example::
+
+        trainer = Trainer(accelerator="cpu", devices=4, strategy=ExpertParallelStrategy(expert_parallel_size=2))
+        trainer = Trainer(accelerator="gpu", devices=8, strategy="expert_parallel")
+    """
+
+    strategy_name = "expert_parallel"
+
+    def __init__(
+        self,
+        expert_parallel_size: Literal["auto"] | int = "auto",
+        reshard_after_forward: bool = True,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = None,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = timedelta(seconds=1800),
+    ) -> None:
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        if expert_parallel_size != "auto" and (not isinstance(expert_parallel_size, int) or expert_parallel_size < 1):
+            raise ValueError(f"expert_parallel_size={expert_parallel_size!r} is invalid: must be 'auto' or an int >= 1")
+        for name, dtype in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if dtype is not None and dtype not in _DTYPES:
+                raise ValueError(f"{name}={dtype!r} is invalid: must be None or one of {', '.join(_DTYPES)}")
+        self.expert_parallel_size = expert_parallel_size
+        self.reshard_after_forward = reshard_after_forward
+        self.param_dtype = param_dtype
+        self.reduce_dtype = reduce_dtype
+
+    @property
+    def expert_parallel_mesh(self) -> DeviceMesh:
+        """The 1-D mesh of this rank's expert-parallel group."""
+        return self.device_mesh["tensor_parallel"]
+
+    @property
+    def expert_data_parallel_mesh(self) -> DeviceMesh:
+        """The 1-D mesh of the ranks holding the same experts as this one."""
+        return self.device_mesh["data_parallel"]
+
+    @override
+    def setup_environment(self) -> None:
+        # The parent builds a (data_parallel, tensor_parallel) mesh; its second dim is our expert-parallel dim.
+        world = self.num_nodes * self.num_processes
+        ep = world if self.expert_parallel_size == "auto" else self.expert_parallel_size
+        if world % ep:
+            raise ValueError(f"expert_parallel_size={ep} is invalid: must divide the world size {world}")
+        self._data_parallel_size, self._tensor_parallel_size = world // ep, ep
+        super().setup_environment()
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Expert parallelism is also data parallelism: every rank reads different samples.
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.lightning_module is not None
+        self.parallelize(self.lightning_module)
+        super().setup(trainer)
+
+    def parallelize(self, module: nn.Module) -> None:
+        """Apply expert parallelism then FSDP2 to ``module.model`` (or each child with parameters); idempotent."""
+        targets = [module.model] if isinstance(getattr(module, "model", None), nn.Module) else list(module.children())
+        mp_policy = None
+        if self.param_dtype is not None or self.reduce_dtype is not None:
+            mp_policy = MixedPrecisionPolicy(
+                param_dtype=_DTYPES.get(self.param_dtype or ""), reduce_dtype=_DTYPES.get(self.reduce_dtype or "")
+            )
+        world_mesh = self.device_mesh._flatten("world")
+        for target in targets:
+            if isinstance(target, FSDPModule) or not any(True for _ in target.parameters()):
+                continue
+            apply_expert_parallel(target, self.expert_parallel_mesh)
+            apply_fsdp(target, world_mesh, self.expert_data_parallel_mesh, self.reshard_after_forward, mp_policy)
+
+
+if ExpertParallelStrategy.strategy_name not in StrategyRegistry:
+    StrategyRegistry.register(
+        ExpertParallelStrategy.strategy_name,
+        ExpertParallelStrategy,
+        description="Expert parallelism (all-to-all dispatch) + FSDP2 over a (data, expert) device mesh",
+    )

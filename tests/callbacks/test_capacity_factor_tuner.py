@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from lightning_moe.callbacks import CapacityFactorTuner
+from lightning_moe.callbacks.capacity_factor_tuner import drop_rate, smallest_factor
+from tests.callbacks._helpers import StatsRecorder, loader, read_events, scalars, skew_routers, tiny_mixtral, trainer
+
+
+def measured_drop_rate(recorder: StatsRecorder, steps: range) -> float:
+    records = [r for r in recorder.batches if r["step"] in steps]
+    dropped = sum(sum(r["dropped"]) for r in records)
+    routed = sum(int((ids >= 0).sum()) for r in records for ids in r["expert_ids"])
+    return dropped / routed
+
+
+def test_tuner_brings_the_drop_rate_of_a_skewed_router_to_the_target(tmp_path):
+    torch.manual_seed(0)
+    module = tiny_mixtral(lr=1e-4, capacity_factor=1.0)
+    skew_routers(module)  # four of eight experts take all tokens: capacity 1.0 drops about half the copies
+    recorder = StatsRecorder()
+    tuner = CapacityFactorTuner(target_drop_rate=0.01, interval=2, max_factor=4.0)
+    trainer(tmp_path, [recorder, tuner], max_steps=12).fit(module, loader(12, batch_size=8))
+    before = measured_drop_rate(recorder, range(1, 3))
+    after = measured_drop_rate(recorder, range(3, 13))  # from the first adjustment on
+    assert before > 0.3
+    assert after <= 0.02, (before, after, tuner.history)
+    # Each layer now has its own config (zoo builds share one), holding the tuned factor.
+    (name0, layer0), (name1, layer1) = module.moe_layers
+    assert layer0.config is not layer1.config
+    assert (
+        layer0.config.capacity_factor == tuner.factors[name0] and layer1.config.capacity_factor == tuner.factors[name1]
+    )
+    assert 1.5 < tuner.factors[name0] <= 4.0
+    logged = scalars(read_events(tmp_path), "capacity/layer_0/factor")
+    assert sorted(logged) == [2, 4, 6, 8, 10, 12] and logged[12] == pytest.approx(tuner.factors[name0])
+
+
+def test_tuner_lowers_an_oversized_factor_towards_the_least_capacity(tmp_path):
+    torch.manual_seed(0)
+    module = tiny_mixtral(lr=1e-4, capacity_factor=4.0)  # balanced router: far more capacity than needed
+    tuner = CapacityFactorTuner(target_drop_rate=0.05, interval=1, smoothing=0.0)
+    trainer(tmp_path, [tuner], max_steps=3).fit(module, loader(3))
+    assert all(f < 2.5 for f in tuner.factors.values()), tuner.factors
+
+
+def test_factors_survive_a_checkpoint_round_trip_and_are_applied_on_resume(tmp_path):
+    torch.manual_seed(0)
+    module = tiny_mixtral(capacity_factor=1.0)
+    skew_routers(module)
+    tuner = CapacityFactorTuner(interval=2)
+    trainer(tmp_path, [tuner], max_steps=4, enable_checkpointing=True).fit(module, loader(4))
+    ckpt = next((tmp_path / "tb" / "version_0" / "checkpoints").glob("*.ckpt"))
+    fresh = tiny_mixtral(capacity_factor=1.0)
+    restored = CapacityFactorTuner(interval=2)
+    trainer(tmp_path / "again", [restored], max_steps=4).fit(fresh, loader(4), ckpt_path=ckpt)
+    assert restored.factors == tuner.factors and restored.history == tuner.history
+    assert all(layer.config.capacity_factor == restored.factors[name] for name, layer in fresh.moe_layers)
+    assert restored.factors["model.layers.0.ffn"] > 1.0
+
+
+def test_drop_rate_and_smallest_factor_replay_the_capacity_rule():
+    # Two batches of 8 tokens, top-2 over 4 experts: balanced capacity is 4 copies per expert at factor 1.
+    rows = torch.tensor([[8, 8, 4, 2, 2], [8, 4, 4, 4, 4]], dtype=torch.float64)
+    assert drop_rate(rows, 1.0, 2, 4) == pytest.approx(4 / 32)
+    assert drop_rate(rows, 1.5, 2, 4) == pytest.approx(2 / 32)  # capacity 6
+    assert drop_rate(rows, 2.0, 2, 4) == 0.0  # capacity 8
+    factor = smallest_factor(rows, 0.0, 2, 4, 1.0, 4.0)
+    assert drop_rate(rows, factor, 2, 4) == 0.0 and 1.75 < factor <= 1.752  # capacity 7 is not enough
+    assert smallest_factor(rows, 0.5, 2, 4, 1.0, 4.0) == 1.0
+
+
+def test_dropless_model_warns_that_there_is_nothing_to_tune(tmp_path):
+    with pytest.warns(UserWarning, match="no MoE layer has a capacity_factor"):
+        trainer(tmp_path, [CapacityFactorTuner()], max_steps=1).fit(tiny_mixtral(), loader(1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_drop_rate": 1.0}, r"target_drop_rate=1.0 is invalid"),
+        ({"min_factor": 0.0}, r"min_factor=0.0 is invalid"),
+        ({"min_factor": 2.0, "max_factor": 1.0}, r"max_factor=1.0 is invalid: must be >= min_factor \(2.0\)"),
+        ({"interval": 0}, "interval=0 is invalid"),
+        ({"smoothing": 1.0}, "smoothing=1.0 is invalid"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CapacityFactorTuner(**kwargs)

@@ -1,0 +1,92 @@
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+
+from lightning_moe.callbacks import ExpertSpecialization
+from lightning_moe.callbacks.expert_specialization import TOKEN_CLASSES, token_class
+from tests.callbacks._helpers import VOCAB, loader, read_events, tiny_mixtral, trainer
+
+E = 8
+WORDS = {
+    "digits": ["0", "1", "2", "42", "7", "100"],
+    "keyword": ["def", "return", "if", " for", "class", "import", " in", "None"],
+    "identifier": ["self", "foo", " bar", "x", "value_1", "print", "np", "data"],
+    "punctuation": ["(", ")", ":", ",", ".", "==", "[", "]", "+=", "->"],
+    "whitespace": [" ", "\n", "    ", "\t"],
+    "mixed": ["(self", ".append", "x[0]"],
+}
+
+
+def tiny_tokenizer() -> tuple[Tokenizer, list[str]]:
+    classes = [c for c, words in WORDS.items() for _ in words]
+    words = [w for ws in WORDS.values() for w in ws]
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    classes += ["identifier"] * (VOCAB - len(classes))
+    return Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0")), classes
+
+
+class ValRecorder(Callback):
+    def __init__(self) -> None:
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.pairs.append((batch[:, :-1].reshape(-1), outputs["router_stats"][-1].expert_ids))
+
+
+def test_report_counts_tokens_per_expert_and_class_shares(tmp_path):
+    torch.manual_seed(0)
+    tokenizer, classes = tiny_tokenizer()
+    module = tiny_mixtral()
+    module.tokenizer_json = tokenizer.to_str()
+    spec = ExpertSpecialization(layers=[-1], top_n=3)
+    recorder = ValRecorder()
+    trainer(tmp_path, [spec, recorder], max_steps=1, limit_val_batches=1.0).validate(module, loader(3))
+
+    counts = torch.zeros(E, VOCAB)  # independent count from the router outputs
+    for tokens, ids in recorder.pairs:
+        for k in range(ids.shape[1]):
+            counts.index_put_((ids[:, k], tokens), torch.ones(len(tokens)), accumulate=True)
+    assert list(spec.results) == ["model.layers.1.ffn"]
+    report = spec.results["model.layers.1.ffn"]
+    assert sum(info["copies"] for info in report.values()) == 3 * 4 * 16 * 2
+    for expert, info in report.items():
+        assert info["copies"] == int(counts[expert].sum())
+        top = [(tokenizer.decode([int(t)]), int(c)) for c, t in zip(*counts[expert].topk(3), strict=True)]
+        assert [c for _, c in info["top_tokens"]] == [c for _, c in top]
+        for text, count in info["top_tokens"]:
+            assert counts[expert, tokenizer.token_to_id(text)] == count
+        expected = {c: 0.0 for c in TOKEN_CLASSES}
+        for token in range(VOCAB):
+            expected[classes[token]] += float(counts[expert, token]) / info["copies"]
+        assert info["classes"] == pytest.approx(expected)
+    text = read_events(tmp_path).Tags()["tensors"]
+    assert "specialization/layer_1/text_summary" in text
+
+
+@pytest.mark.parametrize(("words", "cls"), [(ws, c) for c, ws in WORDS.items()])
+def test_token_classes(words, cls):
+    assert {token_class(w) for w in words} == {cls}
+    assert token_class("<|endoftext|>", special=True) == "special"
+
+
+def test_sanity_check_is_not_reported_and_bad_layers_fail(tmp_path):
+    spec = ExpertSpecialization()
+    trainer(tmp_path, [spec], max_steps=1, limit_val_batches=1, num_sanity_val_steps=1).fit(
+        tiny_mixtral(), loader(1), loader(1)
+    )
+    assert list(spec.results) == ["model.layers.0.ffn", "model.layers.1.ffn"]
+    assert spec.results["model.layers.0.ffn"][0]["top_tokens"][0][0].startswith("<")  # no tokenizer: raw ids
+    with pytest.raises(IndexError, match="layers contains 5, but the model has 2 MoE layers"):
+        trainer(tmp_path, [ExpertSpecialization(layers=[5])], max_steps=1, limit_val_batches=1.0).validate(
+            tiny_mixtral(), loader(1)
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"top_n": 0}, "top_n=0 is invalid"), ({"layers": []}, r"layers=\[\] is invalid")]
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ExpertSpecialization(**kwargs)
