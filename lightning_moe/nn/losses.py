@@ -8,6 +8,8 @@ read only router outputs, so their gradients reach the router and nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -24,7 +26,12 @@ def expert_counts(expert_ids_TK: Tensor, num_experts: int, mask_T: Tensor | None
     return counts.index_add_(0, expert_ids_TK.reshape(-1), weights_TK.reshape(-1))
 
 
-def load_balancing_loss(probs_TE: Tensor, expert_ids_TK: Tensor, mask_T: Tensor | None = None) -> Tensor:
+def load_balancing_loss(
+    probs_TE: Tensor,
+    expert_ids_TK: Tensor,
+    mask_T: Tensor | None = None,
+    reduce_counts: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Switch/GShard load-balancing loss of one layer.
 
     ``L = E * sum_i f_i * P_i`` where ``f_i`` is the fraction of the ``T * K`` token copies routed to expert
@@ -37,6 +44,9 @@ def load_balancing_loss(probs_TE: Tensor, expert_ids_TK: Tensor, mask_T: Tensor 
         probs_TE: Per-token distribution over experts (softmax, or normalised sigmoid scores).
         expert_ids_TK: Chosen experts per token.
         mask_T: True for real tokens.
+        reduce_counts: Sums a tensor over the data-parallel ranks (set by a parallel strategy). Then ``f``
+            counts the copies of the global batch, and the mean of the per-rank losses over equally sized
+            ranks is the global batch's loss.
 
     Returns:
         Scalar loss.
@@ -44,7 +54,12 @@ def load_balancing_loss(probs_TE: Tensor, expert_ids_TK: Tensor, mask_T: Tensor 
     num_experts = probs_TE.shape[-1]
     mask_T = _mask_or_ones(mask_T, probs_TE.shape[:1], probs_TE.device)
     num_tokens = mask_T.sum().clamp_min(1)
-    f_E = expert_counts(expert_ids_TK, num_experts, mask_T) / (num_tokens * expert_ids_TK.shape[-1])
+    counts_E = expert_counts(expert_ids_TK, num_experts, mask_T)
+    total_copies = mask_T.sum().to(torch.float32) * expert_ids_TK.shape[-1]
+    if reduce_counts is not None:
+        reduced = reduce_counts(torch.cat([counts_E, total_copies.view(1)]))
+        counts_E, total_copies = reduced[:-1], reduced[-1]
+    f_E = counts_E / total_copies.clamp_min(1)
     p_E = (probs_TE * mask_T.unsqueeze(-1)).sum(dim=0) / num_tokens
     return num_experts * (f_E.to(p_E.dtype) * p_E).sum()
 

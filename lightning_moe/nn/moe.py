@@ -11,6 +11,7 @@ forwards leave it alone.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +87,9 @@ class MoELayer(nn.Module):
             if config.shared_gate:
                 self.shared_gate = nn.Linear(config.dim, 1, bias=False)
         self.dispatcher: Dispatcher = GroupedDispatcher() if config.dispatch == "grouped" else LoopDispatcher()
+        # Sums a tensor over data-parallel ranks; a parallel strategy sets it so the load-balancing loss
+        # sees the global batch's loads. The layer itself never talks to other processes.
+        self.reduce_counts: Callable[[Tensor], Tensor] | None = None
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts), persistent=False)
 
     def capacity(self, num_tokens: int) -> int | None:
@@ -168,7 +172,9 @@ class MoELayer(nn.Module):
         aux = {"z_loss": losses.router_z_loss(routing.logits_TE, mask_T)}
         if routing.top_k is not None:
             expert_ids_TK = expert_ids_N.view(-1, routing.top_k)
-            aux["load_balance"] = losses.load_balancing_loss(routing.probs_TE, expert_ids_TK, mask_T)
+            aux["load_balance"] = losses.load_balancing_loss(
+                routing.probs_TE, expert_ids_TK, mask_T, self.reduce_counts
+            )
             if x.dim() == 3:
                 batch, seq = x.shape[:2]
                 aux["seq_balance"] = losses.sequence_balance_loss(

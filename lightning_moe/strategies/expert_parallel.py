@@ -15,8 +15,10 @@ the experts. Every rank reads its own slice of the global batch.
   (gloo has no ``PREMUL_SUM``, so FSDP's gradient divide factor cannot do this on CPU).
 * Router statistics and auxiliary losses are computed on each rank's own tokens (data-parallel
   semantics, like a gradient-accumulation micro-batch). The cross-entropy, z-loss and sequence-balance
-  loss average to the global-batch values; the Switch load-balancing loss is a product of two means and
-  is the mean of the per-rank losses. Callbacks reduce ``MoEStats`` counts across ranks before logging.
+  loss average to the global-batch values. The Switch load-balancing loss is a product of two means, so
+  the strategy gives every MoE layer a ``reduce_counts`` hook (:class:`SumOverRanks`) that sums the expert
+  counts over all ranks: the per-rank losses then average to the global batch's loss. Callbacks reduce
+  ``MoEStats`` counts across ranks before logging.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -42,6 +45,26 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """The MoE layers of ``model`` in module order."""
     return [module for module in model.modules() if isinstance(module, MoELayer)]
+
+
+class SumOverRanks:
+    """Sums a tensor over a process group (no gradient): the MoE layers' ``reduce_counts`` hook.
+
+    With it, the load-balancing loss counts the expert loads of the global batch, so averaging the per-rank
+    losses (as data parallelism does) gives the global batch's loss.
+
+    Args:
+        group: The process group (``None``: all ranks).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over the group's ranks (a new tensor)."""
+        total = tensor.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return total
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, expert_grad_scale: float | None = None) -> nn.Module:
@@ -219,6 +242,8 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             if isinstance(target, FSDPModule) or not any(True for _ in target.parameters()):
                 continue
             apply_expert_parallel(target, self.expert_parallel_mesh)
+            for layer in moe_layers(target):
+                layer.reduce_counts = SumOverRanks(world_mesh.get_group())
             apply_fsdp(target, world_mesh, self.expert_data_parallel_mesh, self.reshard_after_forward, mp_policy)
 
 

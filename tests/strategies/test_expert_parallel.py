@@ -51,10 +51,10 @@ class _LossCapture(pl.Callback):
 
 
 def _module(arch: str) -> _SGDModule:
-    # The load-balancing loss is a product of two means, so the per-rank losses do not average to the
-    # global-batch loss (see lightning_moe.strategies.expert_parallel): left out here.
+    # The strategy sums the expert counts over ranks for the load-balancing loss, so the per-rank losses
+    # average to the global batch's loss: a large coefficient makes any mismatch visible.
     torch.manual_seed(0)
-    return _SGDModule(arch=arch, overrides=OVERRIDES[arch], load_balance_coef=0.0, z_loss_coef=1e-3)
+    return _SGDModule(arch=arch, overrides=OVERRIDES[arch], load_balance_coef=0.5, z_loss_coef=1e-3)
 
 
 def _reference_step(arch: str, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
