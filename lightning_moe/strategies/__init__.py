@@ -3,12 +3,23 @@
 Importing it registers ``"expert_parallel"`` in Lightning's ``StrategyRegistry``.
 """
 
+from lightning_moe.strategies.checkpoint import consolidate_checkpoint, load_distributed_checkpoint
 from lightning_moe.strategies.dispatch import AllToAllDispatcher
 from lightning_moe.strategies.expert_parallel import (
     ExpertParallelStrategy,
+    apply_activation_checkpointing,
     apply_expert_parallel,
     apply_fsdp,
     moe_layers,
 )
 
-__all__ = ["AllToAllDispatcher", "ExpertParallelStrategy", "apply_expert_parallel", "apply_fsdp", "moe_layers"]
+__all__ = [
+    "AllToAllDispatcher",
+    "ExpertParallelStrategy",
+    "apply_activation_checkpointing",
+    "apply_expert_parallel",
+    "apply_fsdp",
+    "consolidate_checkpoint",
+    "load_distributed_checkpoint",
+    "moe_layers",
+]

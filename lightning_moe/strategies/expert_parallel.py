@@ -19,11 +19,18 @@ the experts. Every rank reads its own slice of the global batch.
   the strategy gives every MoE layer a ``reduce_counts`` hook (:class:`SumOverRanks`) that sums the expert
   counts over all ranks: the per-rank losses then average to the global batch's loss. Callbacks reduce
   ``MoEStats`` counts across ranks before logging.
+* Activation checkpointing (optional) wraps each decoder block after expert sharding and before FSDP2
+  (:func:`apply_activation_checkpointing`); recomputed forwards leave the MoE counters as they were.
+* Checkpoints are sharded DCP directories that reshard on load (any world size or ``ep``); a plain
+  single-process module reads them with :func:`~lightning_moe.strategies.checkpoint.load_distributed_checkpoint`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -31,6 +38,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import Tensor, nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -107,6 +115,56 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, expert_grad_sca
     return model
 
 
+@contextmanager
+def _keep_moe_counters(block: nn.Module) -> Iterator[None]:
+    """Undo what a recomputed forward adds to the ``tokens_per_expert`` buffers of ``block``'s MoE layers."""
+    saved = [(layer.tokens_per_expert, layer.tokens_per_expert.clone()) for layer in moe_layers(block)]
+    try:
+        yield
+    finally:
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+
+def _recompute_contexts(block: nn.Module) -> tuple[Any, Any]:
+    return nullcontext(), _keep_moe_counters(block)
+
+
+def _blocks(module: nn.Module) -> Iterator[tuple[nn.ModuleList, int]]:
+    """``(list, index)`` of every entry of the outermost ``ModuleList`` s below ``module``."""
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            yield from ((child, index) for index in range(len(child)))
+        else:
+            yield from _blocks(child)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute every decoder block's activations in backward instead of keeping them.
+
+    Each entry of the outermost ``ModuleList`` s (the decoder, and encoder, layers) is wrapped in
+    ``checkpoint_wrapper`` (non-reentrant ``torch.utils.checkpoint``), which keeps only the block's inputs.
+    Call it after :func:`apply_expert_parallel` and before :func:`apply_fsdp`; the recomputed forward repeats
+    the block's all-to-alls and count reductions in backward, in the same order on every rank.
+
+    The recomputed forward is a training forward, so it would add the block's routed tokens to each MoE
+    layer's ``tokens_per_expert`` buffer a second time: the buffers are restored after each recompute, so
+    they count every token once, as without checkpointing. The state dict drops the wrapper's prefix, so
+    checkpoints load with or without it.
+
+    Args:
+        model: The model (changed in place; idempotent).
+
+    Returns:
+        ``model``.
+    """
+    for module_list, index in list(_blocks(model)):
+        block = module_list[index]
+        if not isinstance(block, CheckpointWrapper):
+            module_list[index] = checkpoint_wrapper(block, context_fn=partial(_recompute_contexts, block))
+    return model
+
+
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -156,6 +214,8 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         param_dtype: FSDP2 mixed precision: dtype of the gathered parameters for compute (``None``: as
             stored), e.g. ``"bfloat16"``.
         reduce_dtype: FSDP2 mixed precision: dtype of the gradient reduction (``None``: ``param_dtype``).
+        activation_checkpointing: Recompute each decoder block in backward instead of storing its activations
+            (see :func:`apply_activation_checkpointing`); the step's loss and update are unchanged.
         save_distributed_checkpoint: Save one shard per rank (``torch.distributed.checkpoint``) rather than
             a full checkpoint gathered on rank 0.
         process_group_backend: ``"gloo"``, ``"nccl"``, ... (default: by device).
@@ -178,6 +238,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         reshard_after_forward: bool = True,
         param_dtype: str | None = None,
         reduce_dtype: str | None = None,
+        activation_checkpointing: bool = False,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(seconds=1800),
@@ -196,6 +257,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         self.reshard_after_forward = reshard_after_forward
         self.param_dtype = param_dtype
         self.reduce_dtype = reduce_dtype
+        self.activation_checkpointing = activation_checkpointing
 
     @property
     def expert_parallel_mesh(self) -> DeviceMesh:
@@ -230,7 +292,10 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         super().setup(trainer)
 
     def parallelize(self, module: nn.Module) -> None:
-        """Apply expert parallelism then FSDP2 to ``module.model`` (or each child with parameters); idempotent."""
+        """Expert parallelism, activation checkpointing if asked, then FSDP2 on ``module.model``; idempotent.
+
+        Without a ``model`` attribute, each child of ``module`` with parameters is parallelised instead.
+        """
         targets = [module.model] if isinstance(getattr(module, "model", None), nn.Module) else list(module.children())
         mp_policy = None
         if self.param_dtype is not None or self.reduce_dtype is not None:
@@ -244,6 +309,8 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             apply_expert_parallel(target, self.expert_parallel_mesh)
             for layer in moe_layers(target):
                 layer.reduce_counts = SumOverRanks(world_mesh.get_group())
+            if self.activation_checkpointing:
+                apply_activation_checkpointing(target)
             apply_fsdp(target, world_mesh, self.expert_data_parallel_mesh, self.reshard_after_forward, mp_policy)
 
 

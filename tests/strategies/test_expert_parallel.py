@@ -70,7 +70,9 @@ def _reference_step(arch: str, batch: torch.Tensor) -> tuple[torch.Tensor, dict[
     return loss.detach(), {name: p.detach() for name, p in ref.model.named_parameters()}
 
 
-def _one_step_matches_single_process(rank: int, world: int, ep: int, arch: str) -> None:
+def _one_step_matches_single_process(
+    rank: int, world: int, ep: int, arch: str, activation_checkpointing: bool = False
+) -> None:
     batch = torch.randint(0, VOCAB, (world * ROWS_PER_RANK, SEQ), generator=torch.Generator().manual_seed(5))
     ref_loss, ref_params = _reference_step(arch, batch)
 
@@ -79,7 +81,7 @@ def _one_step_matches_single_process(rank: int, world: int, ep: int, arch: str) 
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world,
-        strategy=ExpertParallelStrategy(expert_parallel_size=ep),
+        strategy=ExpertParallelStrategy(expert_parallel_size=ep, activation_checkpointing=activation_checkpointing),
         max_steps=1,
         logger=False,
         enable_checkpointing=False,
@@ -101,9 +103,14 @@ def _one_step_matches_single_process(rank: int, world: int, ep: int, arch: str) 
     torch.testing.assert_close(loss / world, ref_loss, atol=1e-5, rtol=1e-5)
     for name, param in module.model.named_parameters():
         full = param.full_tensor() if isinstance(param, DTensor) else param
+        name = name.replace("_checkpoint_wrapped_module.", "")
         torch.testing.assert_close(
             full.detach(), ref_params[name], atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
         )
+    # Every layer counted this rank's tokens once, recomputed forwards included.
+    top_k = layers[0].config.router.top_k
+    for layer in layers:
+        assert float(layer.tokens_per_expert.sum()) == ROWS_PER_RANK * (SEQ - 1) * top_k
 
 
 @pytest.mark.parametrize(
@@ -112,3 +119,7 @@ def _one_step_matches_single_process(rank: int, world: int, ep: int, arch: str) 
 )
 def test_one_training_step_matches_single_process(arch: str, world: int, ep: int) -> None:
     run_distributed(_one_step_matches_single_process, world, ep, arch)
+
+
+def test_one_training_step_with_activation_checkpointing_matches_single_process() -> None:
+    run_distributed(_one_step_matches_single_process, 2, 2, "mixtral-tiny", True)

@@ -1,0 +1,81 @@
+"""Reading the sharded checkpoints of :class:`~lightning_moe.strategies.ExpertParallelStrategy` anywhere.
+
+With ``save_distributed_checkpoint=True`` (the default) every rank writes its own shards through
+``torch.distributed.checkpoint`` (DCP): nothing is gathered on rank 0. The directory holds the
+LightningModule's state dict under ``"state_dict"``, optimizer states under ``"optimizer_{i}"`` and the
+trainer's metadata in ``meta.pt``. DCP stores every tensor with its global shape, so:
+
+* Another world size or expert-parallel size reads it through the Trainer (``ckpt_path=...``): the strategy
+  asks DCP for its own shards of the same global tensors, and DCP reshards.
+* A plain single-process module reads it with :func:`load_distributed_checkpoint` (or
+  :func:`consolidate_checkpoint` for the full tensors), without any process group.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+STATE_DICT_KEY = "state_dict"
+
+
+def consolidate_checkpoint(path: str | Path, key: str = STATE_DICT_KEY) -> dict[str, Tensor]:
+    """The full (unsharded) tensors of a distributed checkpoint's module state dict, on the CPU.
+
+    Args:
+        path: The checkpoint directory (what ``trainer.save_checkpoint`` or ``ModelCheckpoint`` wrote).
+        key: The top-level entry to read (``"state_dict"``: the LightningModule's weights and buffers).
+
+    Returns:
+        ``{name: tensor}`` with the LightningModule's parameter and buffer names (``"model.embed.weight"``,
+        ...), ready for ``load_state_dict`` on an unwrapped module.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a distributed checkpoint directory.
+        KeyError: If the checkpoint has no tensor under ``key``.
+    """
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"path={str(path)!r} is invalid: not a distributed checkpoint directory")
+    reader = dcp.FileSystemReader(path)
+    prefix = f"{key}."
+    full = {
+        name[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for name, meta in reader.read_metadata().state_dict_metadata.items()
+        if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not full:
+        raise KeyError(f"key={key!r} is invalid: the checkpoint at {str(path)!r} has no tensors under it")
+    # Empty CPU tensors of the global shapes: DCP copies every saved shard into its place.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load({key: full}, storage_reader=reader, no_dist=True)
+    return full
+
+
+def load_distributed_checkpoint(module: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+    """Load a distributed checkpoint into a plain (unsharded, single-process) module.
+
+    Args:
+        module: A freshly built LightningModule of the same architecture (not parallelised).
+        path: The checkpoint directory.
+        strict: Passed to ``load_state_dict``.
+
+    Returns:
+        ``module``.
+
+    Example::
+
+        trainer = Trainer(devices=8, strategy=ExpertParallelStrategy(expert_parallel_size=4))
+        trainer.fit(model)
+        trainer.save_checkpoint("run.ckpt")  # a directory of shards
+        ...
+        model = load_distributed_checkpoint(CausalLMModule(arch="mixtral-tiny"), "run.ckpt")
+    """
+    module.load_state_dict(consolidate_checkpoint(path), strict=strict)
+    return module

@@ -1,0 +1,139 @@
+"""Sharded checkpoints of ExpertParallelStrategy: saved at EP=2, read back at EP=1, EP=4 and EP=2 x DP=2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader
+
+from lightning_moe.module import CausalLMModule
+from lightning_moe.strategies import ExpertParallelStrategy, consolidate_checkpoint, load_distributed_checkpoint
+from tests.strategies._distributed import run_distributed
+
+pytestmark = pytest.mark.multiprocess
+
+ARCH = "mixtral-tiny"
+OVERRIDES = {"vocab_size": 64, "dim": 32, "num_heads": 2, "num_kv_heads": 1, "ffn_hidden": 32, "num_experts": 4}
+ROWS_PER_RANK, SEQ = 2, 17
+
+
+def _module(seed: int) -> CausalLMModule:
+    torch.manual_seed(seed)
+    return CausalLMModule(arch=ARCH, overrides=OVERRIDES, lr=1e-2, warmup_steps=0)
+
+
+def _probe() -> torch.Tensor:
+    """The input every world size computes logits for."""
+    return torch.randint(0, OVERRIDES["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(11))
+
+
+@torch.no_grad()
+def _logits(module: CausalLMModule) -> torch.Tensor:
+    module.eval()
+    return module(_probe()).logits
+
+
+def _trainer(world: int, ep: int, max_steps: int) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=ExpertParallelStrategy(expert_parallel_size=ep),
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+
+
+def _data(rank: int, world: int) -> DataLoader:
+    batch = torch.randint(0, OVERRIDES["vocab_size"], (world * ROWS_PER_RANK, SEQ))
+    return DataLoader(batch[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK], batch_size=ROWS_PER_RANK)
+
+
+def _train_and_save(rank: int, world: int, ckpt: str, logits_file: str) -> None:
+    module = _module(seed=0)
+    trainer = _trainer(world, ep=world, max_steps=1)
+    trainer.fit(module, train_dataloaders=_data(rank, world))
+    trainer.save_checkpoint(ckpt)
+    assert isinstance(module.model.layers[0].ffn.experts.w1, DTensor)
+    logits = _logits(module)
+    if rank == 0:
+        torch.save(logits, logits_file)
+
+
+def _resume_and_compare(rank: int, world: int, ep: int, ckpt: str, logits_file: str) -> None:
+    module = _module(seed=1)  # different weights: everything must come from the checkpoint
+    trainer = _trainer(world, ep=ep, max_steps=1)
+    # Resuming at max_steps=1 restores weights, optimizer and loop state, and trains no further step.
+    trainer.fit(module, train_dataloaders=_data(rank, world), ckpt_path=ckpt)
+    assert trainer.global_step == 1
+    # Experts sharded over the new expert-parallel mesh, then FSDP over its data-parallel replicas.
+    assert trainer.strategy.expert_parallel_mesh.size() == ep
+    assert module.model.layers[0].ffn.experts.w1.to_local().shape[0] == OVERRIDES["num_experts"] // world
+    torch.testing.assert_close(_logits(module), torch.load(logits_file), atol=1e-5, rtol=1e-5)
+
+    # The AdamW moments were resharded too: gathered, they equal the saved full tensors.
+    saved = consolidate_checkpoint(ckpt, key="optimizer_0")
+    optim = get_optimizer_state_dict(
+        trainer.strategy.model, trainer.optimizers[0], options=StateDictOptions(full_state_dict=True)
+    )
+    assert optim["state"]
+    for name, state in optim["state"].items():
+        for field in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[field], saved[f"state.{name}.{field}"], atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def saved_at_ep2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A checkpoint of one AdamW step at EP=2 (world 2), and the logits the trained model gives on the probe."""
+    root = tmp_path_factory.mktemp("ep2")
+    ckpt, logits = root / "step1.ckpt", root / "logits.pt"
+    run_distributed(_train_and_save, 2, str(ckpt), str(logits))
+    return ckpt, logits
+
+
+def test_checkpoint_is_sharded_per_rank(saved_at_ep2: tuple[Path, Path]) -> None:
+    ckpt, _ = saved_at_ep2
+    assert ckpt.is_dir()
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (ckpt / ".metadata").is_file() and (ckpt / "meta.pt").is_file()
+
+
+def test_ep2_checkpoint_loads_into_a_plain_module(saved_at_ep2: tuple[Path, Path]) -> None:
+    ckpt, logits_file = saved_at_ep2
+    expected = torch.load(logits_file)
+    module = _module(seed=1)
+    assert not torch.allclose(_logits(module), expected, atol=1e-3)
+    load_distributed_checkpoint(module, ckpt)
+    torch.testing.assert_close(_logits(module), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_consolidate_checkpoint_gives_full_tensors(saved_at_ep2: tuple[Path, Path]) -> None:
+    ckpt, _ = saved_at_ep2
+    full = consolidate_checkpoint(ckpt)
+    plain = _module(seed=1).state_dict()
+    assert full.keys() == plain.keys()
+    assert all(full[name].shape == plain[name].shape for name in plain)
+
+
+@pytest.mark.parametrize(("world", "ep"), [(4, 4), (4, 2)])
+def test_ep2_checkpoint_resumes_at_another_mesh(saved_at_ep2: tuple[Path, Path], world: int, ep: int) -> None:
+    ckpt, logits_file = saved_at_ep2
+    run_distributed(_resume_and_compare, world, ep, str(ckpt), str(logits_file))
+
+
+def test_consolidate_checkpoint_rejects_a_non_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a distributed checkpoint directory"):
+        consolidate_checkpoint(tmp_path)
+
+
+def test_consolidate_checkpoint_rejects_a_missing_key(saved_at_ep2: tuple[Path, Path]) -> None:
+    with pytest.raises(KeyError, match="no tensors under it"):
+        consolidate_checkpoint(saved_at_ep2[0], key="nothing")
