@@ -2,7 +2,8 @@
 
 ``lightning-moe fit --config configs/mixtral-tiny.yaml`` trains a zoo model on the embedded corpus;
 ``--model.arch NAME`` picks any preset. ``lightning-moe generate --ckpt_path PATH --prompt TEXT`` loads a
-checkpoint (the tokenizer is stored inside it) and prints a continuation.
+checkpoint (the tokenizer is stored inside it) and prints a continuation. ``lightning-moe compare --config
+configs/compare/mixtral-tiny.yaml`` trains an MoE preset against its dense baselines (:mod:`lightning_moe.compare`).
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "generate":
         generate_main(argv[1:])
+    elif argv and argv[0] == "compare":
+        from lightning_moe.compare import main as compare_main
+
+        compare_main(argv[1:])
     elif argv and argv[0] == "demo":
         from lightning_moe.demo import main as demo_main
 

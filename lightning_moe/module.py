@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -50,6 +51,15 @@ class MoELanguageModule(L.LightningModule):
         init_from: A local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) to start from:
             the model is built by :func:`lightning_moe.interop.from_hf` with its config and weights, and ``arch``
             only names the run in the hyperparameters and logs.
+        upcycle_from: A dense checkpoint written by ``lightning-moe fit`` (a ``*-dense`` preset or the ``dense``
+            override) to start an MoE run from (sparse upcycling, :func:`lightning_moe.zoo.upcycle`): its ``arch``
+            and ``overrides`` replace this run's, its weights are loaded, and the model is upcycled. The path is
+            not kept in the hyperparameters (``arch``, ``overrides`` and ``upcycle`` describe the model), so
+            ``load_from_checkpoint`` of the upcycled run needs only its own checkpoint.
+        upcycle: Arguments of :func:`lightning_moe.zoo.upcycle` (``num_experts``, ``top_k``, ``noise_std``,
+            ``split_hidden``, ``zero_router``); ``num_experts`` and ``top_k`` default to the preset's. Set (with
+            ``upcycle_from`` unset) it upcycles the freshly built dense model, which is how a checkpointed upcycled
+            run is rebuilt.
 
     Raises:
         ValueError: For an unknown preset (with close matches), an unknown override or a bad argument.
@@ -69,6 +79,8 @@ class MoELanguageModule(L.LightningModule):
         seq_balance_coef: float | None = None,
         nan_policy: str = "raise",
         init_from: str | None = None,
+        upcycle_from: str | None = None,
+        upcycle: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
@@ -79,7 +91,15 @@ class MoELanguageModule(L.LightningModule):
             raise ValueError(f"lr={lr!r} is invalid: must be > 0")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["upcycle_from"])
+        if init_from is not None and (upcycle_from is not None or upcycle is not None):
+            raise ValueError(f"init_from={init_from!r} is invalid with upcycle_from or upcycle: pick one start")
+        dense_state = None
+        if upcycle_from is not None:
+            if overrides:
+                raise ValueError(f"overrides={overrides!r} is invalid with upcycle_from: the checkpoint sets them")
+            arch, overrides, dense_state = _read_dense_checkpoint(upcycle_from)
+            self.hparams.arch, self.hparams.overrides = arch, overrides
         if init_from is not None:
             if overrides:
                 raise ValueError(
@@ -92,6 +112,12 @@ class MoELanguageModule(L.LightningModule):
         else:
             self.config = zoo.config(arch, **(overrides or {}))
             self.model = zoo.build(self.config)
+            if dense_state is not None:
+                self.model.load_state_dict(dense_state)
+            if upcycle is not None or upcycle_from is not None:
+                upcycle = _upcycle_args(self.config, upcycle or {})
+                self.hparams.upcycle = upcycle
+                self.model = zoo.upcycle(self.model, **upcycle)
         self.coefs = {
             term: (getattr(self.config, field) if value is None else value)
             for (term, field), value in zip(
@@ -228,6 +254,35 @@ class MoELanguageModule(L.LightningModule):
         except Exception:  # noqa: BLE001  (no dataloader yet, e.g. in unit tests)
             return 1000
         return int(steps) if math.isfinite(steps) else 1000
+
+
+def _read_dense_checkpoint(path: str) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """The ``arch``, ``overrides`` and model weights of a dense run's Lightning checkpoint."""
+    if not Path(path).is_file():
+        raise ValueError(f"upcycle_from={path!r} is invalid: no such file")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "arch" not in hparams or "state_dict" not in checkpoint:
+        raise ValueError(f"upcycle_from={path!r} is invalid: not a checkpoint written by lightning-moe fit")
+    if hparams.get("upcycle") is not None or hparams.get("init_from") is not None:
+        raise ValueError(f"upcycle_from={path!r} is invalid: an upcycled or imported run, not a dense zoo baseline")
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    return hparams["arch"], dict(hparams.get("overrides") or {}), state
+
+
+def _upcycle_args(config: zoo.ModelConfig, given: dict[str, Any]) -> dict[str, Any]:
+    """``zoo.upcycle`` arguments: ``given`` over the defaults (the preset's ``num_experts`` and ``top_k``)."""
+    args = {
+        "num_experts": getattr(config, "num_experts", None),
+        "top_k": getattr(config, "top_k", None),
+        "noise_std": 0.0,
+        "split_hidden": False,
+        "zero_router": False,
+    }
+    unknown = set(given) - set(args)
+    if unknown:
+        raise ValueError(f"upcycle={given!r} is invalid: unknown keys {sorted(unknown)}; valid keys are {list(args)}")
+    return args | dict(given)
 
 
 class CausalLMModule(MoELanguageModule):

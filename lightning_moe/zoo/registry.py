@@ -15,7 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_moe.nn.ffn import FeedForward
 from lightning_moe.nn.moe import MoELayer
+from lightning_moe.nn.transformer import init_weights
+
+DENSE_MODES = ("active", "total")
 
 
 @dataclass
@@ -33,6 +37,11 @@ class ModelConfig:
         z_loss_coef: Default coefficient of the router z-loss.
         seq_balance_coef: Default coefficient of the DeepSeek sequence-wise balance loss.
         bias_update_speed: Default speed ``gamma`` of the auxiliary-loss-free bias update (0: off).
+        dense: ``None`` (the family's model), or a dense baseline built from the same blocks: every MoE layer
+            becomes one :class:`~lightning_moe.nn.ffn.FeedForward` with the experts' activation, of hidden width
+            ``top_k * F + S`` (``"active"``: the FFN parameters a token uses) or ``E * F + S`` (``"total"``:
+            all the layer's FFN parameters), ``F`` the expert width and ``S`` the shared-expert width. Only the
+            router (and Qwen's shared-expert gate) has no dense counterpart. See :func:`dense_hidden_dim`.
     """
 
     vocab_size: int = 32000
@@ -44,11 +53,14 @@ class ModelConfig:
     z_loss_coef: float = 0.0
     seq_balance_coef: float = 0.0
     bias_update_speed: float = 0.0
+    dense: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
+        if self.dense is not None and self.dense not in DENSE_MODES:
+            raise ValueError(f"dense={self.dense!r} is invalid: must be None, 'active' or 'total'")
 
 
 @dataclass
@@ -142,15 +154,78 @@ def config(name: str, **overrides: Any) -> ModelConfig:
     return _apply_overrides(cfg, overrides)
 
 
+def register_presets(family: str, presets: dict[str, ModelConfig]) -> None:
+    """Add presets to a registered family (e.g. dense baselines of its presets).
+
+    Raises:
+        ValueError: If the family is unknown, a config is not the family's, or a name is already registered.
+    """
+    if family not in _FAMILIES:
+        raise ValueError(f"family={family!r} is invalid: registered families are {', '.join(families())}")
+    fam = _FAMILIES[family]
+    for preset, cfg in presets.items():
+        if preset in _PRESETS:
+            raise ValueError(f"preset={preset!r} is invalid: already registered by {_PRESETS[preset][0].name}")
+        if type(cfg) is not fam.config_cls:
+            raise ValueError(f"preset={preset!r} is invalid: its config is not a {fam.config_cls.__name__}")
+    fam.presets.update(presets)
+    for preset, cfg in presets.items():
+        _PRESETS[preset] = (fam, cfg)
+
+
 def build(name_or_config: str | ModelConfig, **overrides: Any) -> nn.Module:
-    """Build a model from a preset name or a config. Inside ``torch.device("meta")`` nothing is allocated."""
+    """Build a model from a preset name or a config. Inside ``torch.device("meta")`` nothing is allocated.
+
+    The model keeps its config as ``model.zoo_config``. With ``dense`` set, the family's model is built and
+    each MoE layer is then replaced by its dense baseline FFN (:func:`densify`).
+    """
     if isinstance(name_or_config, str):
         family, _ = _lookup(name_or_config)
         cfg = config(name_or_config, **overrides)
     else:
         family = _family_for_config(name_or_config)
         cfg = _apply_overrides(name_or_config, overrides)
-    return family.build(cfg)
+    model = family.build(cfg)
+    if cfg.dense is not None:
+        densify(model, cfg.dense, cfg.init_std)
+    model.zoo_config = cfg
+    return model
+
+
+def dense_hidden_dim(layer: MoELayer, mode: str) -> int:
+    """Hidden width of the dense FFN standing in for ``layer``: ``top_k * F + S`` or ``E * F + S``.
+
+    Args:
+        layer: The MoE layer (``E`` experts of width ``F``, top-``k``, shared width ``S``).
+        mode: ``"active"`` (equal active FFN parameters) or ``"total"`` (equal total FFN parameters).
+
+    Raises:
+        ValueError: For an unknown mode.
+    """
+    if mode not in DENSE_MODES:
+        raise ValueError(f"dense={mode!r} is invalid: must be 'active' or 'total'")
+    cfg = layer.config
+    width = cfg.router.top_k if mode == "active" else cfg.num_experts
+    return width * cfg.experts.hidden_dim + cfg.shared_hidden_dim
+
+
+def densify(model: nn.Module, mode: str, init_std: float) -> nn.Module:
+    """Replace every :class:`MoELayer` below ``model`` by a dense FFN in place (see ``ModelConfig.dense``).
+
+    Args:
+        model: A zoo model.
+        mode: ``"active"`` or ``"total"``.
+        init_std: Standard deviation of the new FFNs' initialisation.
+
+    Returns:
+        ``model``.
+    """
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]:
+        experts = layer.config.experts
+        ffn = FeedForward(layer.config.dim, dense_hidden_dim(layer, mode), experts.activation, experts.gated)
+        init_weights(ffn, init_std)
+        model.set_submodule(name, ffn)
+    return model
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,188 @@
+"""Training-step throughput and peak memory: our zoo models against Hugging Face's, same weights, same batch.
+
+For each family a ~50M-parameter config is built as a random ``transformers`` model (eager experts, its
+fastest CPU path; SDPA attention), converted with :func:`lightning_moe.interop.from_hf`, and both run the
+same training step (forward, cross-entropy, backward, AdamW) on the same batch, interleaved, float32. The
+median step time of several repeats gives tokens/s; peak memory is measured in a fresh subprocess per model
+(the growth of anonymous memory over a few steps). Run::
+
+    python benchmarks/train_step_vs_hf.py              # all shapes
+    python benchmarks/train_step_vs_hf.py --shapes mixtral --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+VOCAB, DIM, LAYERS, HEADS, KV_HEADS = 8192, 512, 4, 8, 4
+
+SHAPES = {
+    "mixtral": (
+        "MixtralConfig",
+        dict(intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=KV_HEADS),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            intermediate_size=1408,
+            moe_intermediate_size=176,
+            shared_expert_intermediate_size=704,
+            num_experts=60,
+            num_experts_per_tok=4,
+            num_key_value_heads=KV_HEADS,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            intermediate_size=1408,
+            moe_intermediate_size=128,
+            n_routed_experts=64,
+            num_experts_per_tok=6,
+            n_shared_experts=2,
+            n_group=8,
+            topk_group=4,
+            first_k_dense_replace=1,
+            q_lora_rank=128,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            num_key_value_heads=HEADS,
+        ),
+    ),
+    "qwen3_moe_256e": (
+        "Qwen3MoeConfig",
+        dict(
+            intermediate_size=1024,
+            moe_intermediate_size=64,
+            num_experts=256,
+            num_experts_per_tok=8,
+            head_dim=64,
+            num_key_value_heads=KV_HEADS,
+        ),
+    ),
+}
+
+
+def hf_model(shape: str) -> torch.nn.Module:
+    import transformers
+
+    config_name, kwargs = SHAPES[shape]
+    config = getattr(transformers, config_name)(
+        vocab_size=VOCAB,
+        hidden_size=DIM,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        experts_implementation="eager",
+        attn_implementation="sdpa",
+        **kwargs,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, config_name.replace("Config", "ForCausalLM"))(config)
+    return model.float().train()
+
+
+def models(shape: str) -> dict[str, torch.nn.Module]:
+    from lightning_moe.interop import from_hf
+
+    hf = hf_model(shape)
+    ours = from_hf(hf).train()
+    return {"hf": hf, "ours": ours}
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> float:
+    logits = model(batch[:, :-1]).logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def rss_anon_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_memory(shape: str, which: str, batch_size: int, seq: int, steps: int = 3) -> float:
+    """Peak growth of anonymous memory (MiB) over a few training steps, after the model is built."""
+    model = models(shape)[which]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = torch.randint(0, VOCAB, (batch_size, seq + 1), generator=torch.Generator().manual_seed(0))
+    base, peak, done = rss_anon_mib(), [0.0], [False]
+
+    def poll() -> None:
+        while not done[0]:
+            peak[0] = max(peak[0], rss_anon_mib())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    for _ in range(steps):
+        train_step(model, optimizer, batch)
+    done[0] = True
+    thread.join()
+    return peak[0] - base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-child", nargs=2, metavar=("SHAPE", "WHICH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(peak_memory(*args.memory_child, args.batch, args.seq)))
+        return
+    tokens = args.batch * args.seq
+    print(f"torch {torch.__version__}, {args.threads} threads, float32, {tokens} tokens/step, median of {args.repeats}")
+    columns = ["shape", "params", "HF step (s)", "ours step (s)", "speed-up", "HF tok/s", "ours tok/s"]
+    columns += ["HF peak MiB", "ours peak MiB"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        pair = models(shape)
+        params = sum(p.numel() for p in pair["ours"].parameters())
+        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in pair.items()}
+        batch = torch.randint(0, VOCAB, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+        times: dict[str, list[float]] = {"hf": [], "ours": []}
+        for _ in range(2):
+            for k in pair:
+                train_step(pair[k], opts[k], batch)
+        for _ in range(args.repeats):
+            for k in pair:
+                start = time.perf_counter()
+                train_step(pair[k], opts[k], batch)
+                times[k].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        mem = {}
+        for k in pair:
+            cmd = [sys.executable, __file__, "--memory-child", shape, k, "--batch", str(args.batch), "--seq",
+                   str(args.seq), "--threads", str(args.threads)]  # fmt: skip
+            mem[k] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
+        print(
+            f"| {shape} | {params / 1e6:.0f}M | {med['hf']:.3f} | {med['ours']:.3f} | {med['hf'] / med['ours']:.2f}x | "
+            f"{tokens / med['hf']:.0f} | {tokens / med['ours']:.0f} | {mem['hf']:.0f} | {mem['ours']:.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""``lightning-moe compare``: a tiny budget writes the table, the plots, the curves and the TensorBoard runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_moe.cli import main
+from lightning_moe.compare import CompareConfig, load_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs/compare/mixtral-tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(tmp_path_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_MOE_CACHE", str(tmp_path_factory.getbasetemp() / "lightning-moe-cache"))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_compare_writes_table_plot_and_tensorboard_runs(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    main([
+        "compare", "--config", str(CONFIG), "--out_dir", str(out), "--seeds", "[0]", "--max_steps", "4",
+        "--val_every", "2", "--val_batches", "1", "--block_size", "32", "--batch_size", "4",
+        "--max_bytes", "200000", "--warmup_steps", "1", "--upcycle_steps", "2",
+    ])  # fmt: skip
+    table = (out / "results.md").read_text()
+    for label in ("moe", "dense-equal-active", "dense-equal-total"):
+        assert f"| {label} |" in table
+    assert "final val loss" in table and "tokens/s" in table and "peak memory" in table
+    record = json.loads((out / "results.json").read_text())
+    assert [len(r["curve"]) for r in record["runs"]] == [2, 2, 2]
+    assert all(r["curve"][-1][0] == 4 * 4 * 32 for r in record["runs"])  # equal token budget
+    moe, active, total = record["runs"]
+    assert active["total_params"] < moe["total_params"] and total["total_params"] < moe["total_params"]
+    assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = {p.parent.relative_to(out / "tb").as_posix() for p in (out / "tb").rglob("events.out.tfevents.*")}
+    assert runs == {f"{label}/seed0" for label in ("moe", "dense-equal-active", "dense-equal-total",
+                                                   "dense-continued", "upcycled-moe")}  # fmt: skip
+    assert "| upcycled-moe |" in (out / "upcycle.md").read_text()
+    assert (out / "upcycle.png").is_file()
+    assert "results.md" in capsys.readouterr().out
+
+
+def test_compare_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="dense=\\['half'\\] is invalid"):
+        CompareConfig(dense=["half"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arch: mixtral-tiny\nsteps: 3\n")
+    with pytest.raises(ValueError, match="unknown keys \\['steps'\\]"):
+        load_config(["--config", str(bad)])
