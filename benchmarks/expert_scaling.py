@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from moe_layer import fwd_bwd, measure  # a sibling script in benchmarks/
 
 from lightning_moe.nn import ExpertsConfig, MoEConfig, MoELayer, RouterConfig
-
-from moe_layer import fwd_bwd, measure  # noqa: I001  (a sibling script)
 
 
 def main() -> None:
