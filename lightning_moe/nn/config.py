@@ -15,6 +15,7 @@ ROUTER_KINDS = ("token_choice", "expert_choice")
 GROUP_SCORES = ("max", "top2_sum")
 DROP_PRIORITIES = ("position", "weight")
 DISPATCHERS = ("grouped", "loop")
+EXPERT_KERNELS = ("auto", "fused", "grouped_mm")
 CAPACITY_SCOPES = ("batch", "sequence")
 
 
@@ -134,6 +135,11 @@ class ExpertsConfig:
         init_std: Standard deviation of the input projections' initialisation.
         out_init_std: Standard deviation of the output projection's initialisation (``None``: same as
             ``init_std``).
+        kernel: How the grouped path multiplies: ``"fused"`` (one autograd function walking the experts block
+            by block, nothing ``(N, D)``-sized materialised; the CPU choice), ``"grouped_mm"`` (three
+            ``torch._grouped_mm`` calls over all experts, no host sync; the CUDA choice, needs torch >= 2.8,
+            bfloat16 on an SM80+ GPU and ``D``, ``F`` multiples of 8 on CUDA) or ``"auto"`` (``grouped_mm``
+            where it applies, else ``fused``).
     """
 
     hidden_dim: int = 1024
@@ -141,6 +147,7 @@ class ExpertsConfig:
     gated: bool = True
     init_std: float = 0.02
     out_init_std: float | None = None
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.hidden_dim >= 1, "hidden_dim", self.hidden_dim, "must be >= 1")
@@ -148,6 +155,7 @@ class ExpertsConfig:
         _check(self.init_std >= 0, "init_std", self.init_std, "must be >= 0")
         if self.out_init_std is not None:
             _check(self.out_init_std >= 0, "out_init_std", self.out_init_std, "must be >= 0 or None")
+        _check_choice("kernel", self.kernel, EXPERT_KERNELS)
 
 
 @dataclass

@@ -78,7 +78,16 @@ class LoopDispatcher(Dispatcher):
 
 
 class GroupedDispatcher(Dispatcher):
-    """Sort copies by expert, then gather, compute, weight and scatter-add expert by expert in one fused pass."""
+    """Sort copies by expert, then gather, compute, weight and scatter-add expert by expert in one fused pass.
+
+    Attributes:
+        exact_counts: Whether :meth:`compute` needs exactly the live copies (dropped ones cut off, which reads
+            their number on the host). When False and the experts need no host counts either (``torch._grouped_mm``
+            on CUDA), dropped copies stay in the last expert's block with weight zero, so dispatch never waits
+            for the device; their compute is wasted, their contribution and gradients are zero.
+    """
+
+    exact_counts = False
 
     def __call__(
         self,
@@ -91,11 +100,17 @@ class GroupedDispatcher(Dispatcher):
     ) -> Tensor:
         """See :meth:`Dispatcher.__call__`."""
         num_experts = experts.num_experts
-        # Dead copies sort last under the sentinel expert E and are cut off.
+        # Dead copies sort last under the sentinel expert E.
         slot_expert_N = torch.where(keep_N, expert_ids_N, num_experts)
         counts = torch.bincount(slot_expert_N, minlength=num_experts + 1)
+        order = torch.argsort(slot_expert_N, stable=True)
+        if not self.exact_counts and not experts.needs_host_counts(x_TD):
+            counts_E = counts[:num_experts].clone()
+            counts_E[-1:] += counts[num_experts:]
+            weights_N = torch.where(keep_N, weights_N, torch.zeros_like(weights_N))
+            return self.compute(x_TD, token_ids_N[order], weights_N[order], counts_E, experts)
         num_live = int(keep_N.shape[0] - counts[num_experts])
-        order = torch.argsort(slot_expert_N, stable=True)[:num_live]
+        order = order[:num_live]
         return self.compute(x_TD, token_ids_N[order], weights_N[order], counts[:num_experts], experts)
 
     def compute(

@@ -128,6 +128,48 @@ class _GroupedExpertMLP(torch.autograd.Function):
         return dx, None, dweights_N, dw1, dw3, dw2, None, None
 
 
+def _grouped_mm_mlp(
+    x: Tensor,
+    rows_N: Tensor | None,
+    weights_N: Tensor | None,
+    w1_EDF: Tensor,
+    w3_EDF: Tensor | None,
+    w2_EFD: Tensor,
+    counts_E: Tensor,
+    activation: str,
+) -> Tensor:
+    """The expert MLP as three ``torch._grouped_mm`` calls over all experts (autograd through torch).
+
+    Materialises the ``(N, D)`` gathered copies and ``(N, F)`` hidden states, like a plain MLP on ``N``
+    rows; the offsets stay on the device, so nothing here waits for the host.
+    """
+    offsets_E = torch.cumsum(counts_E.to(torch.int32), 0, dtype=torch.int32)
+    x_ND = x if rows_N is None else x.index_select(0, rows_N)
+    g_NF = activation_fn(activation)(torch._grouped_mm(x_ND, w1_EDF, offs=offsets_E))
+    if w3_EDF is not None:
+        g_NF = g_NF * torch._grouped_mm(x_ND, w3_EDF, offs=offsets_E)
+    if weights_N is not None:
+        g_NF = g_NF * weights_N.unsqueeze(-1)
+    y_ND = torch._grouped_mm(g_NF, w2_EFD, offs=offsets_E)
+    return y_ND if rows_N is None else torch.zeros_like(x).index_add(0, rows_N, y_ND)
+
+
+def grouped_mm_applies(x: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> bool:
+    """Whether ``kernel="auto"`` picks ``torch._grouped_mm`` for these operands (in the autocast dtype, if on).
+
+    It does on CUDA for bfloat16 on SM80+ GPUs with ``D`` and ``F`` multiples of 8 (the kernel's 16-byte
+    stride rule), where torch has the op; everywhere else the fused block-by-block function is faster or the
+    only one that runs.
+    """
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16):
+        return False
+    if w1_EDF.shape[1] % 8 or w1_EDF.shape[2] % 8 or w2_EFD.shape[2] % 8:
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
 def grouped_expert_mlp(
     x: Tensor,
     counts_E: Tensor | list[int],
@@ -137,13 +179,14 @@ def grouped_expert_mlp(
     activation: str,
     rows_N: Tensor | None = None,
     weights_N: Tensor | None = None,
+    kernel: str = "auto",
 ) -> Tensor:
     """Run expert ``e`` (weights ``w*[e]``) on its contiguous block of expert-sorted copies.
 
-    The one entry point to the fused expert computation: :class:`GroupedExperts` calls it with its own
-    weights, the expert-parallel experts with the slice their rank owns. Under autocast the MLP runs in the
-    autocast dtype (as autocast would run each matmul); the casts are differentiable, so float32 master
-    weights get their gradients.
+    The one entry point to the expert computation: :class:`GroupedExperts` calls it with its own weights,
+    the expert-parallel experts with the slice their rank owns. Under autocast the MLP runs in the autocast
+    dtype (as autocast would run each matmul); the casts are differentiable, so float32 master weights get
+    their gradients.
 
     Args:
         x: Copies sorted by expert ``(N, D)``, or, with ``rows_N``, the tokens ``(T, D)`` they come from.
@@ -154,19 +197,22 @@ def grouped_expert_mlp(
         activation: Activation name (``ExpertsConfig.activation``).
         rows_N: Source token of each copy; then each output is weighted and added into that token's row.
         weights_N: Combine weight of each copy (with ``rows_N``).
+        kernel: ``"fused"``, ``"grouped_mm"`` or ``"auto"`` (see ``ExpertsConfig.kernel``).
 
     Returns:
         ``(N, D)`` outputs in the order of the copies, or ``(T, D)`` combined outputs with ``rows_N``.
 
     Raises:
-        ValueError: If ``counts_E`` does not match the weights or the copies.
+        ValueError: If ``counts_E`` does not match the weights or the copies (checked where that needs no wait
+            for the device: list counts, or counts on the CPU).
     """
-    counts = _counts_list(counts_E)
-    if len(counts) != w1_EDF.shape[0]:
-        raise ValueError(f"counts_E has {len(counts)} entries, expected num_experts={w1_EDF.shape[0]}")
+    if len(counts_E) != w1_EDF.shape[0]:
+        raise ValueError(f"counts_E has {len(counts_E)} entries, expected num_experts={w1_EDF.shape[0]}")
     num_rows = x.shape[0] if rows_N is None else rows_N.shape[0]
-    if sum(counts) != num_rows:
-        raise ValueError(f"counts_E sums to {sum(counts)}, but there are {num_rows} copies: they must match")
+    if not (isinstance(counts_E, Tensor) and counts_E.is_cuda):
+        total = int(sum(counts_E))
+        if total != num_rows:
+            raise ValueError(f"counts_E sums to {total}, but there are {num_rows} copies: they must match")
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -174,7 +220,21 @@ def grouped_expert_mlp(
         w3_EDF = w3_EDF.to(dtype) if w3_EDF is not None else None
     if weights_N is not None:
         weights_N = weights_N.to(x.dtype)
+    if kernel == "auto":
+        kernel = "grouped_mm" if grouped_mm_applies(x, w1_EDF, w2_EFD) else "fused"
     with torch.autocast(device_type, enabled=False):
+        if kernel == "grouped_mm":
+            dim, hidden = w1_EDF.shape[1], w1_EDF.shape[2]
+            if (dim * x.element_size()) % 16 or (hidden * x.element_size()) % 16:
+                raise ValueError(
+                    f"kernel='grouped_mm' needs rows of 16-byte multiples: dim={dim} and hidden_dim={hidden} in "
+                    f"{x.dtype} are not; use kernel='fused' or 'auto'"
+                )
+            counts = counts_E if isinstance(counts_E, Tensor) else torch.tensor(counts_E, device=x.device)
+            return _grouped_mm_mlp(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts.to(x.device), activation)
+        if kernel != "fused":
+            raise ValueError(f"kernel={kernel!r} is invalid: expected one of ('auto', 'fused', 'grouped_mm')")
+        counts = _counts_list(counts_E)
         return _GroupedExpertMLP.apply(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation)
 
 
@@ -211,6 +271,12 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(self.w3, std=self.config.init_std)
         nn.init.normal_(self.w2, std=out_std)
 
+    def needs_host_counts(self, x: Tensor) -> bool:
+        """Whether the expert kernel chosen for ``x`` reads the per-expert counts on the host."""
+        if self.config.kernel == "auto":
+            return not grouped_mm_applies(x, self.w1, self.w2)
+        return self.config.kernel == "fused"
+
     def forward(self, x_ND: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         """Run every expert on its contiguous block of expert-sorted rows.
 
@@ -221,7 +287,9 @@ class GroupedExperts(nn.Module):
         Returns:
             ``(N, D)`` expert outputs in the same order.
         """
-        return grouped_expert_mlp(x_ND, counts_E, self.w1, self.w3, self.w2, self.config.activation)
+        return grouped_expert_mlp(
+            x_ND, counts_E, self.w1, self.w3, self.w2, self.config.activation, kernel=self.config.kernel
+        )
 
     def forward_scatter(
         self, x_TD: Tensor, token_ids_N: Tensor, weights_N: Tensor, counts_E: Tensor | list[int]
@@ -238,7 +306,15 @@ class GroupedExperts(nn.Module):
             ``(T, D)``: ``sum_n weights_N[n] * expert(x_TD[token_ids_N[n]])`` per token.
         """
         return grouped_expert_mlp(
-            x_TD, counts_E, self.w1, self.w3, self.w2, self.config.activation, token_ids_N, weights_N
+            x_TD,
+            counts_E,
+            self.w1,
+            self.w3,
+            self.w2,
+            self.config.activation,
+            token_ids_N,
+            weights_N,
+            self.config.kernel,
         )
 
     def unbind_experts(self) -> list[tuple[Tensor, Tensor | None, Tensor]]:

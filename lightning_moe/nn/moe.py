@@ -121,8 +121,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"mask.shape={tuple(mask.shape)} is invalid: expected {tuple(x.shape[:-1])}")
         x_TD = x.reshape(-1, cfg.dim)
         mask_T = None if mask is None else mask.reshape(-1).bool()
-        num_tokens = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
-        capacity = self.capacity(num_tokens)
+        # A capacity needs the real token count on the host; dropless routing never waits for the device.
+        capacity = self.capacity(x_TD.shape[0])
+        if capacity is not None and mask_T is not None:
+            capacity = self.capacity(int(mask_T.sum()))
 
         routing = self.router(x_TD, mask_T, capacity)
         keep_N = routing.keep_N
@@ -149,7 +151,7 @@ class MoELayer(nn.Module):
                 shared_TD = shared_TD * mask_T.unsqueeze(-1).to(shared_TD.dtype)
             out_TD = out_TD + shared_TD
 
-        stats = self._stats(x, routing, keep_N, kept_N, mask_T, num_tokens)
+        stats = self._stats(x, routing, keep_N, kept_N, mask_T)
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += stats.tokens_per_expert.to(self.tokens_per_expert.dtype)
@@ -162,7 +164,6 @@ class MoELayer(nn.Module):
         keep_N: Tensor,
         kept_N: Tensor,
         mask_T: Tensor | None,
-        num_tokens: int,
     ) -> MoEStats:
         num_experts = self.config.num_experts
         zeros_E = torch.zeros(num_experts, dtype=torch.float32, device=x.device)
@@ -182,11 +183,12 @@ class MoELayer(nn.Module):
                     expert_ids_TK.view(batch, seq, routing.top_k),
                     None if mask_T is None else mask_T.view(batch, seq),
                 )
+        x_numel = x.shape[:-1].numel()
         return MoEStats(
             tokens_per_expert=routed_E,
             kept_per_expert=kept_E,
             num_dropped=(routed_E.sum() - kept_E.sum()).long(),
-            num_tokens=torch.tensor(num_tokens, device=x.device),
+            num_tokens=torch.full((), x_numel, device=x.device) if mask_T is None else mask_T.sum(),
             router_entropy=losses.router_entropy(routing.probs_TE.detach(), mask_T),
             losses=aux,
             expert_ids=None if routing.top_k is None else torch.where(keep_N, expert_ids_N, -1).view(-1, routing.top_k),

@@ -76,7 +76,7 @@ class ExpertParallelExperts(GroupedExperts):
     def forward(self, x_ND: Tensor, counts_L: Tensor | list[int]) -> Tensor:
         """Run the local experts on rows sorted by local expert (``counts_L``: copies per local expert)."""
         w1, w3, w2 = self.local_weights()
-        return grouped_expert_mlp(x_ND, counts_L, w1, w3, w2, self.config.activation)
+        return grouped_expert_mlp(x_ND, counts_L, w1, w3, w2, self.config.activation, kernel=self.config.kernel)
 
 
 class AllToAllDispatcher(GroupedDispatcher):
@@ -95,6 +95,9 @@ class AllToAllDispatcher(GroupedDispatcher):
 
         layer.dispatcher = AllToAllDispatcher(ep_mesh.get_group())
     """
+
+    # The all-to-all splits are host lists anyway; sending dropped copies would only cost bandwidth.
+    exact_counts = True
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group if group is not None else dist.group.WORLD
