@@ -1,46 +1,161 @@
-"""MoE layer forward+backward time against a dense SwiGLU FFN of equal active FLOPs and the reference loop.
+"""MoE layer forward+backward time and peak memory against a dense SwiGLU FFN of equal active FLOPs and the loop.
 
-Everything is measured side by side in one run: for each shape, the dense FFN and the grouped MoE layer
-run forward+backward on the same input, interleaved, then the grouped layer and the reference loop (same
-weights) likewise; the median of several repeats is reported with the ratios (grouped/loop from the
-second pair). Run::
+For each shape and token count, the dense FFN and the grouped MoE layer run forward+backward on the same
+input, interleaved, then the grouped layer and the reference loop (same weights) likewise; the median of
+several repeats is reported with the ratios (grouped/loop from the second pair). The dense FFN's hidden
+size is the MoE layer's active hidden size, ``top_k * F + shared``, so both do the same expert FLOPs; the
+router (and Qwen's shared-expert gate) is part of the MoE layer's cost.
 
-    python benchmarks/moe_layer.py                # the three shapes of the README table
-    python benchmarks/moe_layer.py --repeats 3 --tokens 2048   # a quicker look
+Peak memory is measured apart from the timing, in one more forward+backward per variant under
+:mod:`torch.profiler` with ``profile_memory=True``: the peak of the CPU allocator's live bytes during the
+step, over its value when the step starts. Inputs and parameters exist before the step and are left out;
+activations, the output, and the input and parameter gradients are in. Run::
+
+    python benchmarks/moe_layer.py                          # the four shapes, 512 to 16384 tokens
+    python benchmarks/moe_layer.py --quick --threads 1      # smoke run: 512 and 2048 tokens, 2 repeats
+    python benchmarks/moe_layer.py --shapes mixtral --tokens 8192 --skip-loop
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import os
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from lightning_moe.nn import ExpertsConfig, FeedForward, MoEConfig, MoELayer, RouterConfig
 
+MiB = 2**20
+VARIANTS = ("dense", "grouped", "loop")
+TARGET_TOKENS = 8192
 
-@dataclass
+
+def deepseek_v3_router(num_experts: int, top_k: int) -> RouterConfig:
+    """DeepSeek-V3 routing: sigmoid scores, selection-only bias, 8 groups (top-4 by top-2 sum), scaled weights."""
+    return RouterConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        score_func="sigmoid",
+        score_bias=True,
+        n_group=8,
+        topk_group=4,
+        group_score="top2_sum",
+        normalize_topk=True,
+        routed_scaling_factor=2.5,
+    )
+
+
+@dataclass(frozen=True)
 class Shape:
-    name: str
-    num_experts: int
-    top_k: int
+    """One benchmarked MoE layer and its dense equivalent.
+
+    Attributes:
+        key: Short name for ``--shapes``.
+        label: Description for the tables.
+        router: The MoE layer's router.
+        expert_hidden: Hidden size ``F`` of each routed expert.
+        shared_hidden: Hidden size of the shared expert (0 = none).
+        shared_gate: Scale the shared expert by a sigmoid gate (Qwen-MoE).
+        target: Upper bound for grouped/dense at :data:`TARGET_TOKENS` tokens (``None``: no target).
+        dim: Model width ``D``.
+    """
+
+    key: str
+    label: str
+    router: RouterConfig
     expert_hidden: int
-    shared_hidden: int
-    dense_hidden: int
+    shared_hidden: int = 0
+    shared_gate: bool = False
+    target: float | None = None
     dim: int = 512
+
+    @property
+    def dense_hidden(self) -> int:
+        """Hidden size of the dense FFN with the same active expert FLOPs."""
+        return self.router.top_k * self.expert_hidden + self.shared_hidden
+
+    def moe_config(self, dispatch: str = "grouped") -> MoEConfig:
+        """The MoE layer's config with the given dispatcher."""
+        return MoEConfig(
+            dim=self.dim,
+            router=dataclasses.replace(self.router),
+            experts=ExpertsConfig(hidden_dim=self.expert_hidden, activation="silu", gated=True),
+            shared_hidden_dim=self.shared_hidden,
+            shared_gate=self.shared_gate,
+            dispatch=dispatch,
+        )
 
 
 SHAPES = [
-    Shape("mixtral-like (E=8, top-2)", 8, 2, 1024, 0, 2048),
-    Shape("deepseek-like (E=64, top-6, 2 shared)", 64, 6, 256, 512, 2048),
-    Shape("many experts (E=256, top-8)", 256, 8, 128, 0, 1024),
+    # Mixtral: softmax over the chosen top-2 logits.
+    Shape(
+        "mixtral",
+        "Mixtral-like: E=8, top-2, F=1024",
+        RouterConfig(num_experts=8, top_k=2, softmax_after_topk=True),
+        expert_hidden=1024,
+        target=1.05,
+    ),
+    # Qwen1.5-MoE-A2.7B scaled to D=512 (2048 -> 512, so F 1408 -> 352, shared 5632 -> 1408): softmax over
+    # all 60 experts, then top-4 without renormalisation, plus a sigmoid-gated shared expert.
+    Shape(
+        "qwen",
+        "Qwen-like: E=60, top-4, F=352, gated shared 1408",
+        RouterConfig(num_experts=60, top_k=4),
+        expert_hidden=352,
+        shared_hidden=1408,
+        shared_gate=True,
+        target=1.25,
+    ),
+    # DeepSeek-V3's routing and its one shared expert of the routed experts' size, at 64 experts.
+    Shape(
+        "deepseek-v3",
+        "DeepSeek-V3-like: E=64, top-8, F=224, groups 8/4, 1 shared",
+        deepseek_v3_router(64, 8),
+        expert_hidden=224,
+        shared_hidden=224,
+        target=1.25,
+    ),
+    # Many small experts with DeepSeek-V3's routing, no shared expert.
+    Shape(
+        "many-experts",
+        "Many experts: E=256, top-8, F=128, groups 8/4",
+        deepseek_v3_router(256, 8),
+        expert_hidden=128,
+        target=1.6,
+    ),
 ]
 
 
+@dataclass
+class Result:
+    """Timings (s, medians), ratios and peak memory (MiB) of one shape at one token count."""
+
+    shape: Shape
+    tokens: int
+    seconds: dict[str, float]
+    grouped_over_loop: float
+    peak_mib: dict[str, float]
+
+    def ratio(self, num: str, den: str) -> float:
+        """Time ratio ``num / den`` (grouped/loop from its own interleaved pair); NaN when one is missing."""
+        if (num, den) == ("grouped", "loop"):
+            return self.grouped_over_loop
+        return self.seconds.get(num, math.nan) / self.seconds.get(den, math.nan)
+
+
 def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    """One forward+backward of ``module`` on ``x`` that frees every gradient it made before returning."""
+
     def step() -> None:
         out = module(x)
         y = out[0] if isinstance(out, tuple) else out
@@ -52,67 +167,234 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Cal
 
 
 def measure(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step, the variants interleaved so drift hits every variant alike."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        for name, step in steps.items():  # interleaved so drift hits every variant alike
+        for name, step in steps.items():
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def run_shape(shape: Shape, tokens: int, repeats: int, warmup: int, skip_loop: bool) -> dict[str, float]:
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: Kineto logs a line on every profiler start and stop."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
+def peak_memory_bytes(fn: Callable[[], None]) -> int:
+    """Peak growth of live CPU tensor memory while ``fn`` runs, in bytes.
+
+    The profiler's CPU memory events carry the allocator's running ``Total Allocated``; tensors that existed
+    before the profile started count in neither the total nor its frees, so the total's peak over its value
+    before the first event is the step's own peak.
+    """
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        prof.start()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)["traceEvents"]
+    memory = [e for e in trace if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]  # CPU
+    if not memory:
+        return 0
+    events = [e["args"] for e in sorted(memory, key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))]
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start
+
+
+def _check_memory_method() -> None:
+    """Check :func:`peak_memory_bytes` on steps whose peaks are known exactly (it matched to the byte)."""
+    tokens, dim, hidden = 256, 512, 1024
+    x = torch.randn(tokens, dim, requires_grad=True)
+    w = torch.randn(dim, hidden, requires_grad=True)
+    g = torch.randn(tokens, hidden)
+    out_bytes = tokens * hidden * 4
+
+    def two_live() -> None:  # y and y + y alive together
+        y = x.detach() @ w.detach()
+        z = y + y
+        del y, z
+
+    def one_live() -> None:  # the first product is freed before the second
+        y = x.detach() @ w.detach()
+        del y
+        y = x.detach() @ w.detach()
+        del y
+
+    def linear_fwd_bwd() -> None:  # y, x.grad and w.grad alive together
+        y = x @ w
+        y.backward(g)
+        x.grad = w.grad = None
+
+    expected = {
+        "two_live": (two_live, 2 * out_bytes),
+        "one_live": (one_live, out_bytes),
+        "linear_fwd_bwd": (linear_fwd_bwd, 4 * (tokens * hidden + tokens * dim + dim * hidden)),
+    }
+    for name, (fn, want) in expected.items():
+        got = peak_memory_bytes(fn)
+        if got != want:
+            raise RuntimeError(f"peak-memory method is off on {name}: measured {got} bytes, expected {want}")
+
+
+def run_shape(shape: Shape, token_counts: list[int], repeats: int, warmup: int, skip_loop: bool) -> list[Result]:
+    """Time and measure one shape at every token count (modules built once, same weights throughout)."""
     torch.manual_seed(0)
-    moe_cfg = MoEConfig(
-        dim=shape.dim,
-        router=RouterConfig(num_experts=shape.num_experts, top_k=shape.top_k),
-        experts=ExpertsConfig(hidden_dim=shape.expert_hidden, activation="silu", gated=True),
-        shared_hidden_dim=shape.shared_hidden,
-    )
-    grouped = MoELayer(moe_cfg)
+    grouped = MoELayer(shape.moe_config("grouped"))
     dense = FeedForward(shape.dim, shape.dense_hidden, "silu", gated=True)
-    x = torch.randn(tokens, shape.dim, requires_grad=True)
-    grad = torch.randn(tokens, shape.dim)
-    times = measure({"dense": fwd_bwd(dense, x, grad), "grouped": fwd_bwd(grouped, x, grad)}, repeats, warmup)
+    loop = None
     if not skip_loop:
-        # A second pair, so the loop's many allocations do not disturb the dense-vs-grouped pair: on CPU,
-        # freed large blocks go back to the OS and page-fault on reuse, and the loop changes that pattern.
-        loop = MoELayer(MoEConfig(**{**moe_cfg.__dict__, "dispatch": "loop"}))
+        loop = MoELayer(shape.moe_config("loop"))
         loop.load_state_dict(grouped.state_dict())
-        pair = measure({"grouped": fwd_bwd(grouped, x, grad), "loop": fwd_bwd(loop, x, grad)}, repeats, warmup)
-        times["grouped/loop"] = pair["grouped"] / pair["loop"]
-        times["loop"] = pair["loop"]
-    return times
+    results = []
+    for tokens in token_counts:
+        x = torch.randn(tokens, shape.dim, requires_grad=True)
+        grad = torch.randn(tokens, shape.dim)
+        steps = {"dense": fwd_bwd(dense, x, grad), "grouped": fwd_bwd(grouped, x, grad)}
+        seconds = measure(steps, repeats, warmup)
+        grouped_over_loop = math.nan
+        if loop is not None:
+            # A second pair, so the loop's many allocations do not disturb the dense-vs-grouped pair: on CPU,
+            # freed large blocks go back to the OS and page-fault on reuse, and the loop changes that pattern.
+            steps["loop"] = fwd_bwd(loop, x, grad)
+            pair = measure({"grouped": steps["grouped"], "loop": steps["loop"]}, repeats, warmup)
+            grouped_over_loop = pair["grouped"] / pair["loop"]
+            seconds["loop"] = pair["loop"]
+        peak_mib = {name: peak_memory_bytes(step) / MiB for name, step in steps.items()}
+        results.append(Result(shape, tokens, seconds, grouped_over_loop, peak_mib))
+    return results
+
+
+COLUMNS = [
+    ("dense (s)", lambda r: r.seconds.get("dense", math.nan), ".3f"),
+    ("grouped (s)", lambda r: r.seconds.get("grouped", math.nan), ".3f"),
+    ("loop (s)", lambda r: r.seconds.get("loop", math.nan), ".3f"),
+    ("grouped/dense", lambda r: r.ratio("grouped", "dense"), ".2f"),
+    ("loop/dense", lambda r: r.ratio("loop", "dense"), ".2f"),
+    ("grouped/loop", lambda r: r.ratio("grouped", "loop"), ".2f"),
+    ("dense MiB", lambda r: r.peak_mib.get("dense", math.nan), ".0f"),
+    ("grouped MiB", lambda r: r.peak_mib.get("grouped", math.nan), ".0f"),
+    ("loop MiB", lambda r: r.peak_mib.get("loop", math.nan), ".0f"),
+]
+
+
+def _cell(value: float, fmt: str) -> str:
+    return "-" if math.isnan(value) else format(value, fmt)
+
+
+def progress_header() -> str:
+    """Header and rule of the table printed while measuring."""
+    header = f"| {'shape':14s} | {'tokens':>6s} | " + " | ".join(name for name, _, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("-" * len(col) for col in header.split("|")[1:-1]) + "|"
+    return f"{header}\n{rule}"
+
+
+def progress_row(result: Result) -> str:
+    """One aligned row of the table printed while measuring."""
+    cells = [f"{_cell(get(result), fmt):>{len(name)}s}" for name, get, fmt in COLUMNS]
+    return f"| {result.shape.key:14s} | {result.tokens:6d} | " + " | ".join(cells) + " |"
+
+
+def markdown_table(results: list[Result]) -> str:
+    """The results as a compact markdown table for the README; each shape's label on its first row."""
+    lines = [
+        "| shape | tokens | " + " | ".join(name for name, _, _ in COLUMNS) + " |",
+        "|---|---:|" + "---:|" * len(COLUMNS),
+    ]
+    previous = None
+    for r in results:
+        label = "" if r.shape is previous else f"{r.shape.label} (dense F={r.shape.dense_hidden})"
+        previous = r.shape
+        lines.append(f"| {label} | {r.tokens} | " + " | ".join(_cell(get(r), fmt) for _, get, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def target_report(results: list[Result]) -> list[str]:
+    """One line per shape with a target: its grouped/dense ratio at :data:`TARGET_TOKENS` tokens."""
+    lines = []
+    for r in results:
+        if r.tokens == TARGET_TOKENS and r.shape.target is not None:
+            ratio = r.ratio("grouped", "dense")
+            verdict = "met" if ratio <= r.shape.target else "MISSED"
+            lines.append(f"{r.shape.key}: grouped/dense {ratio:.2f} (target <= {r.shape.target:.2f}) {verdict}")
+    return lines
+
+
+def select_shapes(spec: str) -> list[Shape]:
+    """Shapes from comma-separated indices into :data:`SHAPES` or their keys."""
+    by_key = {shape.key: shape for shape in SHAPES}
+    shapes = []
+    for item in spec.split(","):
+        item = item.strip()
+        if item.isdigit() and int(item) < len(SHAPES):
+            shapes.append(SHAPES[int(item)])
+        elif item in by_key:
+            shapes.append(by_key[item])
+        else:
+            raise SystemExit(f"--shapes item {item!r} is invalid: use 0..{len(SHAPES) - 1} or one of {list(by_key)}")
+    return shapes
 
 
 def main() -> None:
+    """Parse the options, check the memory method, and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tokens", default=None, help="comma-separated token counts (512,1024,...,16384)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (7)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant and pair (2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-loop", action="store_true", help="leave out the reference loop")
-    parser.add_argument("--shapes", default="0,1,2", help="comma-separated indices into the shape table")
+    parser.add_argument("--shapes", default="0,1,2,3", help="comma-separated indices or keys into the shape table")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 512,2048 tokens, 2 repeats, 1 warmup")
     args = parser.parse_args()
+    quick = {"tokens": "512,2048", "repeats": 2, "warmup": 1}
+    full = {"tokens": "512,1024,2048,4096,8192,16384", "repeats": 7, "warmup": 2}
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    shapes = select_shapes(args.shapes)
+
     torch.set_num_threads(args.threads)
+    _check_memory_method()
     print(
-        f"torch {torch.__version__}, {args.threads} threads, {args.tokens} tokens, float32, forward+backward, "
-        f"median of {args.repeats}"
+        f"torch {torch.__version__}, {args.threads} threads, float32, D=512, forward+backward, median of "
+        f"{args.repeats} after {args.warmup} warm-up; peak MiB = live-tensor growth over one step (profiler)"
     )
-    header = f"| {'shape':40s} | dense (s) | grouped (s) | loop (s) | grouped/dense | loop/dense | grouped/loop |"
-    print(header)
-    print("|" + "|".join("-" * (len(col)) for col in header.split("|")[1:-1]) + "|")
-    for shape in [SHAPES[int(i)] for i in args.shapes.split(",")]:
-        t = run_shape(shape, args.tokens, args.repeats, args.warmup, args.skip_loop)
-        loop = t.get("loop", float("nan"))
-        print(
-            f"| {shape.name:40s} | {t['dense']:9.3f} | {t['grouped']:11.3f} | {loop:8.3f} | "
-            f"{t['grouped'] / t['dense']:13.2f} | {loop / t['dense']:10.2f} | {t.get('grouped/loop', loop):12.2f} |",
-            flush=True,
-        )
+    for shape in shapes:
+        print(f"{shape.key}: {shape.label}; dense FFN F={shape.dense_hidden}")
+    print(progress_header(), flush=True)
+    results = []
+    start = time.perf_counter()
+    for shape in shapes:
+        for result in run_shape(shape, token_counts, args.repeats, args.warmup, args.skip_loop):
+            print(progress_row(result), flush=True)
+            results.append(result)
+    print(f"\ntook {time.perf_counter() - start:.0f} s\n")
+    print(markdown_table(results))
+    targets = target_report(results)
+    if targets:
+        print(f"\ntargets at {TARGET_TOKENS} tokens:")
+        print("\n".join(targets))
 
 
 if __name__ == "__main__":
