@@ -111,7 +111,13 @@ class GroupedDispatcher(Dispatcher):
             return self.compute(x_TD, token_ids_N[order], weights_N[order], counts_E, experts)
         num_live = int(keep_N.shape[0] - counts[num_experts])
         order = order[:num_live]
-        return self.compute(x_TD, token_ids_N[order], weights_N[order], counts[:num_experts], experts)
+        token_ids_N, weights_N, counts_E = token_ids_N[order], weights_N[order], counts[:num_experts]
+        align = 1 if self.exact_counts else experts.row_alignment(x_TD)
+        if align > 1:
+            token_ids_N, weights_N, counts_E = pad_expert_blocks(
+                token_ids_N, weights_N, slot_expert_N[order], counts_E, align
+            )
+        return self.compute(x_TD, token_ids_N, weights_N, counts_E, experts)
 
     def compute(
         self, x_TD: Tensor, token_ids_N: Tensor, weights_N: Tensor, counts_E: Tensor, experts: GroupedExperts
@@ -129,3 +135,32 @@ class GroupedDispatcher(Dispatcher):
             ``(T, D)`` combined expert outputs.
         """
         return experts.forward_scatter(x_TD, token_ids_N, weights_N, counts_E)
+
+
+def pad_expert_blocks(
+    token_ids_N: Tensor, weights_N: Tensor, expert_ids_N: Tensor, counts_E: Tensor, align: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad each expert's block of sorted copies to a multiple of ``align`` rows with weight-zero copies of token 0.
+
+    A padding copy adds ``0 * expert(x_0)`` to token 0 and gets a zero gradient into everything, so the result
+    is unchanged; only the per-expert row counts become coarse. On the CPU, oneDNN builds a new bfloat16
+    matmul kernel for every new row count (~0.3 ms each), and routing changes the counts every step.
+
+    Args:
+        token_ids_N: Source token of each copy, sorted by expert.
+        weights_N: Combine weight of each copy.
+        expert_ids_N: Expert of each copy (sorted).
+        counts_E: Copies per expert.
+        align: Row multiple.
+
+    Returns:
+        The padded ``token_ids``, ``weights`` (differentiable into ``weights_N``) and per-expert counts.
+    """
+    padded_E = (counts_E + align - 1) // align * align
+    pad_E = padded_E - counts_E
+    pad_before_E = torch.cumsum(pad_E, 0) - pad_E
+    position_N = torch.arange(token_ids_N.shape[0], device=token_ids_N.device) + pad_before_E[expert_ids_N]
+    total = int(padded_E.sum())
+    token_ids_P = token_ids_N.new_zeros(total).index_copy(0, position_N, token_ids_N)
+    weights_P = weights_N.new_zeros(total).index_copy(0, position_N, weights_N)
+    return token_ids_P, weights_P, padded_E

@@ -21,6 +21,9 @@ from torch import Tensor, nn
 from lightning_moe.nn.config import ExpertsConfig
 from lightning_moe.nn.ffn import activation_fn, activation_grad_fn
 
+# Row multiple of each expert's block for low-precision matmuls on the CPU (see GroupedExperts.row_alignment).
+ROW_ALIGNMENT = 16
+
 
 def _counts_list(counts_E: Tensor | list[int]) -> list[int]:
     return counts_E.tolist() if isinstance(counts_E, Tensor) else [int(c) for c in counts_E]
@@ -276,6 +279,17 @@ class GroupedExperts(nn.Module):
         if self.config.kernel == "auto":
             return not grouped_mm_applies(x, self.w1, self.w2)
         return self.config.kernel == "fused"
+
+    def row_alignment(self, x: Tensor) -> int:
+        """Row multiple to pad each expert's block to for input ``x`` (1: none).
+
+        16 for the fused kernel in bfloat16/float16 on the CPU (including under autocast), where every new
+        row count costs a oneDNN kernel build; 1 elsewhere.
+        """
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        low_precision = dtype in (torch.bfloat16, torch.float16)
+        return ROW_ALIGNMENT if low_precision and x.device.type == "cpu" and self.needs_host_counts(x) else 1
 
     def forward(self, x_ND: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         """Run every expert on its contiguous block of expert-sorted rows.

@@ -389,3 +389,51 @@ def test_grouped_mm_kernel_rejects_unaligned_widths():
     cfg = MoEConfig(dim=6, router=RouterConfig(num_experts=2), experts=ExpertsConfig(hidden_dim=8, kernel="grouped_mm"))
     with pytest.raises(ValueError, match="dim=6"):
         MoELayer(cfg)(torch.randn(3, 6))
+
+
+def test_padded_expert_blocks_change_no_output_or_gradient():
+    from lightning_moe.nn.dispatch import pad_expert_blocks
+    from lightning_moe.nn.experts import grouped_expert_mlp
+
+    torch.manual_seed(0)
+    experts = MoELayer(
+        MoEConfig(dim=6, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=5))
+    ).experts.double()
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    expert_ids = torch.tensor([0, 0, 0, 1, 3, 3, 3, 3, 3, 3, 3])  # expert 2 gets nothing
+    token_ids = torch.randint(0, 9, (11,))
+    weights = torch.rand(11, dtype=torch.float64, requires_grad=True)
+    counts = torch.bincount(expert_ids, minlength=4)
+    rows_p, weights_p, counts_p = pad_expert_blocks(token_ids, weights, expert_ids, counts, 4)
+    assert counts_p.tolist() == [4, 4, 0, 8]
+    args = (experts.w1, experts.w3, experts.w2, "silu")
+    y = grouped_expert_mlp(x, counts, *args, token_ids, weights)
+    y_p = grouped_expert_mlp(x, counts_p, *args, rows_p, weights_p)
+    torch.testing.assert_close(y_p, y, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(y)
+    inputs = (x, weights, experts.w1, experts.w3, experts.w2)
+    grads = torch.autograd.grad((y * grad).sum(), inputs)
+    grads_p = torch.autograd.grad((y_p * grad).sum(), inputs)
+    for g, g_p in zip(grads, grads_p, strict=True):
+        torch.testing.assert_close(g_p, g, rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_on_cpu_pads_expert_blocks_to_the_row_alignment(monkeypatch):
+    import lightning_moe.nn.experts as experts_module
+
+    seen = []
+    original = experts_module.grouped_expert_mlp
+    monkeypatch.setattr(
+        experts_module,
+        "grouped_expert_mlp",
+        lambda x, counts, *a, **k: seen.append(list(counts)) or original(x, counts, *a, **k),
+    )
+    layer = MoELayer(
+        MoEConfig(dim=16, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=16))
+    )
+    x = torch.randn(37, 16)
+    layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert sum(seen[0]) == 74 and any(c % 16 for c in seen[0])
+    assert all(c % experts_module.ROW_ALIGNMENT == 0 for c in seen[1]) and sum(seen[1]) >= 74
