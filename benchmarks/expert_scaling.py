@@ -1,11 +1,17 @@
 """How MoE layer time grows with the number of experts at fixed active parameters.
 
-Top-2 routing, expert hidden 512, D=512, 8192 tokens, float32, forward+backward: every token does the same
-work whatever the expert count, so a grouped path should stay nearly flat while a per-expert loop grows.
-The grouped layer and the reference loop run interleaved for each expert count; ratios are to 8 experts.
-Run::
+Two series, D=512, 8192 tokens, float32, forward+backward, ratios to 8 experts:
+
+* ``--mode wide`` (default): top-2, expert hidden 512 at every expert count. Every token does the same work,
+  but the total expert weights grow with the count (201M at 256 experts), and so do the weight reads and
+  the weight gradient written every backward.
+* ``--mode fine``: fine-grained segmentation (DeepSeekMoE): ``E`` experts of hidden ``4096 / E``, top ``E / 4``,
+  so both the active and the total parameters stay fixed; only the routing granularity grows.
+
+The grouped layer and the reference loop run interleaved for each expert count. Run::
 
     python benchmarks/expert_scaling.py
+    python benchmarks/expert_scaling.py --mode fine --experts 8,32,64,128
 """
 
 from __future__ import annotations
@@ -24,16 +30,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mode", choices=("wide", "fine"), default="wide")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"top-2, expert hidden 512, D=512, {args.tokens} tokens, float32, fwd+bwd, median of {args.repeats}")
+    shape = "top-2, expert hidden 512" if args.mode == "wide" else "top E/4, expert hidden 4096/E"
+    print(f"{shape}, D=512, {args.tokens} tokens, float32, fwd+bwd, median of {args.repeats}")
     print("| experts | grouped (s) | loop (s) | grouped vs 8 experts | loop vs 8 experts |")
     print("|---|---|---|---|---|")
     base: dict[str, float] = {}
     for num_experts in (int(e) for e in args.experts.split(",")):
         torch.manual_seed(0)
-        cfg = MoEConfig(dim=512, router=RouterConfig(num_experts=num_experts, top_k=2),
-                        experts=ExpertsConfig(hidden_dim=512))  # fmt: skip
+        top_k, hidden = (2, 512) if args.mode == "wide" else (num_experts // 4, 4096 // num_experts)
+        cfg = MoEConfig(dim=512, router=RouterConfig(num_experts=num_experts, top_k=top_k),
+                        experts=ExpertsConfig(hidden_dim=hidden))  # fmt: skip
         grouped = MoELayer(cfg)
         loop = MoELayer(MoEConfig(**{**cfg.__dict__, "dispatch": "loop"}))
         loop.load_state_dict(grouped.state_dict())

@@ -280,6 +280,9 @@ def run_shape(shape: Shape, token_counts: list[int], repeats: int, warmup: int, 
             pair = measure({"grouped": steps["grouped"], "loop": steps["loop"]}, repeats, warmup)
             grouped_over_loop = pair["grouped"] / pair["loop"]
             seconds["loop"] = pair["loop"]
+        # The fused kernel keeps its weight-gradient memory between steps (GradBuffers); release it so the
+        # measured step allocates it as a first step would.
+        grouped.experts.grad_buffers.clear()
         peak_mib = {name: peak_memory_bytes(step) / MiB for name, step in steps.items()}
         results.append(Result(shape, tokens, seconds, grouped_over_loop, peak_mib))
     return results

@@ -437,3 +437,57 @@ def test_bfloat16_on_cpu_pads_expert_blocks_to_the_row_alignment(monkeypatch):
         layer(x)
     assert sum(seen[0]) == 74 and any(c % 16 for c in seen[0])
     assert all(c % experts_module.ROW_ALIGNMENT == 0 for c in seen[1]) and sum(seen[1]) >= 74
+
+
+def _grouped_and_loop(seed=0):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(dim=8, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=8))
+    return _pair(cfg, dtype=torch.float64)
+
+
+def _backward(layer, x):
+    y, stats = layer(x)
+    (y.square().sum() + stats.losses["load_balance"]).backward()
+
+
+def test_weight_gradient_memory_is_reused_across_steps_and_stays_correct():
+    grouped, loop = _grouped_and_loop()
+    x1, x2 = torch.randn(2, 11, 8, dtype=torch.float64), torch.randn(2, 11, 8, dtype=torch.float64)
+    _backward(grouped, x1)
+    first_ptr = grouped.experts.w1.grad.data_ptr()
+    grouped.zero_grad(set_to_none=True)
+    _backward(grouped, x2)
+    assert grouped.experts.w1.grad.data_ptr() == first_ptr  # same memory, no fresh allocation
+    _backward(loop, x2)
+    for name in ("w1", "w2", "w3"):
+        torch.testing.assert_close(getattr(grouped.experts, name).grad, getattr(loop.experts, name).grad)
+
+
+@pytest.mark.parametrize("zero", ["accumulate", "zero_in_place"])
+def test_weight_gradients_held_as_grad_are_never_overwritten(zero):
+    # Accumulating over micro-batches, or zeroing in place (set_to_none=False), keeps .grad alive: its memory
+    # must not be handed out again.
+    grouped, loop = _grouped_and_loop(1)
+    xs = [torch.randn(2, 9, 8, dtype=torch.float64) for _ in range(3)]
+    for x in xs:
+        if zero == "zero_in_place":
+            grouped.zero_grad(set_to_none=False)
+            loop.zero_grad(set_to_none=False)
+        _backward(grouped, x)
+        _backward(loop, x)
+        for name in ("w1", "w2", "w3"):
+            torch.testing.assert_close(getattr(grouped.experts, name).grad, getattr(loop.experts, name).grad)
+
+
+def test_layer_with_kept_gradient_memory_deep_copies_and_pickles():
+    import pickle
+
+    grouped, _ = _grouped_and_loop()
+    _backward(grouped, torch.randn(3, 8, dtype=torch.float64))
+    copied = copy.deepcopy(grouped)
+    restored = pickle.loads(pickle.dumps(grouped))
+    for layer in (copied, restored):
+        assert layer.experts.grad_buffers._buffers == {}
+        layer.zero_grad(set_to_none=True)
+        _backward(layer, torch.randn(3, 8, dtype=torch.float64))
+        assert layer.experts.w1.grad.data_ptr() != grouped.experts.w1.grad.data_ptr()
