@@ -8,7 +8,8 @@ Two series, D=512, 8192 tokens, float32, forward+backward, ratios to 8 experts:
 * ``--mode fine``: fine-grained segmentation (DeepSeekMoE): ``E`` experts of hidden ``4096 / E``, top ``E / 4``,
   so both the active and the total parameters stay fixed; only the routing granularity grows.
 
-The grouped layer and the reference loop run interleaved for each expert count. Run::
+For each expert count the grouped layer runs interleaved with the same layer keeping its weight-gradient
+memory between steps (:func:`~lightning_moe.nn.reuse_expert_grad_memory`), then with the reference loop. Run::
 
     python benchmarks/expert_scaling.py
     python benchmarks/expert_scaling.py --mode fine --experts 8,32,64,128
@@ -21,7 +22,7 @@ import argparse
 import torch
 from moe_layer import fwd_bwd, measure  # a sibling script in benchmarks/
 
-from lightning_moe.nn import ExpertsConfig, MoEConfig, MoELayer, RouterConfig
+from lightning_moe.nn import ExpertsConfig, MoEConfig, MoELayer, RouterConfig, reuse_expert_grad_memory
 
 
 def main() -> None:
@@ -35,8 +36,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shape = "top-2, expert hidden 512" if args.mode == "wide" else "top E/4, expert hidden 4096/E"
     print(f"{shape}, D=512, {args.tokens} tokens, float32, fwd+bwd, median of {args.repeats}")
-    print("| experts | grouped (s) | loop (s) | grouped vs 8 experts | loop vs 8 experts |")
-    print("|---|---|---|---|---|")
+    print("| experts | grouped (s) | grouped, reused grad memory (s) | loop (s) | grouped vs 8 experts | "
+          "reused vs 8 experts | loop vs 8 experts |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     base: dict[str, float] = {}
     for num_experts in (int(e) for e in args.experts.split(",")):
         torch.manual_seed(0)
@@ -44,13 +46,20 @@ def main() -> None:
         cfg = MoEConfig(dim=512, router=RouterConfig(num_experts=num_experts, top_k=top_k),
                         experts=ExpertsConfig(hidden_dim=hidden))  # fmt: skip
         grouped = MoELayer(cfg)
+        reused = MoELayer(cfg)
+        reuse_expert_grad_memory(reused)
         loop = MoELayer(MoEConfig(**{**cfg.__dict__, "dispatch": "loop"}))
-        loop.load_state_dict(grouped.state_dict())
+        for layer in (reused, loop):
+            layer.load_state_dict(grouped.state_dict())
         x = torch.randn(args.tokens, 512, requires_grad=True)
         grad = torch.randn(args.tokens, 512)
-        t = measure({"grouped": fwd_bwd(grouped, x, grad), "loop": fwd_bwd(loop, x, grad)}, args.repeats, 1)
+        steps = {name: fwd_bwd(layer, x, grad) for name, layer in (("grouped", grouped), ("reused", reused))}
+        t = measure(steps, args.repeats, 1)
+        # The loop in its own pair: its many allocations would change the page-fault pattern of the others.
+        t["loop"] = measure({"grouped": steps["grouped"], "loop": fwd_bwd(loop, x, grad)}, args.repeats, 1)["loop"]
         base = base or t
-        print(f"| {num_experts} | {t['grouped']:.3f} | {t['loop']:.3f} | {t['grouped'] / base['grouped']:.2f}x | "
+        print(f"| {num_experts} | {t['grouped']:.3f} | {t['reused']:.3f} | {t['loop']:.3f} | "
+              f"{t['grouped'] / base['grouped']:.2f}x | {t['reused'] / base['reused']:.2f}x | "
               f"{t['loop'] / base['loop']:.2f}x |", flush=True)  # fmt: skip
 
 

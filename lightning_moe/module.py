@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 from lightning_moe import zoo
 from lightning_moe.data.span_corruption import span_corruption, span_counts
 from lightning_moe.data.tokenizer import PAD_TOKEN
+from lightning_moe.nn.experts import reuse_expert_grad_memory as _reuse_expert_grad_memory
 from lightning_moe.nn.moe import MoELayer, MoEStats
 
 AUX_TERMS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "seq_balance": "seq_balance_coef"}
@@ -60,6 +61,9 @@ class MoELanguageModule(L.LightningModule):
             ``split_hidden``, ``zero_router``); ``num_experts`` and ``top_k`` default to the preset's. Set (with
             ``upcycle_from`` unset) it upcycles the freshly built dense model, which is how a checkpointed upcycled
             run is rebuilt.
+        reuse_expert_grad_memory: Keep the expert weight-gradient memory between steps
+            (:func:`lightning_moe.nn.experts.reuse_expert_grad_memory`): faster on the CPU with many or large
+            experts, at up to the expert gradients' size in extra peak memory.
 
     Raises:
         ValueError: For an unknown preset (with close matches), an unknown override or a bad argument.
@@ -81,6 +85,7 @@ class MoELanguageModule(L.LightningModule):
         init_from: str | None = None,
         upcycle_from: str | None = None,
         upcycle: dict[str, Any] | None = None,
+        reuse_expert_grad_memory: bool = False,
     ) -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
@@ -124,6 +129,8 @@ class MoELanguageModule(L.LightningModule):
                 AUX_TERMS.items(), (load_balance_coef, z_loss_coef, seq_balance_coef), strict=True
             )
         }
+        if reuse_expert_grad_memory:
+            _reuse_expert_grad_memory(self.model)
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None
         self._step_start = 0.0

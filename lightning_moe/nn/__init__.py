@@ -3,7 +3,7 @@
 from lightning_moe.nn.capacity import capacity_keep_mask, expert_capacity, priority_order
 from lightning_moe.nn.config import ExpertsConfig, MoEConfig, RouterConfig
 from lightning_moe.nn.dispatch import Dispatcher, GroupedDispatcher, LoopDispatcher
-from lightning_moe.nn.experts import GroupedExperts, grouped_expert_mlp
+from lightning_moe.nn.experts import GroupedExperts, grouped_expert_mlp, reuse_expert_grad_memory
 from lightning_moe.nn.ffn import FeedForward, activation_fn
 from lightning_moe.nn.losses import (
     bias_update,
@@ -35,6 +35,7 @@ __all__ = [
     "expert_capacity",
     "load_balancing_loss",
     "priority_order",
+    "reuse_expert_grad_memory",
     "router_entropy",
     "router_z_loss",
     "sequence_balance_loss",

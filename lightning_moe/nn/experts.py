@@ -36,8 +36,9 @@ class GradBuffers:
     shares its memory (storage use count), so a gradient still held as ``.grad`` (accumulation over
     micro-batches, ``set_to_none=False``) or by anyone else gets fresh memory, as without the buffers.
 
-    Between steps the memory stays allocated (like a caching allocator); the peak is unchanged, since the
-    gradients exist at the peak anyway. Needs ``torch._C._storage_Use_Count``; without it nothing is reused.
+    The price is memory: the gradients' memory stays allocated between steps, so the next forward's
+    activations come on top of it; the peak grows by up to the expert gradients' size. Needs
+    ``torch._C._storage_Use_Count``; without it nothing is reused. Turned on by :func:`reuse_expert_grad_memory`.
     """
 
     def __init__(self) -> None:
@@ -289,6 +290,29 @@ def grouped_expert_mlp(
         return _GroupedExpertMLP.apply(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation, grad_buffers)
 
 
+def reuse_expert_grad_memory(model: nn.Module, enabled: bool = True) -> int:
+    """Make every :class:`GroupedExperts` in ``model`` keep its weight-gradient memory between steps (or stop).
+
+    A CPU speed option (see :class:`GradBuffers`): saves the page faults of re-allocating the expert
+    gradients every step (~20% of the layer time at 256 experts of hidden 512) at the cost of up to their
+    size in peak memory. On CUDA the caching allocator already reuses memory; it changes nothing there
+    that matters.
+
+    Args:
+        model: Any module.
+        enabled: Turn the reuse on (True) or off, releasing the kept memory (False).
+
+    Returns:
+        The number of expert modules changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            module.grad_buffers = GradBuffers() if enabled else None
+            changed += 1
+    return changed
+
+
 class GroupedExperts(nn.Module):
     """``E`` feed-forward experts (ReLU/GELU MLP, GEGLU or SwiGLU) with stacked weights.
 
@@ -312,7 +336,8 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden)) if config.gated else None
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.grad_buffers = GradBuffers()
+        # Off by default: see reuse_expert_grad_memory.
+        self.grad_buffers: GradBuffers | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

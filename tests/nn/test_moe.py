@@ -440,9 +440,13 @@ def test_bfloat16_on_cpu_pads_expert_blocks_to_the_row_alignment(monkeypatch):
 
 
 def _grouped_and_loop(seed=0):
+    from lightning_moe.nn import reuse_expert_grad_memory
+
     torch.manual_seed(seed)
     cfg = MoEConfig(dim=8, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=8))
-    return _pair(cfg, dtype=torch.float64)
+    grouped, loop = _pair(cfg, dtype=torch.float64)
+    assert reuse_expert_grad_memory(grouped) == 1
+    return grouped, loop
 
 
 def _backward(layer, x):
@@ -454,10 +458,11 @@ def test_weight_gradient_memory_is_reused_across_steps_and_stays_correct():
     grouped, loop = _grouped_and_loop()
     x1, x2 = torch.randn(2, 11, 8, dtype=torch.float64), torch.randn(2, 11, 8, dtype=torch.float64)
     _backward(grouped, x1)
-    first_ptr = grouped.experts.w1.grad.data_ptr()
+    kept = grouped.experts.grad_buffers._buffers["w1"][0]
+    assert grouped.experts.w1.grad.data_ptr() == kept.data_ptr()  # autograd took the kept memory as .grad
     grouped.zero_grad(set_to_none=True)
     _backward(grouped, x2)
-    assert grouped.experts.w1.grad.data_ptr() == first_ptr  # same memory, no fresh allocation
+    assert grouped.experts.w1.grad.data_ptr() == kept.data_ptr()  # and again: no fresh allocation
     _backward(loop, x2)
     for name in ("w1", "w2", "w3"):
         torch.testing.assert_close(getattr(grouped.experts, name).grad, getattr(loop.experts, name).grad)
@@ -487,7 +492,18 @@ def test_layer_with_kept_gradient_memory_deep_copies_and_pickles():
     copied = copy.deepcopy(grouped)
     restored = pickle.loads(pickle.dumps(grouped))
     for layer in (copied, restored):
-        assert layer.experts.grad_buffers._buffers == {}
+        assert layer.experts.grad_buffers._buffers == {}  # memory, not state
         layer.zero_grad(set_to_none=True)
         _backward(layer, torch.randn(3, 8, dtype=torch.float64))
         assert layer.experts.w1.grad.data_ptr() != grouped.experts.w1.grad.data_ptr()
+
+
+def test_grad_memory_reuse_is_off_by_default_and_can_be_turned_off():
+    from lightning_moe.nn import reuse_expert_grad_memory
+
+    layer = MoELayer(MoEConfig(dim=8, router=RouterConfig(num_experts=4), experts=ExpertsConfig(hidden_dim=8)))
+    assert layer.experts.grad_buffers is None
+    reuse_expert_grad_memory(layer)
+    assert layer.experts.grad_buffers is not None
+    reuse_expert_grad_memory(layer, enabled=False)
+    assert layer.experts.grad_buffers is None
