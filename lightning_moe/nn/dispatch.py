@@ -102,7 +102,8 @@ class GroupedDispatcher(Dispatcher):
         num_experts = experts.num_experts
         # Dead copies sort last under the sentinel expert E.
         slot_expert_N = torch.where(keep_N, expert_ids_N, num_experts)
-        counts = torch.bincount(slot_expert_N, minlength=num_experts + 1)
+        # Not bincount: on CUDA it reads the largest id back to size its output.
+        counts = slot_expert_N.new_zeros(num_experts + 1).scatter_add_(0, slot_expert_N, torch.ones_like(slot_expert_N))
         order = torch.argsort(slot_expert_N, stable=True)
         if not self.exact_counts and not experts.needs_host_counts(x_TD):
             counts_E = counts[:num_experts].clone()
