@@ -15,6 +15,7 @@ activations, the output, and the input and parameter gradients are in. Run::
     python benchmarks/moe_layer.py --quick --threads 1      # smoke run: 512 and 2048 tokens, 2 repeats
     python benchmarks/moe_layer.py --shapes mixtral --tokens 8192 --skip-loop
     python benchmarks/moe_layer.py --reuse-grad-memory   # grouped layer with reuse_expert_grad_memory
+    python benchmarks/moe_layer.py --bf16 --tokens 8192   # under CPU autocast to bfloat16
 """
 
 from __future__ import annotations
@@ -154,15 +155,26 @@ class Result:
         return self.seconds.get(num, math.nan) / self.seconds.get(den, math.nan)
 
 
-def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
-    """One forward+backward of ``module`` on ``x`` that frees every gradient it made before returning."""
+def fwd_bwd(
+    module: torch.nn.Module, x: torch.Tensor | list[torch.Tensor], grad: torch.Tensor, bf16: bool = False
+) -> Callable[[], None]:
+    """One forward+backward of ``module`` that frees every gradient it made before returning.
+
+    With a list of inputs, each call takes the next one (so routing, and each expert's row count, changes
+    between calls as in training); with ``bf16`` the forward runs under CPU autocast to bfloat16.
+    """
+    inputs = x if isinstance(x, list) else [x]
+    calls = [0]
 
     def step() -> None:
-        out = module(x)
+        x_in = inputs[calls[0] % len(inputs)]
+        calls[0] += 1
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = module(x_in)
         y = out[0] if isinstance(out, tuple) else out
-        y.backward(grad)
+        y.backward(grad.to(y.dtype))
         module.zero_grad(set_to_none=True)
-        x.grad = None
+        x_in.grad = None
 
     return step
 
@@ -259,7 +271,13 @@ def _check_memory_method() -> None:
 
 
 def run_shape(
-    shape: Shape, token_counts: list[int], repeats: int, warmup: int, skip_loop: bool, reuse_grad_memory: bool = False
+    shape: Shape,
+    token_counts: list[int],
+    repeats: int,
+    warmup: int,
+    skip_loop: bool,
+    reuse_grad_memory: bool = False,
+    bf16: bool = False,
 ) -> list[Result]:
     """Time and measure one shape at every token count (modules built once, same weights throughout)."""
     torch.manual_seed(0)
@@ -273,15 +291,17 @@ def run_shape(
         loop.load_state_dict(grouped.state_dict())
     results = []
     for tokens in token_counts:
-        x = torch.randn(tokens, shape.dim, requires_grad=True)
+        # bf16: four inputs in turn, so the experts' row counts change between steps as in training (oneDNN
+        # caches a bf16 kernel per shape; one fixed input would always hit the cache).
+        x = [torch.randn(tokens, shape.dim, requires_grad=True) for _ in range(4 if bf16 else 1)]
         grad = torch.randn(tokens, shape.dim)
-        steps = {"dense": fwd_bwd(dense, x, grad), "grouped": fwd_bwd(grouped, x, grad)}
+        steps = {"dense": fwd_bwd(dense, x, grad, bf16), "grouped": fwd_bwd(grouped, x, grad, bf16)}
         seconds = measure(steps, repeats, warmup)
         grouped_over_loop = math.nan
         if loop is not None:
             # A second pair, so the loop's many allocations do not disturb the dense-vs-grouped pair: on CPU,
             # freed large blocks go back to the OS and page-fault on reuse, and the loop changes that pattern.
-            steps["loop"] = fwd_bwd(loop, x, grad)
+            steps["loop"] = fwd_bwd(loop, x, grad, bf16)
             pair = measure({"grouped": steps["grouped"], "loop": steps["loop"]}, repeats, warmup)
             grouped_over_loop = pair["grouped"] / pair["loop"]
             seconds["loop"] = pair["loop"]
@@ -368,6 +388,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant and pair (2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-loop", action="store_true", help="leave out the reference loop")
+    parser.add_argument("--bf16", action="store_true", help="forward under CPU autocast to bfloat16 (bf16-mixed)")
     parser.add_argument(
         "--reuse-grad-memory", action="store_true", help="the grouped layer keeps its weight-gradient memory"
     )
@@ -385,7 +406,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     _check_memory_method()
     print(
-        f"torch {torch.__version__}, {args.threads} threads, float32, D=512, forward+backward, median of "
+        f"torch {torch.__version__}, {args.threads} threads, {'bf16-mixed' if args.bf16 else 'float32'}, D=512, "
+        "forward+backward, median of "
         f"{args.repeats} after {args.warmup} warm-up; peak MiB = live-tensor growth over one step (profiler)"
     )
     if args.reuse_grad_memory:
@@ -396,7 +418,9 @@ def main() -> None:
     results = []
     start = time.perf_counter()
     for shape in shapes:
-        for result in run_shape(shape, token_counts, args.repeats, args.warmup, args.skip_loop, args.reuse_grad_memory):
+        for result in run_shape(
+            shape, token_counts, args.repeats, args.warmup, args.skip_loop, args.reuse_grad_memory, args.bf16
+        ):
             print(progress_row(result), flush=True)
             results.append(result)
     print(f"\ntook {time.perf_counter() - start:.0f} s\n")
