@@ -30,8 +30,8 @@ class GradBuffers:
 
     A fresh multi-megabyte CPU allocation comes back from the OS as untouched pages, and filling them costs
     page faults: ~4 GB/s here against ~26 GB/s for memory already mapped. With ``zero_grad(set_to_none=True)``
-    every backward writes the full ``(E, D, F)`` gradients into fresh memory, which at 256 experts is most of
-    the cost that grows with the expert count. The fused kernel therefore writes each gradient into a buffer
+    every backward writes the full ``(E, D, F)`` gradients into fresh memory: at 256 experts of hidden 512,
+    about 40% of the time the layer gains over 8 experts. The fused kernel therefore writes each gradient into a buffer
     kept here and returns an alias of it. A buffer is reused only when no tensor outside this object
     shares its memory (storage use count), so a gradient still held as ``.grad`` (accumulation over
     micro-batches, ``set_to_none=False``) or by anyone else gets fresh memory, as without the buffers.
@@ -261,10 +261,9 @@ def grouped_expert_mlp(
     if len(counts_E) != w1_EDF.shape[0]:
         raise ValueError(f"counts_E has {len(counts_E)} entries, expected num_experts={w1_EDF.shape[0]}")
     num_rows = x.shape[0] if rows_N is None else rows_N.shape[0]
-    if not (isinstance(counts_E, Tensor) and counts_E.is_cuda):
-        total = int(sum(counts_E))
-        if total != num_rows:
-            raise ValueError(f"counts_E sums to {total}, but there are {num_rows} copies: they must match")
+    host_counts = None if isinstance(counts_E, Tensor) and counts_E.is_cuda else _counts_list(counts_E)
+    if host_counts is not None and sum(host_counts) != num_rows:
+        raise ValueError(f"counts_E sums to {sum(host_counts)}, but there are {num_rows} copies: they must match")
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -282,11 +281,13 @@ def grouped_expert_mlp(
                     f"kernel='grouped_mm' needs rows of 16-byte multiples: dim={dim} and hidden_dim={hidden} in "
                     f"{x.dtype} are not; use kernel='fused' or 'auto'"
                 )
-            counts = counts_E if isinstance(counts_E, Tensor) else torch.tensor(counts_E, device=x.device)
-            return _grouped_mm_mlp(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts.to(x.device), activation)
+            counts = (
+                counts_E.to(x.device) if isinstance(counts_E, Tensor) else torch.tensor(host_counts, device=x.device)
+            )
+            return _grouped_mm_mlp(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation)
         if kernel != "fused":
             raise ValueError(f"kernel={kernel!r} is invalid: expected one of ('auto', 'fused', 'grouped_mm')")
-        counts = _counts_list(counts_E)
+        counts = host_counts if host_counts is not None else _counts_list(counts_E)
         return _GroupedExpertMLP.apply(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation, grad_buffers)
 
 
