@@ -124,3 +124,25 @@ def test_sampling_respects_top_k_and_temperature():
     assert torch.equal(sample_next(logits, 0.0, None), torch.tensor([[1]]))
     with pytest.raises(ValueError, match=r"temperature=-1.0 is invalid"):
         _module().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=-1.0)
+
+
+def test_reused_expert_grad_memory_trains_like_fresh_memory():
+    # Two identical modules, one keeping its expert gradient memory: same gradients over steps with
+    # set_to_none zeroing, and the kept module's expert .grad lives in the same memory every step.
+    torch.manual_seed(0)
+    fresh = CausalLMModule(arch="mixtral-tiny")
+    kept = CausalLMModule(arch="mixtral-tiny", reuse_expert_grad_memory=True)
+    kept.load_state_dict(fresh.state_dict())
+    experts = [m for m in kept.model.modules() if m.__class__.__name__ == "GroupedExperts"]
+    assert experts and all(e.grad_buffers is not None for e in experts)
+    assert all(m.grad_buffers is None for m in fresh.model.modules() if m.__class__.__name__ == "GroupedExperts")
+    pointers = []
+    for step in range(3):
+        batch = torch.randint(0, 1024, (2, 17))
+        for module in (fresh, kept):
+            module.zero_grad(set_to_none=True)
+            module.training_step(batch, step)["loss"].backward()
+        pointers.append(experts[0].w2.grad.data_ptr())
+        for (name, p_fresh), (_, p_kept) in zip(fresh.named_parameters(), kept.named_parameters(), strict=True):
+            torch.testing.assert_close(p_kept.grad, p_fresh.grad, msg=name)
+    assert len(set(pointers)) == 1
