@@ -41,6 +41,26 @@ SHAPES = {
             num_key_value_heads=KV_HEADS,
         ),
     ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            intermediate_size=1408,
+            moe_intermediate_size=128,
+            n_routed_experts=64,
+            num_experts_per_tok=6,
+            n_shared_experts=2,
+            n_group=8,
+            topk_group=4,
+            topk_method="group_limited_greedy",
+            first_k_dense_replace=1,
+            q_lora_rank=None,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            num_key_value_heads=HEADS,
+        ),
+    ),
     "deepseek_v3": (
         "DeepseekV3Config",
         dict(
