@@ -13,6 +13,7 @@ median step time of several repeats gives tokens/s; peak memory is measured in a
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import subprocess
@@ -80,6 +81,26 @@ SHAPES = {
             num_key_value_heads=HEADS,
         ),
     ),
+    # Encoder-decoder: 4 + 4 layers, every other one sparse; the batch's first half of each row is the encoder
+    # input, the second the decoder's. A capacity no expert reaches, so both sides keep every token.
+    # transformers has no SDPA path for Switch: its side runs eager attention.
+    "switch": (
+        "SwitchTransformersConfig",
+        dict(
+            d_model=DIM,
+            d_kv=DIM // HEADS,
+            d_ff=1024,
+            num_heads=HEADS,
+            num_layers=LAYERS,
+            num_decoder_layers=LAYERS,
+            num_sparse_encoder_layers=LAYERS // 2,
+            num_sparse_decoder_layers=LAYERS // 2,
+            num_experts=8,
+            expert_capacity=100_000,
+            dropout_rate=0.0,
+            tie_word_embeddings=False,
+        ),
+    ),
     "qwen3_moe_256e": (
         "Qwen3MoeConfig",
         dict(
@@ -98,6 +119,14 @@ def hf_model(shape: str) -> torch.nn.Module:
     import transformers
 
     config_name, kwargs = SHAPES[shape]
+    if config_name == "SwitchTransformersConfig":
+        config = transformers.SwitchTransformersConfig(vocab_size=VOCAB, attn_implementation="eager", **kwargs)
+        torch.manual_seed(0)
+        model = transformers.SwitchTransformersForConditionalGeneration(config)
+        with torch.no_grad():  # transformers 5 initialises the stacks' embeddings apart from `shared`
+            model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+            model.decoder.embed_tokens.weight.copy_(model.shared.weight)
+        return model.float().train()
     config = getattr(transformers, config_name)(
         vocab_size=VOCAB,
         hidden_size=DIM,
@@ -121,8 +150,15 @@ def models(shape: str) -> dict[str, torch.nn.Module]:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> float:
-    logits = model(batch[:, :-1]).logits
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    if "decoder_input_ids" in inspect.signature(model.forward).parameters:  # encoder-decoder
+        half = batch.shape[1] // 2
+        encoder_ids, decoder_ids = batch[:, :half], batch[:, half:]
+        logits = model(input_ids=encoder_ids, decoder_input_ids=decoder_ids[:, :-1]).logits
+        targets = decoder_ids[:, 1:]
+    else:
+        logits = model(batch[:, :-1]).logits
+        targets = batch[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

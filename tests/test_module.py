@@ -146,3 +146,13 @@ def test_reused_expert_grad_memory_trains_like_fresh_memory():
         for (name, p_fresh), (_, p_kept) in zip(fresh.named_parameters(), kept.named_parameters(), strict=True):
             torch.testing.assert_close(p_kept.grad, p_fresh.grad, msg=name)
     assert len(set(pointers)) == 1
+
+
+def test_adamw_is_fused_for_plain_parameters_and_not_for_sharded_ones():
+    from lightning_moe.module import _can_fuse_adamw
+
+    module = CausalLMModule(arch="mixtral-tiny")
+    assert module.configure_optimizers()["optimizer"].defaults["fused"] is True
+    assert _can_fuse_adamw([torch.nn.Parameter(torch.randn(3))])
+    assert not _can_fuse_adamw([torch.nn.Parameter(torch.randint(0, 3, (3,)), requires_grad=False)])
+    assert not _can_fuse_adamw([])
