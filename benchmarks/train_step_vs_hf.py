@@ -2,9 +2,9 @@
 
 For each family a ~50M-parameter config is built as a random ``transformers`` model (eager experts, its
 fastest CPU path; SDPA attention), converted with :func:`lightning_moe.interop.from_hf`, and both run the
-same training step (forward, cross-entropy, backward, AdamW) on the same batch, interleaved, float32. The
-median step time of several repeats gives tokens/s; peak memory is measured in a fresh subprocess per model
-(the growth of anonymous memory over a few steps). Run::
+same training step (forward, cross-entropy, backward, fused AdamW for both) on the same batch, interleaved,
+float32. The median step time of several repeats gives tokens/s; peak memory is measured in a fresh
+subprocess per model (the growth of anonymous memory over a few steps). Run::
 
     python benchmarks/train_step_vs_hf.py              # all shapes
     python benchmarks/train_step_vs_hf.py --shapes mixtral --repeats 3
@@ -176,7 +176,7 @@ def rss_anon_mib() -> float:
 def peak_memory(shape: str, which: str, batch_size: int, seq: int, steps: int = 3) -> float:
     """Peak growth of anonymous memory (MiB) over a few training steps, after the model is built."""
     model = models(shape)[which]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = torch.randint(0, VOCAB, (batch_size, seq + 1), generator=torch.Generator().manual_seed(0))
     base, peak, done = rss_anon_mib(), [0.0], [False]
 
@@ -216,7 +216,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         pair = models(shape)
         params = sum(p.numel() for p in pair["ours"].parameters())
-        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in pair.items()}
+        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in pair.items()}
         batch = torch.randint(0, VOCAB, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {"hf": [], "ours": []}
         for _ in range(2):
