@@ -15,7 +15,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -241,8 +242,8 @@ class MoELanguageModule(L.LightningModule):
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
             betas=tuple(hp.betas),
-            # Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer.
-            fused=_can_fuse_adamw(decay + no_decay) and "mixed" not in str(self._trainer and self.trainer.precision),
+            # Not with float16 loss scaling: the scaler must unscale before clipping (see clip_gradients below).
+            fused=_can_fuse_adamw(decay + no_decay) and "16-mixed" != str(self._trainer and self.trainer.precision),
         )
         total = self._total_steps()
 
@@ -254,6 +255,22 @@ class MoELanguageModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip as Lightning does, also for the fused AdamW under bf16-mixed.
+
+        Lightning's mixed-precision plugin refuses to clip for any fused optimizer, because with float16 loss
+        scaling the gradients would still be scaled; bf16-mixed has no scaler, so its gradients are the true
+        ones and the plain clipping applies.
+        """
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _total_steps(self) -> int:
         if self._trainer is None:

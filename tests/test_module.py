@@ -156,3 +156,22 @@ def test_adamw_is_fused_for_plain_parameters_and_not_for_sharded_ones():
     assert _can_fuse_adamw([torch.nn.Parameter(torch.randn(3))])
     assert not _can_fuse_adamw([torch.nn.Parameter(torch.randint(0, 3, (3,)), requires_grad=False)])
     assert not _can_fuse_adamw([])
+
+
+def test_bf16_mixed_clips_the_fused_optimizers_gradients():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = CausalLMModule(arch="mixtral-tiny")
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] is True
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    module._trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"))
+    try:
+        module.configure_gradient_clipping(optimizer, 1.0, "norm")  # Lightning's plugin would raise here
+    finally:
+        module._trainer = None
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in module.parameters()]))
+    torch.testing.assert_close(norm, torch.tensor(1.0), rtol=1e-4, atol=1e-4)
