@@ -227,7 +227,13 @@ def _layer(cfg: DeepSeekConfig, moe: bool) -> DecoderLayer:
             MoEConfig(
                 dim=cfg.dim,
                 router=router,
-                experts=ExpertsConfig(hidden_dim=cfg.moe_hidden, activation="silu", gated=True, init_std=cfg.init_std),
+                experts=ExpertsConfig(
+                    hidden_dim=cfg.moe_hidden,
+                    activation="silu",
+                    gated=True,
+                    init_std=cfg.init_std,
+                    kernel=cfg.expert_kernel,
+                ),
                 capacity_factor=cfg.capacity_factor,
                 shared_hidden_dim=cfg.n_shared_experts * cfg.moe_hidden,
             )

@@ -87,7 +87,9 @@ def _ffn(cfg: GlamConfig, moe: bool) -> FeedForward | MoELayer:
         random_routing=cfg.random_routing,
         init_std=cfg.init_std,
     )
-    experts = ExpertsConfig(hidden_dim=cfg.ffn_hidden, activation="gelu", gated=False, init_std=cfg.init_std)
+    experts = ExpertsConfig(
+        hidden_dim=cfg.ffn_hidden, activation="gelu", gated=False, init_std=cfg.init_std, kernel=cfg.expert_kernel
+    )
     return MoELayer(
         MoEConfig(
             dim=cfg.dim,

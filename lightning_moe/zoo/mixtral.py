@@ -72,7 +72,9 @@ def build(cfg: MixtralConfig) -> DecoderLM:
             jitter_eps=cfg.router_jitter,
             init_std=cfg.init_std,
         ),
-        experts=ExpertsConfig(hidden_dim=cfg.ffn_hidden, activation="silu", gated=True, init_std=cfg.init_std),
+        experts=ExpertsConfig(
+            hidden_dim=cfg.ffn_hidden, activation="silu", gated=True, init_std=cfg.init_std, kernel=cfg.expert_kernel
+        ),
         capacity_factor=cfg.capacity_factor,
     )
     layers = [

@@ -102,7 +102,9 @@ def _ffn(cfg: QwenMoEConfig, index: int) -> nn.Module:
         router=RouterConfig(
             num_experts=cfg.num_experts, top_k=cfg.top_k, normalize_topk=cfg.normalize_topk, init_std=cfg.init_std
         ),
-        experts=ExpertsConfig(hidden_dim=cfg.expert_hidden, activation="silu", gated=True, init_std=cfg.init_std),
+        experts=ExpertsConfig(
+            hidden_dim=cfg.expert_hidden, activation="silu", gated=True, init_std=cfg.init_std, kernel=cfg.expert_kernel
+        ),
         capacity_factor=cfg.capacity_factor,
         shared_hidden_dim=cfg.shared_expert_hidden,
         shared_gate=cfg.shared_expert_hidden > 0,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_moe.nn.config import EXPERT_KERNELS
 from lightning_moe.nn.ffn import FeedForward
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.nn.transformer import init_weights
@@ -42,6 +43,8 @@ class ModelConfig:
             ``top_k * F + S`` (``"active"``: the FFN parameters a token uses) or ``E * F + S`` (``"total"``:
             all the layer's FFN parameters), ``F`` the expert width and ``S`` the shared-expert width. Only the
             router (and Qwen's shared-expert gate) has no dense counterpart. See :func:`dense_hidden_dim`.
+        expert_kernel: How the routed experts multiply (``ExpertsConfig.kernel``): ``"auto"`` (``torch._grouped_mm``
+            for bfloat16 on SM80+ GPUs, else the fused block-by-block kernel), ``"fused"`` or ``"grouped_mm"``.
     """
 
     vocab_size: int = 32000
@@ -54,6 +57,7 @@ class ModelConfig:
     seq_balance_coef: float = 0.0
     bias_update_speed: float = 0.0
     dense: str | None = None
+    expert_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "max_seq_len"):
@@ -61,6 +65,8 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
         if self.dense is not None and self.dense not in DENSE_MODES:
             raise ValueError(f"dense={self.dense!r} is invalid: must be None, 'active' or 'total'")
+        if self.expert_kernel not in EXPERT_KERNELS:
+            raise ValueError(f"expert_kernel={self.expert_kernel!r} is invalid: expected one of {EXPERT_KERNELS}")
 
 
 @dataclass

@@ -115,7 +115,11 @@ def _ffn(cfg: SwitchConfig, moe: bool) -> FeedForward | MoELayer:
         return FeedForward(cfg.dim, cfg.ffn_hidden, cfg.activation, cfg.gated)
     router = RouterConfig(num_experts=cfg.num_experts, top_k=1, jitter_eps=cfg.router_jitter, init_std=cfg.init_std)
     experts = ExpertsConfig(
-        hidden_dim=cfg.ffn_hidden, activation=cfg.activation, gated=cfg.gated, init_std=cfg.init_std
+        hidden_dim=cfg.ffn_hidden,
+        activation=cfg.activation,
+        gated=cfg.gated,
+        init_std=cfg.init_std,
+        kernel=cfg.expert_kernel,
     )
     return MoELayer(
         MoEConfig(

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_moe import zoo
+from lightning_moe.nn import GroupedExperts
 
 from ._helpers import is_encoder_decoder, lm_loss
 
@@ -116,3 +117,22 @@ def test_sliding_window_limits_what_a_position_sees():
     for i in range(12):
         same = torch.allclose(a[i], b[i], rtol=1e-4, atol=1e-5)  # MoE blocking adds float noise
         assert same == (i < 2 or i > 5), i
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_expert_kernel_reaches_every_moe_layer_and_grouped_mm_matches_fused(name):
+    torch.manual_seed(0)
+    fused = zoo.build(name, expert_kernel="fused")
+    grouped_mm = zoo.build(name, expert_kernel="grouped_mm")
+    grouped_mm.load_state_dict(fused.state_dict())
+    kernels = {m.config.kernel for m in grouped_mm.modules() if isinstance(m, GroupedExperts)}
+    assert kernels == {"grouped_mm"}
+    assert {m.config.kernel for m in fused.modules() if isinstance(m, GroupedExperts)} == {"fused"}
+    input_ids = torch.randint(0, zoo.config(name).vocab_size, (2, 16))
+    losses = [lm_loss(model.eval(), name, input_ids) for model in (fused, grouped_mm)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+
+
+def test_expert_kernel_rejects_unknown_names():
+    with pytest.raises(ValueError, match=r"expert_kernel='cutlass' is invalid: expected one of \('auto', 'fused'"):
+        zoo.config("mixtral-tiny", expert_kernel="cutlass")
