@@ -12,32 +12,43 @@ from torch import Tensor
 
 
 def expert_capacity(
-    num_tokens: int,
+    num_tokens: int | Tensor,
     top_k: int,
     num_experts: int,
     capacity_factor: float | None,
     absolute: int | None = None,
-) -> int | None:
+) -> int | Tensor | None:
     """Per-expert capacity in token copies: ``ceil(capacity_factor * num_tokens * top_k / num_experts)``.
 
     An absolute capacity overrides the factor. The result never exceeds ``num_tokens`` (an expert cannot
-    receive a token twice), and is ``None`` (dropless) when neither is set.
+    receive a token twice), and is ``None`` (dropless) when neither is set. The product is rounded to six
+    decimals before the ceiling, so float noise (``1.1 * 10 = 11.000000000000002``) does not add a slot.
 
     Args:
-        num_tokens: Real (non-padding) tokens in the batch.
+        num_tokens: Real (non-padding) tokens in the batch: an int, or a tensor of counts (one per capacity
+            group), for which the capacity is computed on the tensor's device with the same float64 operations,
+            so a count still on a GPU is never read back to the host.
         top_k: Experts per token.
         num_experts: Routed experts.
         capacity_factor: Capacity factor, or ``None``.
         absolute: Absolute capacity, or ``None``.
+
+    Returns:
+        An int for an int ``num_tokens``, an int64 tensor shaped like a tensor ``num_tokens``, or ``None``.
     """
-    if absolute is not None:
-        capacity = absolute
-    elif capacity_factor is not None:
-        # Round away float noise first: 1.1 * 10 is 11.000000000000002 and must give 11, not 12.
-        capacity = math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 6))
-    else:
+    if absolute is None and capacity_factor is None:
         return None
-    return min(capacity, num_tokens)
+    if isinstance(num_tokens, Tensor):
+        tokens = num_tokens.to(torch.int64)
+        if absolute is not None:
+            return tokens.clamp(max=absolute)
+        scaled = tokens.to(torch.float64) * capacity_factor * top_k / num_experts
+        return torch.minimum(torch.ceil(torch.round(scaled * 1e6) / 1e6).to(torch.int64), tokens)
+    if absolute is not None:
+        return min(absolute, num_tokens)
+    # The tensor branch's operations in the same order; round() on a float rounds half to even like torch.round.
+    scaled = num_tokens * capacity_factor * top_k / num_experts
+    return min(math.ceil(round(scaled * 1e6) / 1e6), num_tokens)
 
 
 def priority_order(weights_N: Tensor, top_k: int | None, by: str) -> Tensor:
@@ -90,9 +101,10 @@ def capacity_keep_mask(
     ordered_slot = slot_N[order_N]
     by_slot = torch.argsort(ordered_slot, stable=True)
     sorted_slot = ordered_slot[by_slot]
-    counts = torch.bincount(sorted_slot, minlength=int(slot_N.max()) + 1 if num_copies else 1)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(num_copies, device=expert_ids_N.device) - starts[sorted_slot]
+    # A copy's rank in its slot is its distance from the slot's first copy. searchsorted, not bincount: the
+    # latter reads the largest slot back to the host on CUDA.
+    first_of_slot = torch.searchsorted(sorted_slot, sorted_slot)
+    rank_sorted = torch.arange(num_copies, device=expert_ids_N.device) - first_of_slot
     rank_N = torch.empty_like(rank_sorted)
     rank_N[order_N[by_slot]] = rank_sorted
     if isinstance(capacity, Tensor):

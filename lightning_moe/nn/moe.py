@@ -92,8 +92,11 @@ class MoELayer(nn.Module):
         self.reduce_counts: Callable[[Tensor], Tensor] | None = None
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts), persistent=False)
 
-    def capacity(self, num_tokens: int) -> int | None:
-        """Per-expert capacity for ``num_tokens`` real tokens in the current mode (``None``: dropless)."""
+    def capacity(self, num_tokens: int | Tensor) -> int | Tensor | None:
+        """Per-expert capacity for ``num_tokens`` real tokens in the current mode (``None``: dropless).
+
+        A tensor of token counts gives a tensor of capacities, computed where the counts are.
+        """
         cfg = self.config
         factor = cfg.capacity_factor
         if not self.training and cfg.eval_capacity_factor is not None:
@@ -121,10 +124,12 @@ class MoELayer(nn.Module):
             raise ValueError(f"mask.shape={tuple(mask.shape)} is invalid: expected {tuple(x.shape[:-1])}")
         x_TD = x.reshape(-1, cfg.dim)
         mask_T = None if mask is None else mask.reshape(-1).bool()
-        # A capacity needs the real token count on the host; dropless routing never waits for the device.
+        # With padding the capacity comes from the real token count. Token choice keeps it on the device (no
+        # wait for a GPU); expert choice sizes its top-k with it, so it reads the count on the host.
         capacity = self.capacity(x_TD.shape[0])
         if capacity is not None and mask_T is not None:
-            capacity = self.capacity(int(mask_T.sum()))
+            num_real = mask_T.sum()
+            capacity = self.capacity(int(num_real) if cfg.router.kind == "expert_choice" else num_real)
 
         routing = self.router(x_TD, mask_T, capacity)
         keep_N = routing.keep_N
@@ -134,8 +139,8 @@ class MoELayer(nn.Module):
             if cfg.capacity_scope == "sequence" and x.dim() == 3:
                 batch, seq = x.shape[:2]
                 group_ids_N = routing.token_ids_N // seq
-                real_B = [seq] * batch if mask is None else mask.reshape(batch, seq).sum(1).tolist()
-                capacity = torch.tensor([self.capacity(int(n)) for n in real_B], device=x.device)
+                real_B = torch.full((batch,), seq, device=x.device) if mask is None else mask.reshape(batch, -1).sum(1)
+                capacity = self.capacity(real_B)
             kept_N = capacity_keep_mask(routing.expert_ids_N, keep_N, order_N, capacity, cfg.num_experts, group_ids_N)
         else:
             kept_N = keep_N

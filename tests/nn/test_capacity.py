@@ -177,3 +177,70 @@ def test_sequence_scope_capacity_factor_uses_each_sequence_real_tokens():
 def test_bad_capacity_scope():
     with pytest.raises(ValueError, match=r"capacity_scope='global' is invalid: must be one of 'batch', 'sequence'"):
         MoEConfig(capacity_scope="global")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tokens=st.integers(0, 200_000),
+    top_k=st.integers(1, 8),
+    experts=st.integers(1, 256),
+    factor=st.one_of(st.none(), st.floats(0.01, 8.0), st.sampled_from([1.0, 1.1, 1.25, 1.5, 2.0])),
+    absolute=st.one_of(st.none(), st.integers(1, 5000)),
+)
+def test_capacity_from_a_token_count_tensor_equals_the_host_formula(tokens, top_k, experts, factor, absolute):
+    on_host = expert_capacity(tokens, top_k, experts, factor, absolute)
+    on_device = expert_capacity(torch.tensor([tokens, tokens // 3]), top_k, experts, factor, absolute)
+    if on_host is None:
+        assert on_device is None
+        return
+    assert on_device.dtype == torch.int64
+    assert on_device.tolist() == [on_host, expert_capacity(tokens // 3, top_k, experts, factor, absolute)]
+    if absolute is None:  # and the formula itself, by the old decimal rounding
+        assert on_host == min(math.ceil(round(factor * tokens * top_k / experts, 6)), tokens)
+
+
+def test_capacity_keep_mask_takes_a_tensor_capacity():
+    torch.manual_seed(0)
+    expert_ids = torch.randint(0, 4, (60,))
+    keep = torch.rand(60) > 0.2
+    order = priority_order(torch.rand(60), top_k=3, by="weight")
+    expected = capacity_keep_mask(expert_ids, keep, order, 5, num_experts=4)
+    assert torch.equal(capacity_keep_mask(expert_ids, keep, order, torch.tensor(5), num_experts=4), expected)
+
+
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_padded_batch_drops_like_the_real_tokens_alone(scope):
+    # Padding tokens take no slot and the capacity comes from the real tokens (a device tensor now): the
+    # real tokens of a padded batch keep exactly what they keep without the padding.
+    torch.manual_seed(0)
+    layer = _layer(4, 2, capacity_factor=0.5, capacity_scope=scope)
+    x = torch.randn(1, 24, 8)
+    mask = torch.zeros(1, 24, dtype=torch.bool)
+    mask[0, :17] = True
+    y_padded, stats_padded = layer(x, mask)
+    y_real, stats_real = layer(x[:, :17])
+    assert stats_real.num_dropped.item() > 0
+    torch.testing.assert_close(y_padded[:, :17], y_real)
+    assert torch.all(y_padded[:, 17:] == 0)
+    torch.testing.assert_close(stats_padded.kept_per_expert, stats_real.kept_per_expert)
+
+
+def test_capacity_dropping_traces_without_graph_breaks():
+    # CPU stand-in for "no host sync on CUDA": dynamo breaks the graph at every value read back to the host
+    # (int(tensor), .tolist(), .item(), and data-dependent sizes such as bincount's minlength from a max).
+    def keep_mask(expert_ids_N, keep_N, weights_N, mask_T):
+        capacity = expert_capacity(mask_T.sum(), 2, 4, 1.25)
+        order_N = priority_order(weights_N, 2, "weight")
+        return capacity_keep_mask(expert_ids_N, keep_N, order_N, capacity, 4)
+
+    def host_read(t):  # what the check must catch
+        return torch.zeros(int(t.max()) + 1)
+
+    torch.manual_seed(0)
+    mask_T = torch.rand(32) > 0.3
+    args = (torch.randint(0, 4, (64,)), mask_T.repeat_interleave(2), torch.rand(64), mask_T)
+    with torch._dynamo.config.patch(capture_scalar_outputs=False, capture_dynamic_output_shape_ops=False):
+        assert torch._dynamo.explain(host_read)(torch.tensor([3, 1])).graph_break_count == 1
+        explanation = torch._dynamo.explain(keep_mask)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()

@@ -345,6 +345,29 @@ def test_kernel_auto_picks_fused_on_cpu_and_grouped_mm_needs_no_host_counts():
     assert not forced.experts.needs_host_counts(x)
 
 
+@pytest.mark.parametrize(("capacity_factor", "scope"), [(None, "batch"), (1.25, "batch"), (0.75, "sequence")])
+def test_grouped_mm_layer_reads_nothing_back_but_the_cpu_counts_check(capacity_factor, scope):
+    # CPU stand-in for the CUDA "no host sync" rule: dynamo breaks its graph at every value read back to the
+    # host. With kernel="grouped_mm" routing, capacity dropping (padding mask included) and dispatch must
+    # trace whole; the one host read allowed is the counts check that CPU tensors get and CUDA ones skip.
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        dim=16,
+        router=RouterConfig(num_experts=4, top_k=2),
+        experts=ExpertsConfig(hidden_dim=16, kernel="grouped_mm"),
+        capacity_factor=capacity_factor,
+        capacity_scope=scope,
+    )
+    layer = MoELayer(cfg).to(torch.bfloat16)  # torch._grouped_mm traces in bfloat16 only
+    x = torch.randn(2, 8, 16, dtype=torch.bfloat16)
+    mask = torch.rand(2, 8) > 0.3
+    with torch._dynamo.config.patch(capture_scalar_outputs=False, capture_dynamic_output_shape_ops=False):
+        explanation = torch._dynamo.explain(layer)(x, mask)
+    torch._dynamo.reset()
+    reads = {reason.user_stack[-1].name for reason in explanation.break_reasons}
+    assert reads == {"_counts_list"}, [reason.reason for reason in explanation.break_reasons]
+
+
 def _cuda_layer_pair(kernel: str, capacity_factor: float | None):
     torch.manual_seed(0)
     cfg = MoEConfig(
