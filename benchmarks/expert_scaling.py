@@ -13,6 +13,7 @@ memory between steps (:func:`~lightning_moe.nn.reuse_expert_grad_memory`), then 
 
     python benchmarks/expert_scaling.py
     python benchmarks/expert_scaling.py --mode fine --experts 8,32,64,128
+    python benchmarks/expert_scaling.py --device cuda --bf16   # on a GPU (torch._grouped_mm experts)
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mode", choices=("wide", "fine"), default="wide")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    parser.add_argument("--bf16", action="store_true", help="forward under autocast to bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device} is invalid: torch {torch.__version__} sees no CUDA device")
     shape = "top-2, expert hidden 512" if args.mode == "wide" else "top E/4, expert hidden 4096/E"
-    print(f"{shape}, D=512, {args.tokens} tokens, float32, fwd+bwd, median of {args.repeats}")
+    precision = "bf16-mixed" if args.bf16 else "float32"
+    print(f"{shape}, D=512, {args.tokens} tokens, {precision}, {args.device}, fwd+bwd, median of {args.repeats}")
     print("| experts | grouped (s) | grouped, reused grad memory (s) | loop (s) | grouped vs 8 experts | "
           "reused vs 8 experts | loop vs 8 experts |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
@@ -45,18 +51,19 @@ def main() -> None:
         top_k, hidden = (2, 512) if args.mode == "wide" else (num_experts // 4, 4096 // num_experts)
         cfg = MoEConfig(dim=512, router=RouterConfig(num_experts=num_experts, top_k=top_k),
                         experts=ExpertsConfig(hidden_dim=hidden))  # fmt: skip
-        grouped = MoELayer(cfg)
-        reused = MoELayer(cfg)
+        grouped = MoELayer(cfg).to(args.device)
+        reused = MoELayer(cfg).to(args.device)
         reuse_expert_grad_memory(reused)
-        loop = MoELayer(MoEConfig(**{**cfg.__dict__, "dispatch": "loop"}))
+        loop = MoELayer(MoEConfig(**{**cfg.__dict__, "dispatch": "loop"})).to(args.device)
         for layer in (reused, loop):
             layer.load_state_dict(grouped.state_dict())
-        x = torch.randn(args.tokens, 512, requires_grad=True)
-        grad = torch.randn(args.tokens, 512)
-        steps = {name: fwd_bwd(layer, x, grad) for name, layer in (("grouped", grouped), ("reused", reused))}
+        x = torch.randn(args.tokens, 512, device=args.device, requires_grad=True)
+        grad = torch.randn(args.tokens, 512, device=args.device)
+        steps = {name: fwd_bwd(layer, x, grad, args.bf16) for name, layer in (("grouped", grouped), ("reused", reused))}
         t = measure(steps, args.repeats, 1)
         # The loop in its own pair: its many allocations would change the page-fault pattern of the others.
-        t["loop"] = measure({"grouped": steps["grouped"], "loop": fwd_bwd(loop, x, grad)}, args.repeats, 1)["loop"]
+        loop_step = fwd_bwd(loop, x, grad, args.bf16)
+        t["loop"] = measure({"grouped": steps["grouped"], "loop": loop_step}, args.repeats, 1)["loop"]
         base = base or t
         print(f"| {num_experts} | {t['grouped']:.3f} | {t['reused']:.3f} | {t['loop']:.3f} | "
               f"{t['grouped'] / base['grouped']:.2f}x | {t['reused'] / base['reused']:.2f}x | "

@@ -16,6 +16,10 @@ activations, the output, and the input and parameter gradients are in. Run::
     python benchmarks/moe_layer.py --shapes mixtral --tokens 8192 --skip-loop
     python benchmarks/moe_layer.py --reuse-grad-memory   # grouped layer with reuse_expert_grad_memory
     python benchmarks/moe_layer.py --bf16 --tokens 8192   # under CPU autocast to bfloat16
+    python benchmarks/moe_layer.py --device cuda --bf16   # on a GPU: torch._grouped_mm experts, CUDA peak memory
+
+On CUDA every timed step ends with a device synchronisation, and peak memory is the caching allocator's peak
+of allocated bytes over its value before the step (``torch.cuda.max_memory_allocated``).
 """
 
 from __future__ import annotations
@@ -161,7 +165,8 @@ def fwd_bwd(
     """One forward+backward of ``module`` that frees every gradient it made before returning.
 
     With a list of inputs, each call takes the next one (so routing, and each expert's row count, changes
-    between calls as in training); with ``bf16`` the forward runs under CPU autocast to bfloat16.
+    between calls as in training); with ``bf16`` the forward runs under autocast to bfloat16 on the inputs'
+    device.
     """
     inputs = x if isinstance(x, list) else [x]
     calls = [0]
@@ -169,7 +174,7 @@ def fwd_bwd(
     def step() -> None:
         x_in = inputs[calls[0] % len(inputs)]
         calls[0] += 1
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(x_in.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = module(x_in)
         y = out[0] if isinstance(out, tuple) else out
         y.backward(grad.to(y.dtype))
@@ -177,6 +182,12 @@ def fwd_bwd(
         x_in.grad = None
 
     return step
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (if CUDA is in use) so a wall-clock interval covers it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def measure(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
@@ -187,8 +198,10 @@ def measure(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> 
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            synchronize()
             start = time.perf_counter()
             step()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -207,13 +220,22 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def peak_memory_bytes(fn: Callable[[], None]) -> int:
-    """Peak growth of live CPU tensor memory while ``fn`` runs, in bytes.
+def peak_memory_bytes(fn: Callable[[], None], device: str = "cpu") -> int:
+    """Peak growth of live tensor memory while ``fn`` runs, in bytes.
+
+    On CUDA: the caching allocator's peak allocated bytes over the allocated bytes before ``fn``.
 
     The profiler's CPU memory events carry the allocator's running ``Total Allocated``; tensors that existed
     before the profile started count in neither the total nor its frees, so the total's peak over its value
     before the first event is the step's own peak.
     """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():
         prof.start()
@@ -278,23 +300,24 @@ def run_shape(
     skip_loop: bool,
     reuse_grad_memory: bool = False,
     bf16: bool = False,
+    device: str = "cpu",
 ) -> list[Result]:
     """Time and measure one shape at every token count (modules built once, same weights throughout)."""
     torch.manual_seed(0)
-    grouped = MoELayer(shape.moe_config("grouped"))
+    grouped = MoELayer(shape.moe_config("grouped")).to(device)
     if reuse_grad_memory:
         reuse_expert_grad_memory(grouped)
-    dense = FeedForward(shape.dim, shape.dense_hidden, "silu", gated=True)
+    dense = FeedForward(shape.dim, shape.dense_hidden, "silu", gated=True).to(device)
     loop = None
     if not skip_loop:
-        loop = MoELayer(shape.moe_config("loop"))
+        loop = MoELayer(shape.moe_config("loop")).to(device)
         loop.load_state_dict(grouped.state_dict())
     results = []
     for tokens in token_counts:
         # bf16: four inputs in turn, so the experts' row counts change between steps as in training (oneDNN
         # caches a bf16 kernel per shape; one fixed input would always hit the cache).
-        x = [torch.randn(tokens, shape.dim, requires_grad=True) for _ in range(4 if bf16 else 1)]
-        grad = torch.randn(tokens, shape.dim)
+        x = [torch.randn(tokens, shape.dim, device=device, requires_grad=True) for _ in range(4 if bf16 else 1)]
+        grad = torch.randn(tokens, shape.dim, device=device)
         steps = {"dense": fwd_bwd(dense, x, grad, bf16), "grouped": fwd_bwd(grouped, x, grad, bf16)}
         seconds = measure(steps, repeats, warmup)
         grouped_over_loop = math.nan
@@ -305,7 +328,7 @@ def run_shape(
             pair = measure({"grouped": steps["grouped"], "loop": steps["loop"]}, repeats, warmup)
             grouped_over_loop = pair["grouped"] / pair["loop"]
             seconds["loop"] = pair["loop"]
-        peak_mib = {name: peak_memory_bytes(step) / MiB for name, step in steps.items()}
+        peak_mib = {name: peak_memory_bytes(step, device) / MiB for name, step in steps.items()}
         results.append(Result(shape, tokens, seconds, grouped_over_loop, peak_mib))
     return results
 
@@ -387,6 +410,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (7)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant and pair (2)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); models and inputs live there")
     parser.add_argument("--skip-loop", action="store_true", help="leave out the reference loop")
     parser.add_argument("--bf16", action="store_true", help="forward under CPU autocast to bfloat16 (bf16-mixed)")
     parser.add_argument(
@@ -404,11 +428,16 @@ def main() -> None:
     shapes = select_shapes(args.shapes)
 
     torch.set_num_threads(args.threads)
-    _check_memory_method()
+    on_cuda = torch.device(args.device).type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device} is invalid: torch {torch.__version__} sees no CUDA device")
+    if not on_cuda:
+        _check_memory_method()
+    where = torch.cuda.get_device_name(args.device) if on_cuda else f"CPU, {args.threads} threads"
+    memory = "CUDA allocator peak over the step's start" if on_cuda else "live-tensor growth over one step (profiler)"
     print(
-        f"torch {torch.__version__}, {args.threads} threads, {'bf16-mixed' if args.bf16 else 'float32'}, D=512, "
-        "forward+backward, median of "
-        f"{args.repeats} after {args.warmup} warm-up; peak MiB = live-tensor growth over one step (profiler)"
+        f"torch {torch.__version__}, {where}, {'bf16-mixed' if args.bf16 else 'float32'}, D=512, "
+        f"forward+backward, median of {args.repeats} after {args.warmup} warm-up; peak MiB = {memory}"
     )
     if args.reuse_grad_memory:
         print("grouped layer keeps its weight-gradient memory between steps: its peak MiB leaves that memory out")
@@ -419,7 +448,14 @@ def main() -> None:
     start = time.perf_counter()
     for shape in shapes:
         for result in run_shape(
-            shape, token_counts, args.repeats, args.warmup, args.skip_loop, args.reuse_grad_memory, args.bf16
+            shape,
+            token_counts,
+            args.repeats,
+            args.warmup,
+            args.skip_loop,
+            args.reuse_grad_memory,
+            args.bf16,
+            args.device,
         ):
             print(progress_row(result), flush=True)
             results.append(result)

@@ -65,7 +65,7 @@ class LoopDispatcher(Dispatcher):
         experts: GroupedExperts,
     ) -> Tensor:
         """See :meth:`Dispatcher.__call__`."""
-        out_TD = torch.zeros_like(x_TD)
+        out_TD = None
         expert_weights = experts.unbind_experts()
         for expert in range(experts.num_experts):
             copies = torch.nonzero(keep_N & (expert_ids_N == expert)).squeeze(1)
@@ -73,8 +73,10 @@ class LoopDispatcher(Dispatcher):
                 continue
             tokens = token_ids_N[copies]
             y_MD = experts.expert_forward(x_TD[tokens], expert_weights[expert])
+            if out_TD is None:  # in the experts' output dtype (the autocast dtype under autocast)
+                out_TD = torch.zeros_like(x_TD, dtype=y_MD.dtype)
             out_TD.index_add_(0, tokens, y_MD * weights_N[copies].unsqueeze(-1).to(y_MD.dtype))
-        return out_TD
+        return torch.zeros_like(x_TD) if out_TD is None else out_TD
 
 
 class GroupedDispatcher(Dispatcher):

@@ -289,6 +289,17 @@ def test_autocast_bfloat16_runs_experts_in_bfloat16_with_float32_master_grads():
     torch.testing.assert_close(layer.experts.w1.grad, grad32, rtol=5e-2, atol=2e-2)
 
 
+def test_loop_oracle_under_autocast_matches_grouped_in_dtype_and_value():
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=16, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=32))
+    grouped, loop = _pair(cfg, dtype=torch.float32)
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (yg, _), (yl, _) = grouped(x), loop(x)
+    assert yg.dtype == yl.dtype == torch.bfloat16
+    torch.testing.assert_close(yl, yg, rtol=2e-2, atol=2e-2)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     num_experts=st.integers(1, 8),
@@ -386,15 +397,16 @@ def _cuda_layer_pair(kernel: str, capacity_factor: float | None):
 def test_cuda_bf16_grouped_mm_matches_loop(capacity_factor):
     grouped, loop = _cuda_layer_pair("auto", capacity_factor)
     x = torch.randn(4, 64, 64, device="cuda")
+    mask = torch.ones(4, 64, dtype=torch.bool, device="cuda")
+    mask[1:, 50:] = False  # padding: the capacity comes from a real-token count that stays on the device
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert not grouped.experts.needs_host_counts(x)
-        if capacity_factor is None:  # dropless routing and dispatch never wait for the device
-            torch.cuda.set_sync_debug_mode("error")
+        torch.cuda.set_sync_debug_mode("error")  # routing, capacity dropping and dispatch never wait
         try:
-            yg, _ = grouped(x)
+            yg, _ = grouped(x, mask)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        yl, _ = loop(x)
+        yl, _ = loop(x, mask)
     torch.testing.assert_close(yg.float(), yl.float(), rtol=2e-2, atol=2e-2)
     yg.float().square().sum().backward()
     yl.float().square().sum().backward()
