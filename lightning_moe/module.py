@@ -48,6 +48,8 @@ class MoELanguageModule(L.LightningModule):
         load_balance_coef: Load-balancing loss coefficient (``None``: the preset's).
         z_loss_coef: Router z-loss coefficient (``None``: the preset's).
         seq_balance_coef: Sequence-wise balance loss coefficient (``None``: the preset's).
+        mtp_loss_coef: Weight of DeepSeek-V3's multi-token-prediction loss for models with MTP modules
+            (``mtp_depth > 0``; ``None``: the preset's ``mtp_loss_coef``, 0.3).
         nan_policy: On a non-finite loss: ``"raise"`` (stop with an error naming the layer and step) or
             ``"skip"`` (skip the batch).
         init_from: A local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) to start from:
@@ -82,6 +84,7 @@ class MoELanguageModule(L.LightningModule):
         load_balance_coef: float | None = None,
         z_loss_coef: float | None = None,
         seq_balance_coef: float | None = None,
+        mtp_loss_coef: float | None = None,
         nan_policy: str = "raise",
         init_from: str | None = None,
         upcycle_from: str | None = None,
@@ -97,6 +100,8 @@ class MoELanguageModule(L.LightningModule):
             raise ValueError(f"lr={lr!r} is invalid: must be > 0")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
+        if mtp_loss_coef is not None and mtp_loss_coef < 0:
+            raise ValueError(f"mtp_loss_coef={mtp_loss_coef!r} is invalid: must be >= 0")
         self.save_hyperparameters(ignore=["upcycle_from"])
         if init_from is not None and (upcycle_from is not None or upcycle is not None):
             raise ValueError(f"init_from={init_from!r} is invalid with upcycle_from or upcycle: pick one start")
@@ -130,6 +135,7 @@ class MoELanguageModule(L.LightningModule):
                 AUX_TERMS.items(), (load_balance_coef, z_loss_coef, seq_balance_coef), strict=True
             )
         }
+        self.mtp_loss_coef = getattr(self.config, "mtp_loss_coef", 0.0) if mtp_loss_coef is None else mtp_loss_coef
         if reuse_expert_grad_memory:
             _reuse_expert_grad_memory(self.model)
         self.val_loss = MeanMetric()
@@ -331,11 +337,12 @@ class CausalLMModule(MoELanguageModule):
         """The model's output (logits and router statistics)."""
         return self.model(input_ids, attention_mask)
 
-    def _loss(self, batch: Tensor) -> tuple[Tensor, Tensor, list[MoEStats], int]:
+    def _loss(self, batch: Tensor) -> tuple[Tensor, Tensor | None, list[MoEStats], int]:
+        """Next-token cross-entropy, the multi-token-prediction loss (``None`` without MTP), stats, tokens."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
         out = self.model(inputs)
         ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
-        return ce, out.logits, out.router_stats, inputs.numel()
+        return ce, mtp_loss(getattr(out, "mtp_logits", None), batch), out.router_stats, inputs.numel()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any] | None:
         """Cross-entropy plus weighted auxiliary losses.
@@ -344,9 +351,13 @@ class CausalLMModule(MoELanguageModule):
             ``{"loss": ..., "router_stats": [...]}``: callbacks read the detached per-layer statistics from
             the outputs of ``on_train_batch_end``.
         """
-        ce, _, router_stats, num_tokens = self._loss(batch)
+        ce, mtp, router_stats, num_tokens = self._loss(batch)
         aux, terms = self.aux_loss(router_stats)
         loss = ce + aux
+        if mtp is not None:
+            terms["mtp"] = mtp.detach()
+            if self.mtp_loss_coef:
+                loss = loss + self.mtp_loss_coef * mtp
         if not self.check_finite(loss, router_stats):
             return None
         self.log_train(loss, ce, terms, num_tokens)
@@ -404,6 +415,29 @@ class CausalLMModule(MoELanguageModule):
                 logits = self.model(ids).logits[:, -1]
         self.train(was_training)
         return ids
+
+
+def mtp_loss(mtp_logits: list[Tensor] | None, batch_BT: Tensor) -> Tensor | None:
+    """DeepSeek-V3's multi-token-prediction loss: the mean over depths ``k`` of each depth's cross-entropy.
+
+    Depth ``k``'s logits ``(B, T - k, V)`` come from the model's inputs ``batch[:, :-1]``; position ``i``
+    predicts token ``i + k + 1`` of the batch, so its targets are ``batch[:, k + 1:]`` (every position has one,
+    thanks to the batch's extra last token).
+
+    Args:
+        mtp_logits: One logits tensor per depth (``DeepSeekOutput.mtp_logits``), or ``None``/empty.
+        batch_BT: The ``(B, T + 1)`` token ids the inputs were cut from.
+
+    Returns:
+        The mean cross-entropy over depths, or ``None`` without MTP logits.
+    """
+    if not mtp_logits:
+        return None
+    losses = [
+        F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch_BT[:, k + 1 :].reshape(-1))
+        for k, logits in enumerate(mtp_logits, start=1)
+    ]
+    return torch.stack(losses).mean()
 
 
 def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None) -> Tensor:

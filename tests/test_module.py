@@ -175,3 +175,34 @@ def test_bf16_mixed_clips_the_fused_optimizers_gradients():
         module._trainer = None
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in module.parameters()]))
     torch.testing.assert_close(norm, torch.tensor(1.0), rtol=1e-4, atol=1e-4)
+
+
+def test_mtp_loss_is_added_with_its_coefficient_and_trains_the_mtp_modules():
+    torch.manual_seed(0)
+    module = CausalLMModule(
+        arch="deepseek-tiny", overrides={"mtp_depth": 2}, load_balance_coef=0.0, z_loss_coef=0.0, seq_balance_coef=0.0
+    )
+    assert module.mtp_loss_coef == zoo.config("deepseek-tiny").mtp_loss_coef == 0.3
+    batch = torch.randint(0, 1024, (2, 13))
+    outputs = module.training_step(batch, 0)
+    out = module.model(batch[:, :-1])
+    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 1024), batch[:, 1:].reshape(-1))
+    # Independently, position by position: depth k at position i predicts batch token i + k + 1.
+    depth_losses = []
+    for k, logits in enumerate(out.mtp_logits, start=1):
+        terms = [
+            -torch.log_softmax(logits[b, i], -1)[batch[b, i + k + 1]] for b in range(2) for i in range(logits.shape[1])
+        ]
+        assert logits.shape[1] == 12 - k
+        depth_losses.append(torch.stack(terms).mean())
+    torch.testing.assert_close(outputs["loss"], ce + 0.3 * torch.stack(depth_losses).mean())
+    outputs["loss"].backward()
+    for depth in module.model.mtp:
+        assert depth.eh_proj.weight.grad is not None and depth.eh_proj.weight.grad.abs().sum() > 0
+
+    no_aux = {"load_balance_coef": 0.0, "z_loss_coef": 0.0, "seq_balance_coef": 0.0}
+    off = CausalLMModule(arch="deepseek-tiny", overrides={"mtp_depth": 1}, mtp_loss_coef=0.0, **no_aux)
+    off.training_step(batch, 0)["loss"].backward()
+    assert off.model.mtp[0].eh_proj.weight.grad is None  # no term reaches the MTP block
+    with pytest.raises(ValueError, match=r"mtp_loss_coef=-0.1 is invalid: must be >= 0"):
+        CausalLMModule(arch="deepseek-tiny", mtp_loss_coef=-0.1)

@@ -66,6 +66,8 @@ class DeepSeekConfig(ModelConfig):
         tie_embeddings: Share the embedding with the LM head (never, in the released models).
         capacity_factor: ``None`` (dropless) or a training capacity factor.
         mtp_depth: Multi-token-prediction modules (V3 trained with 1); each adds a full MoE block.
+        mtp_loss_coef: Weight ``lambda`` of the MTP loss, ``lambda / depth * sum_k CE_k`` (V3: 0.3 for the first
+            10T tokens, then 0.1); :class:`~lightning_moe.module.CausalLMModule` adds it when ``mtp_depth > 0``.
     """
 
     vocab_size: int = 102400
@@ -96,6 +98,7 @@ class DeepSeekConfig(ModelConfig):
     tie_embeddings: bool = False
     capacity_factor: float | None = None
     mtp_depth: int = 0
+    mtp_loss_coef: float = 0.3
     # DeepSeekMoE/V2 reference code: aux_loss_alpha with seq_aux=true, i.e. alpha * our seq_balance loss.
     seq_balance_coef: float = 0.001
 
@@ -109,6 +112,8 @@ class DeepSeekConfig(ModelConfig):
             raise ValueError(f"first_k_dense={self.first_k_dense!r} is invalid: must be in [0, {self.num_layers}]")
         if self.mtp_depth < 0:
             raise ValueError(f"mtp_depth={self.mtp_depth!r} is invalid: must be >= 0")
+        if self.mtp_loss_coef < 0:
+            raise ValueError(f"mtp_loss_coef={self.mtp_loss_coef!r} is invalid: must be >= 0")
 
     @property
     def rope_dim(self) -> int:
