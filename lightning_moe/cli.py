@@ -9,6 +9,7 @@ configs/compare/mixtral-tiny.yaml`` trains an MoE preset against its dense basel
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,18 +61,29 @@ class MoECLI(LightningCLI):
 def generate_main(argv: Sequence[str]) -> str:
     """``lightning-moe generate``: continue a prompt from a checkpoint; returns (and prints) the text."""
     parser = argparse.ArgumentParser(prog="lightning-moe generate", description="Continue a prompt from a checkpoint.")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by lightning-moe fit")
+    parser.add_argument(
+        "--ckpt_path", required=True, help="a checkpoint written by lightning-moe fit: a file, or a sharded directory"
+    )
     parser.add_argument("--prompt", default="def ", help="text to continue")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(list(argv))
-    if not Path(args.ckpt_path).is_file():
-        raise ValueError(f"ckpt_path={args.ckpt_path!r} is invalid: no such file")
+    path = Path(args.ckpt_path)
+    if path.is_dir():  # expert-parallel runs write one shard per rank: gather the full weights in memory
+        from lightning_moe.strategies import full_checkpoint
+
+        source: Path | io.BytesIO = io.BytesIO()
+        torch.save(full_checkpoint(path), source)
+        source.seek(0)
+    elif path.is_file():
+        source = path
+    else:
+        raise ValueError(f"ckpt_path={args.ckpt_path!r} is invalid: no such file or checkpoint directory")
     from tokenizers import Tokenizer
 
-    module = CausalLMModule.load_from_checkpoint(args.ckpt_path, map_location="cpu")
+    module = CausalLMModule.load_from_checkpoint(source, map_location="cpu")
     if module.tokenizer_json is None:
         raise ValueError(f"ckpt_path={args.ckpt_path!r} is invalid: the checkpoint holds no tokenizer")
     tokenizer = Tokenizer.from_str(module.tokenizer_json)

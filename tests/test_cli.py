@@ -148,5 +148,5 @@ def test_block_size_beyond_the_model_fails_before_training(tmp_path):
 
 
 def test_missing_checkpoint_for_generate():
-    with pytest.raises(ValueError, match=r"ckpt_path='nope.ckpt' is invalid: no such file"):
+    with pytest.raises(ValueError, match=r"ckpt_path='nope.ckpt' is invalid: no such file or checkpoint directory"):
         generate_main(["--ckpt_path", "nope.ckpt"])

@@ -3,7 +3,7 @@
 Importing it registers ``"expert_parallel"`` in Lightning's ``StrategyRegistry``.
 """
 
-from lightning_moe.strategies.checkpoint import consolidate_checkpoint, load_distributed_checkpoint
+from lightning_moe.strategies.checkpoint import consolidate_checkpoint, full_checkpoint, load_distributed_checkpoint
 from lightning_moe.strategies.dispatch import AllToAllDispatcher
 from lightning_moe.strategies.expert_parallel import (
     ExpertParallelStrategy,
@@ -20,6 +20,7 @@ __all__ = [
     "apply_expert_parallel",
     "apply_fsdp",
     "consolidate_checkpoint",
+    "full_checkpoint",
     "load_distributed_checkpoint",
     "moe_layers",
 ]

@@ -8,13 +8,16 @@ trainer's metadata in ``meta.pt``. DCP stores every tensor with its global shape
 * Another world size or expert-parallel size reads it through the Trainer (``ckpt_path=...``): the strategy
   asks DCP for its own shards of the same global tensors, and DCP reshards.
 * A plain single-process module reads it with :func:`load_distributed_checkpoint` (or
-  :func:`consolidate_checkpoint` for the full tensors), without any process group.
+  :func:`consolidate_checkpoint` for the full tensors), without any process group;
+  :func:`full_checkpoint` gives the dict a single-file checkpoint would hold (what ``lightning-moe generate``
+  reads from a checkpoint directory).
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -22,6 +25,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 STATE_DICT_KEY = "state_dict"
+METADATA_FILE = "meta.pt"  # Lightning's non-tensor checkpoint entries (hyperparameters, loops, callbacks, ...)
 
 
 def consolidate_checkpoint(path: str | Path, key: str = STATE_DICT_KEY) -> dict[str, Tensor]:
@@ -79,3 +83,27 @@ def load_distributed_checkpoint(module: nn.Module, path: str | Path, strict: boo
     """
     module.load_state_dict(consolidate_checkpoint(path), strict=strict)
     return module
+
+
+def full_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A distributed checkpoint as the dict a single-file Lightning checkpoint of the run would hold.
+
+    The non-tensor entries (hyperparameters, loop and callback states, and what the module's
+    ``on_save_checkpoint`` added, such as the tokenizer) come from ``meta.pt``, the module's full tensors from
+    :func:`consolidate_checkpoint`. The sharded optimizer states are left out: the result is for inference
+    or ``LightningModule.load_from_checkpoint``, not for resuming (resume through the Trainer instead).
+
+    Args:
+        path: The checkpoint directory.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a distributed checkpoint directory written by Lightning.
+    """
+    path = Path(path)
+    state_dict = consolidate_checkpoint(path)
+    if not (path / METADATA_FILE).is_file():
+        raise FileNotFoundError(
+            f"path={str(path)!r} is invalid: no {METADATA_FILE} (not written by a Lightning Trainer)"
+        )
+    meta = torch.load(path / METADATA_FILE, map_location="cpu", weights_only=False)
+    return {**meta, STATE_DICT_KEY: state_dict}

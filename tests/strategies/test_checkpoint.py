@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
+from lightning_moe.cli import generate_main
 from lightning_moe.module import CausalLMModule
-from lightning_moe.strategies import ExpertParallelStrategy, consolidate_checkpoint, load_distributed_checkpoint
+from lightning_moe.strategies import (
+    ExpertParallelStrategy,
+    consolidate_checkpoint,
+    full_checkpoint,
+    load_distributed_checkpoint,
+)
 from tests.strategies._distributed import run_distributed
 
 pytestmark = pytest.mark.multiprocess
@@ -57,8 +67,17 @@ def _data(rank: int, world: int) -> DataLoader:
     return DataLoader(batch[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK], batch_size=ROWS_PER_RANK)
 
 
+def _tokenizer() -> Tokenizer:
+    """One word per token id, so any generated id decodes."""
+    vocab = {f"w{i}": i for i in range(OVERRIDES["vocab_size"])}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = Whitespace()
+    return tokenizer
+
+
 def _train_and_save(rank: int, world: int, ckpt: str, logits_file: str) -> None:
     module = _module(seed=0)
+    module.tokenizer_json = _tokenizer().to_str()  # as TextDataModule hands it over in lightning-moe fit
     trainer = _trainer(world, ep=world, max_steps=1)
     trainer.fit(module, train_dataloaders=_data(rank, world))
     trainer.save_checkpoint(ckpt)
@@ -137,3 +156,28 @@ def test_consolidate_checkpoint_rejects_a_non_checkpoint(tmp_path: Path) -> None
 def test_consolidate_checkpoint_rejects_a_missing_key(saved_at_ep2: tuple[Path, Path]) -> None:
     with pytest.raises(KeyError, match="no tensors under it"):
         consolidate_checkpoint(saved_at_ep2[0], key="nothing")
+
+
+def test_full_checkpoint_holds_the_metadata_and_full_weights(saved_at_ep2: tuple[Path, Path]) -> None:
+    ckpt, logits_file = saved_at_ep2
+    full = full_checkpoint(ckpt)
+    assert full["hyper_parameters"]["overrides"] == OVERRIDES and full["global_step"] == 1
+    module = CausalLMModule.load_from_checkpoint(_as_file(full), map_location="cpu")
+    torch.testing.assert_close(_logits(module), torch.load(logits_file), atol=1e-5, rtol=1e-5)
+    assert module.tokenizer_json == _tokenizer().to_str()
+
+
+def test_generate_reads_a_sharded_checkpoint_directory(saved_at_ep2: tuple[Path, Path]) -> None:
+    ckpt, _ = saved_at_ep2
+    text = generate_main(["--ckpt_path", str(ckpt), "--prompt", "w1 w2 w3", "--max_new_tokens", "6"])
+    module = load_distributed_checkpoint(_module(seed=1), ckpt)  # the same weights, read independently
+    prompt = torch.tensor([_tokenizer().encode("w1 w2 w3").ids])
+    expected = _tokenizer().decode(module.generate(prompt, max_new_tokens=6)[0].tolist())
+    assert text == expected and len(text.split()) == 9
+
+
+def _as_file(checkpoint: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return buffer
