@@ -115,11 +115,15 @@ class GroupedDispatcher(Dispatcher):
         num_live = int(keep_N.shape[0] - counts[num_experts])
         order = order[:num_live]
         token_ids_N, weights_N, counts_E = token_ids_N[order], weights_N[order], counts[:num_experts]
-        align = 1 if self.exact_counts else experts.row_alignment(x_TD)
-        if align > 1:
-            token_ids_N, weights_N, counts_E = pad_expert_blocks(
-                token_ids_N, weights_N, slot_expert_N[order], counts_E, align
-            )
+        if not self.exact_counts:
+            counts_list = counts_E.tolist()
+            padded = experts.padded_counts(x_TD, counts_list)
+            if padded != counts_list:
+                padded_E = torch.tensor(padded, device=counts_E.device, dtype=counts_E.dtype)
+                token_ids_N, weights_N = pad_expert_blocks(
+                    token_ids_N, weights_N, slot_expert_N[order], counts_E, padded_E
+                )
+                counts_E = padded_E
         return self.compute(x_TD, token_ids_N, weights_N, counts_E, experts)
 
     def compute(
@@ -141,29 +145,27 @@ class GroupedDispatcher(Dispatcher):
 
 
 def pad_expert_blocks(
-    token_ids_N: Tensor, weights_N: Tensor, expert_ids_N: Tensor, counts_E: Tensor, align: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Pad each expert's block of sorted copies to a multiple of ``align`` rows with weight-zero copies of token 0.
+    token_ids_N: Tensor, weights_N: Tensor, expert_ids_N: Tensor, counts_E: Tensor, padded_E: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Pad each expert's block of sorted copies to ``padded_E`` rows with weight-zero copies of token 0.
 
     A padding copy adds ``0 * expert(x_0)`` to token 0 and gets a zero gradient into everything, so the result
-    is unchanged; only the per-expert row counts become coarse. On the CPU, oneDNN builds a new bfloat16
-    matmul kernel for every new row count (~0.3 ms each), and routing changes the counts every step.
+    is unchanged; only the per-expert row counts change (see ``GroupedExperts.padded_counts`` for why).
 
     Args:
         token_ids_N: Source token of each copy, sorted by expert.
         weights_N: Combine weight of each copy.
         expert_ids_N: Expert of each copy (sorted).
         counts_E: Copies per expert.
-        align: Row multiple.
+        padded_E: Rows per expert after padding (``>= counts_E``).
 
     Returns:
-        The padded ``token_ids``, ``weights`` (differentiable into ``weights_N``) and per-expert counts.
+        The padded ``token_ids`` and ``weights`` (differentiable into ``weights_N``).
     """
-    padded_E = (counts_E + align - 1) // align * align
     pad_E = padded_E - counts_E
     pad_before_E = torch.cumsum(pad_E, 0) - pad_E
     position_N = torch.arange(token_ids_N.shape[0], device=token_ids_N.device) + pad_before_E[expert_ids_N]
     total = int(padded_E.sum())
     token_ids_P = token_ids_N.new_zeros(total).index_copy(0, position_N, token_ids_N)
     weights_P = weights_N.new_zeros(total).index_copy(0, position_N, weights_N)
-    return token_ids_P, weights_P, padded_E
+    return token_ids_P, weights_P

@@ -21,8 +21,15 @@ from torch import Tensor, nn
 from lightning_moe.nn.config import ExpertsConfig
 from lightning_moe.nn.ffn import activation_fn, activation_grad_fn
 
-# Row multiple of each expert's block for low-precision matmuls on the CPU (see GroupedExperts.row_alignment).
+# Row multiple of each expert's block for low-precision matmuls on the CPU (see GroupedExperts.padded_counts).
 ROW_ALIGNMENT = 16
+# Batching experts (see expert_batches, padded_counts): the most rows one bmm batch takes (bounds the batch's
+# temporaries), and when the dispatcher pads neighbouring experts to one row count: only blocks of at most
+# PAD_MAX_ROWS rows (bmm over experts pays for small per-expert matmuls, ~1.45x at 64 rows on 2 cores, and
+# little for large ones) and at most PAD_MAX_WASTE extra rows.
+BATCH_MAX_ROWS = 4096
+PAD_MAX_ROWS = 512
+PAD_MAX_WASTE = 0.25
 
 
 class GradBuffers:
@@ -74,10 +81,56 @@ def _counts_list(counts_E: Tensor | list[int]) -> list[int]:
     return counts_E.tolist() if isinstance(counts_E, Tensor) else [int(c) for c in counts_E]
 
 
+def expert_batches(counts: list[int], max_rows: int = BATCH_MAX_ROWS) -> list[tuple[int, int, int, int]]:
+    """Split the experts into batches the fused kernel runs with one ``bmm`` per matmul.
+
+    A batch is a run of consecutive experts with the same non-zero row count (their rows are adjacent in
+    the expert-sorted copies and their weights adjacent in the stacked tensors), of at most ``max_rows``
+    rows; an expert whose count differs from its neighbours' is a batch of one.
+
+    Returns:
+        ``(first expert, number of experts, rows per expert, first row)`` per batch; empty experts are in none.
+    """
+    batches: list[tuple[int, int, int, int]] = []
+    row = 0
+    for expert, count in enumerate(counts):
+        last = batches[-1] if batches else None
+        if count and last and last[2] == count and last[0] + last[1] == expert and (last[1] + 1) * count <= max_rows:
+            batches[-1] = (last[0], last[1] + 1, count, last[3])
+        elif count:
+            batches.append((expert, 1, count, row))
+        row += count
+    return batches
+
+
+def padded_counts(counts: list[int], align: int = 1, group: int = 1) -> list[int]:
+    """Per-expert row counts after padding blocks with weight-zero copies (see ``pad_expert_blocks``).
+
+    Every count is rounded up to a multiple of ``align``; then, with ``group > 1``, each run of ``group``
+    consecutive experts whose largest count is at most :data:`PAD_MAX_ROWS` is padded to that largest count
+    when this adds at most :data:`PAD_MAX_WASTE` of the run's rows, so the kernel runs the run as one batch.
+
+    Args:
+        counts: Copies per expert.
+        align: Row multiple (1: none).
+        group: Experts per padded run (1: no runs).
+    """
+    padded = [-(-count // align) * align for count in counts]
+    if group > 1:
+        for first in range(0, len(padded), group):
+            run = padded[first : first + group]
+            top, rows = max(run), sum(run)
+            if len(run) > 1 and 0 < top <= PAD_MAX_ROWS and len(run) * top - rows <= PAD_MAX_WASTE * rows:
+                padded[first : first + group] = [top] * len(run)
+    return padded
+
+
 class _GroupedExpertMLP(torch.autograd.Function):
     """``out[rows[n]] += weights[n] * expert_e(x[rows[n]])`` for copies ``n`` of expert ``e``, sorted by expert.
 
     With ``rows=None`` row ``n`` of ``x`` is copy ``n`` and the output is ``(N, D)`` in the same order.
+    Experts run in the batches of :func:`expert_batches`: ``G`` experts of ``M`` rows each as ``(G, M, .)``
+    views and one ``bmm`` per matmul (a single expert is a batch of one).
     """
 
     @staticmethod
@@ -94,26 +147,22 @@ class _GroupedExpertMLP(torch.autograd.Function):
         grad_buffers: GradBuffers | None = None,
     ) -> Tensor:
         act = activation_fn(activation)
-        num_copies, hidden = sum(counts), w1_EDF.shape[-1]
+        num_copies, dim, hidden = sum(counts), x.shape[-1], w1_EDF.shape[-1]
         h1_NF = x.new_empty(num_copies, hidden)
         h3_NF = x.new_empty(num_copies, hidden) if w3_EDF is not None else None
-        out = torch.zeros_like(x) if rows_N is not None else x.new_empty(num_copies, x.shape[-1])
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            block = slice(start, start + count)
-            x_MD = x[block] if rows_N is None else x.index_select(0, rows_N[block])
-            g_MF = act(torch.mm(x_MD, w1_EDF[e], out=h1_NF[block]))
+        out = torch.zeros_like(x) if rows_N is not None else x.new_empty(num_copies, dim)
+        for first, size, rows, start in expert_batches(counts):
+            block, experts = slice(start, start + size * rows), slice(first, first + size)
+            x_GMD = (x[block] if rows_N is None else x.index_select(0, rows_N[block])).view(size, rows, dim)
+            g_GMF = act(torch.bmm(x_GMD, w1_EDF[experts], out=h1_NF[block].view(size, rows, hidden)))
             if h3_NF is not None:
-                g_MF = g_MF.mul_(torch.mm(x_MD, w3_EDF[e], out=h3_NF[block]))
+                g_GMF = g_GMF.mul_(torch.bmm(x_GMD, w3_EDF[experts], out=h3_NF[block].view(size, rows, hidden)))
             if weights_N is not None:
-                g_MF = g_MF.mul_(weights_N[block].unsqueeze(-1))
+                g_GMF = g_GMF.mul_(weights_N[block].view(size, rows, 1))
             if rows_N is None:
-                torch.mm(g_MF, w2_EFD[e], out=out[block])
+                torch.bmm(g_GMF, w2_EFD[experts], out=out[block].view(size, rows, dim))
             else:
-                out.index_add_(0, rows_N[block], g_MF @ w2_EFD[e])
-            start += count
+                out.index_add_(0, rows_N[block], torch.bmm(g_GMF, w2_EFD[experts]).view(-1, dim))
         ctx.save_for_backward(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, h1_NF, h3_NF)
         ctx.counts, ctx.activation, ctx.grad_buffers = counts, activation, grad_buffers
         return out
@@ -123,6 +172,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
         x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, h1_NF, h3_NF = ctx.saved_tensors
         act, act_grad = activation_fn(ctx.activation), activation_grad_fn(ctx.activation)
         need_x, _, need_weights, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:6]
+        dim, hidden = x.shape[-1], w1_EDF.shape[-1]
         dout = dout.contiguous()
         dx = None
         if need_x:
@@ -133,48 +183,48 @@ class _GroupedExpertMLP(torch.autograd.Function):
         dw1 = empty_like("w1", w1_EDF) if need_w1 else None
         dw3 = empty_like("w3", w3_EDF) if need_w3 else None
         dw2 = empty_like("w2", w2_EFD) if need_w2 else None
-        start = 0
         for e, count in enumerate(ctx.counts):
             if count == 0:
                 for dw in (dw1, dw3, dw2):
                     if dw is not None:
                         dw[e].zero_()
-                continue
-            block = slice(start, start + count)
-            start += count
-            x_MD = x[block] if rows_N is None else x.index_select(0, rows_N[block])
-            dout_MD = dout[block] if rows_N is None else dout.index_select(0, rows_N[block])
-            h1_MF = h1_NF[block]
-            a_MF = act(h1_MF)
-            g_MF = a_MF * h3_NF[block] if h3_NF is not None else a_MF
-            dg_MF = dout_MD @ w2_EFD[e].t()
+        for first, size, rows, start in expert_batches(ctx.counts):
+            block, experts = slice(start, start + size * rows), slice(first, first + size)
+            x_GMD = (x[block] if rows_N is None else x.index_select(0, rows_N[block])).view(size, rows, dim)
+            dout_GMD = (dout[block] if rows_N is None else dout.index_select(0, rows_N[block])).view(size, rows, dim)
+            h1_GMF = h1_NF[block].view(size, rows, hidden)
+            h3_GMF = h3_NF[block].view(size, rows, hidden) if h3_NF is not None else None
+            a_GMF = act(h1_GMF)
+            g_GMF = a_GMF * h3_GMF if h3_GMF is not None else a_GMF
+            dg_GMF = torch.bmm(dout_GMD, w2_EFD[experts].transpose(1, 2))
             if weights_N is not None:
-                w_M1 = weights_N[block].unsqueeze(-1)
+                w_GM1 = weights_N[block].view(size, rows, 1)
                 if dw2 is not None:
-                    torch.mm((g_MF * w_M1).t(), dout_MD, out=dw2[e])
+                    torch.bmm((g_GMF * w_GM1).transpose(1, 2), dout_GMD, out=dw2[experts])
                 if dweights_N is not None:
-                    dweights_N[block] = (dg_MF * g_MF).sum(-1)
-                dg_MF = dg_MF * w_M1
+                    dweights_N[block] = (dg_GMF * g_GMF).sum(-1).view(-1)
+                dg_GMF = dg_GMF * w_GM1
             elif dw2 is not None:
-                torch.mm(g_MF.t(), dout_MD, out=dw2[e])
-            if h3_NF is not None:
-                dh3_MF = dg_MF * a_MF
-                dh1_MF = act_grad(dg_MF * h3_NF[block], h1_MF)
+                torch.bmm(g_GMF.transpose(1, 2), dout_GMD, out=dw2[experts])
+            if h3_GMF is not None:
+                dh3_GMF = dg_GMF * a_GMF
+                dh1_GMF = act_grad(dg_GMF * h3_GMF, h1_GMF)
             else:
-                dh3_MF = None
-                dh1_MF = act_grad(dg_MF, h1_MF)
+                dh3_GMF = None
+                dh1_GMF = act_grad(dg_GMF, h1_GMF)
+            x_GDM = x_GMD.transpose(1, 2)
             if dw1 is not None:
-                torch.mm(x_MD.t(), dh1_MF, out=dw1[e])
+                torch.bmm(x_GDM, dh1_GMF, out=dw1[experts])
             if dw3 is not None:
-                torch.mm(x_MD.t(), dh3_MF, out=dw3[e])
+                torch.bmm(x_GDM, dh3_GMF, out=dw3[experts])
             if dx is not None:
-                dx_MD = dh1_MF @ w1_EDF[e].t()
-                if dh3_MF is not None:
-                    dx_MD.addmm_(dh3_MF, w3_EDF[e].t())
+                dx_GMD = torch.bmm(dh1_GMF, w1_EDF[experts].transpose(1, 2))
+                if dh3_GMF is not None:
+                    dx_GMD.baddbmm_(dh3_GMF, w3_EDF[experts].transpose(1, 2))
                 if rows_N is None:
-                    dx[block] = dx_MD
+                    dx[block] = dx_GMD.view(-1, dim)
                 else:
-                    dx.index_add_(0, rows_N[block], dx_MD)
+                    dx.index_add_(0, rows_N[block], dx_GMD.view(-1, dim))
         return dx, None, dweights_N, dw1, dw3, dw2, None, None, None
 
 
@@ -355,16 +405,21 @@ class GroupedExperts(nn.Module):
             return not grouped_mm_applies(x, self.w1, self.w2)
         return self.config.kernel == "fused"
 
-    def row_alignment(self, x: Tensor) -> int:
-        """Row multiple to pad each expert's block to for input ``x`` (1: none).
+    def padded_counts(self, x: Tensor, counts: list[int]) -> list[int]:
+        """Row counts the dispatcher pads each expert's block to for input ``x`` (``counts`` itself: no padding).
 
-        16 for the fused kernel in bfloat16/float16 on the CPU (including under autocast), where every new
-        row count costs a oneDNN kernel build; 1 elsewhere.
+        Only for the fused kernel on the CPU: in bfloat16/float16 (including under autocast) every block is
+        rounded up to :data:`ROW_ALIGNMENT` rows, since every new row count costs a oneDNN kernel build; and
+        neighbouring experts are padded in runs of ``max(2, threads)`` to one row count where that is cheap
+        (:func:`padded_counts`), so the kernel runs them as one ``bmm`` batch, one expert per thread, instead
+        of splitting each small matmul over the threads.
         """
+        if x.device.type != "cpu" or not self.needs_host_counts(x):
+            return counts
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        low_precision = dtype in (torch.bfloat16, torch.float16)
-        return ROW_ALIGNMENT if low_precision and x.device.type == "cpu" and self.needs_host_counts(x) else 1
+        align = ROW_ALIGNMENT if dtype in (torch.bfloat16, torch.float16) else 1
+        return padded_counts(counts, align, group=max(2, torch.get_num_threads()))
 
     def forward(self, x_ND: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         """Run every expert on its contiguous block of expert-sorted rows.

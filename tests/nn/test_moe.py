@@ -429,7 +429,7 @@ def test_grouped_mm_kernel_rejects_unaligned_widths():
 
 def test_padded_expert_blocks_change_no_output_or_gradient():
     from lightning_moe.nn.dispatch import pad_expert_blocks
-    from lightning_moe.nn.experts import grouped_expert_mlp
+    from lightning_moe.nn.experts import grouped_expert_mlp, padded_counts
 
     torch.manual_seed(0)
     experts = MoELayer(
@@ -440,8 +440,9 @@ def test_padded_expert_blocks_change_no_output_or_gradient():
     token_ids = torch.randint(0, 9, (11,))
     weights = torch.rand(11, dtype=torch.float64, requires_grad=True)
     counts = torch.bincount(expert_ids, minlength=4)
-    rows_p, weights_p, counts_p = pad_expert_blocks(token_ids, weights, expert_ids, counts, 4)
+    counts_p = torch.tensor(padded_counts(counts.tolist(), align=4))
     assert counts_p.tolist() == [4, 4, 0, 8]
+    rows_p, weights_p = pad_expert_blocks(token_ids, weights, expert_ids, counts, counts_p)
     args = (experts.w1, experts.w3, experts.w2, "silu")
     y = grouped_expert_mlp(x, counts, *args, token_ids, weights)
     y_p = grouped_expert_mlp(x, counts_p, *args, rows_p, weights_p)
@@ -468,11 +469,78 @@ def test_bfloat16_on_cpu_pads_expert_blocks_to_the_row_alignment(monkeypatch):
         MoEConfig(dim=16, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=16))
     )
     x = torch.randn(37, 16)
-    layer(x)
+    _, stats = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(x)
-    assert sum(seen[0]) == 74 and any(c % 16 for c in seen[0])
+    routed = stats.tokens_per_expert.long().tolist()
+    assert sum(routed) == 74
+    group = max(2, torch.get_num_threads())
+    assert seen[0] == experts_module.padded_counts(routed, align=1, group=group)  # float32: runs only
+    assert seen[1] == experts_module.padded_counts(routed, align=16, group=group)
     assert all(c % experts_module.ROW_ALIGNMENT == 0 for c in seen[1]) and sum(seen[1]) >= 74
+
+
+def test_padded_counts_by_hand():
+    from lightning_moe.nn.experts import PAD_MAX_ROWS, padded_counts
+
+    counts = [60, 70, 3, 100, 0, 0, 600, 610, 5]
+    # Pairs: 60/70 pads (10 rows on 130), 3/100 would add 97 rows on 103, 0/0 is empty, 600/610 is
+    # above PAD_MAX_ROWS rows (large matmuls gain little), and the lone last expert has no partner.
+    assert PAD_MAX_ROWS < 610
+    assert padded_counts(counts, group=2) == [70, 70, 3, 100, 0, 0, 600, 610, 5]
+    assert padded_counts(counts, align=16, group=1) == [64, 80, 16, 112, 0, 0, 608, 624, 16]
+    assert padded_counts(counts, align=16, group=2) == [80, 80, 16, 112, 0, 0, 608, 624, 16]
+    assert padded_counts([8, 9, 10, 11], group=4) == [11] * 4  # 6 rows on 38
+    assert padded_counts(counts) == counts
+
+
+def test_expert_batches_by_hand():
+    from lightning_moe.nn.experts import expert_batches
+
+    counts = [4, 4, 4, 0, 4, 3, 3, 5]
+    # (first expert, experts, rows each, first row): runs of equal non-zero counts; the empty expert breaks one.
+    assert expert_batches(counts) == [(0, 3, 4, 0), (4, 1, 4, 12), (5, 2, 3, 16), (7, 1, 5, 22)]
+    assert expert_batches(counts, max_rows=8) == [
+        (0, 2, 4, 0),
+        (2, 1, 4, 8),
+        (4, 1, 4, 12),
+        (5, 2, 3, 16),
+        (7, 1, 5, 22),
+    ]
+
+
+def test_expert_batches_and_their_padding_change_no_output_or_gradient():
+    # The batched (bmm) kernel on padded runs against the same kernel expert by expert, in float64.
+    from lightning_moe.nn.dispatch import pad_expert_blocks
+    from lightning_moe.nn.experts import grouped_expert_mlp, padded_counts
+
+    torch.manual_seed(0)
+    experts = MoELayer(
+        MoEConfig(dim=6, router=RouterConfig(num_experts=6, top_k=2), experts=ExpertsConfig(hidden_dim=5))
+    ).experts.double()
+    x = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+    expert_ids = torch.tensor([0] * 4 + [1] * 5 + [2] * 3 + [3] * 3 + [5] * 9)  # expert 4 gets nothing
+    token_ids = torch.randint(0, 12, (24,))
+    weights = torch.rand(24, dtype=torch.float64, requires_grad=True)
+    counts = torch.bincount(expert_ids, minlength=6)
+    counts_p = torch.tensor(padded_counts(counts.tolist(), group=2))
+    assert counts_p.tolist() == [5, 5, 3, 3, 0, 9]
+    rows_p, weights_p = pad_expert_blocks(token_ids, weights, expert_ids, counts, counts_p)
+    args = (experts.w1, experts.w3, experts.w2, "silu")
+    one_by_one = [
+        experts.expert_forward(x[token_ids[expert_ids == e]], w) for e, w in enumerate(experts.unbind_experts())
+    ]
+    y = torch.zeros_like(x)
+    for e, y_e in enumerate(one_by_one):
+        y = y.index_add(0, token_ids[expert_ids == e], y_e * weights[expert_ids == e].unsqueeze(-1))
+    y_p = grouped_expert_mlp(x, counts_p, *args, rows_p, weights_p)
+    torch.testing.assert_close(y_p, y, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(y)
+    inputs = (x, weights, experts.w1, experts.w3, experts.w2)
+    grads = torch.autograd.grad((y * grad).sum(), inputs)
+    grads_p = torch.autograd.grad((y_p * grad).sum(), inputs)
+    for g, g_p in zip(grads, grads_p, strict=True):
+        torch.testing.assert_close(g_p, g, rtol=1e-12, atol=1e-12)
 
 
 def _grouped_and_loop(seed=0):
