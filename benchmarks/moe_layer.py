@@ -191,13 +191,16 @@ def synchronize() -> None:
 
 
 def measure(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step, the variants interleaved so drift hits every variant alike."""
+    """Median seconds per step, the variants interleaved so drift hits every variant alike.
+
+    The order is reversed on every other repeat, so no variant always runs right after the same one.
+    """
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    for repeat in range(repeats):
+        for name, step in list(steps.items())[:: -1 if repeat % 2 else 1]:
             synchronize()
             start = time.perf_counter()
             step()

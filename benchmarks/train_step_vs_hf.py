@@ -2,9 +2,13 @@
 
 For each family a ~50M-parameter config is built as a random ``transformers`` model (eager experts, its
 fastest CPU path; SDPA attention), converted with :func:`lightning_moe.interop.from_hf`, and both run the
-same training step (forward, cross-entropy, backward, fused AdamW for both) on the same batch, interleaved,
-float32. The median step time of several repeats gives tokens/s; peak memory is measured in a fresh
-subprocess per model (the growth of anonymous memory over a few steps). Run::
+same training step on the same batch, interleaved, float32: forward and cross-entropy, ``zero_grad``,
+backward, fused AdamW step, in the order Lightning's automatic optimization runs them (so the previous
+step's gradients are alive during the forward, for both models). Our model keeps its expert
+weight-gradient memory between steps, as ``CausalLMModule`` does by default
+(:func:`~lightning_moe.nn.reuse_expert_grad_memory`; ``--no-reuse`` turns it off). The median step time of
+several repeats gives tokens/s; peak memory is measured in a fresh subprocess per model (the growth of
+anonymous memory over a few steps). Run::
 
     python benchmarks/train_step_vs_hf.py              # all shapes
     python benchmarks/train_step_vs_hf.py --shapes mixtral --repeats 3
@@ -141,11 +145,13 @@ def hf_model(shape: str) -> torch.nn.Module:
     return model.float().train()
 
 
-def models(shape: str) -> dict[str, torch.nn.Module]:
+def models(shape: str, reuse: bool = True) -> dict[str, torch.nn.Module]:
     from lightning_moe.interop import from_hf
+    from lightning_moe.nn import reuse_expert_grad_memory
 
     hf = hf_model(shape)
     ours = from_hf(hf).train()
+    reuse_expert_grad_memory(ours, enabled=reuse)
     return {"hf": hf, "ours": ours}
 
 
@@ -159,9 +165,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
         logits = model(batch[:, :-1]).logits
         targets = batch[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)  # Lightning: training_step, zero_grad, backward, optimizer step
     loss.backward()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return loss.item()
 
 
@@ -173,9 +179,9 @@ def rss_anon_mib() -> float:
     return float("nan")
 
 
-def peak_memory(shape: str, which: str, batch_size: int, seq: int, steps: int = 3) -> float:
+def peak_memory(shape: str, which: str, batch_size: int, seq: int, reuse: bool, steps: int = 3) -> float:
     """Peak growth of anonymous memory (MiB) over a few training steps, after the model is built."""
-    model = models(shape)[which]
+    model = models(shape, reuse)[which]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = torch.randint(0, VOCAB, (batch_size, seq + 1), generator=torch.Generator().manual_seed(0))
     base, peak, done = rss_anon_mib(), [0.0], [False]
@@ -201,20 +207,25 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-reuse", action="store_true", help="our model allocates fresh expert gradients")
     parser.add_argument("--memory-child", nargs=2, metavar=("SHAPE", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        print(json.dumps(peak_memory(*args.memory_child, args.batch, args.seq)))
+        print(json.dumps(peak_memory(*args.memory_child, args.batch, args.seq, not args.no_reuse)))
         return
     tokens = args.batch * args.seq
-    print(f"torch {torch.__version__}, {args.threads} threads, float32, {tokens} tokens/step, median of {args.repeats}")
+    reuse = "fresh expert gradients" if args.no_reuse else "expert gradient memory kept"
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, float32, {tokens} tokens/step, "
+        f"median of {args.repeats}; {reuse}"
+    )
     columns = ["shape", "params", "HF step (s)", "ours step (s)", "speed-up", "HF tok/s", "ours tok/s"]
     columns += ["HF peak MiB", "ours peak MiB"]
     print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
-        pair = models(shape)
+        pair = models(shape, not args.no_reuse)
         params = sum(p.numel() for p in pair["ours"].parameters())
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in pair.items()}
         batch = torch.randint(0, VOCAB, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
@@ -231,7 +242,7 @@ def main() -> None:
         mem = {}
         for k in pair:
             cmd = [sys.executable, __file__, "--memory-child", shape, k, "--batch", str(args.batch), "--seq",
-                   str(args.seq), "--threads", str(args.threads)]  # fmt: skip
+                   str(args.seq), "--threads", str(args.threads)] + ["--no-reuse"] * args.no_reuse  # fmt: skip
             mem[k] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
         print(
             f"| {shape} | {params / 1e6:.0f}M | {med['hf']:.3f} | {med['ours']:.3f} | {med['hf'] / med['ours']:.2f}x | "

@@ -64,9 +64,11 @@ class MoELanguageModule(L.LightningModule):
             ``split_hidden``, ``zero_router``); ``num_experts`` and ``top_k`` default to the preset's. Set (with
             ``upcycle_from`` unset) it upcycles the freshly built dense model, which is how a checkpointed upcycled
             run is rebuilt.
-        reuse_expert_grad_memory: Keep the expert weight-gradient memory between steps
-            (:func:`lightning_moe.nn.experts.reuse_expert_grad_memory`): faster on the CPU with many or large
-            experts, at up to the expert gradients' size in extra peak memory.
+        reuse_expert_grad_memory: Keep the expert weight-gradient memory between steps on the CPU
+            (:func:`lightning_moe.nn.experts.reuse_expert_grad_memory`): writing the gradients into mapped
+            memory instead of fresh pages makes steps with many or large experts faster (256 experts: ~15%);
+            under Lightning's loop the previous gradients are alive during the forward anyway, so the peak
+            grows only where the backward starts (by up to the expert gradients' size). No effect on CUDA.
 
     Raises:
         ValueError: For an unknown preset (with close matches), an unknown override or a bad argument.
@@ -89,7 +91,7 @@ class MoELanguageModule(L.LightningModule):
         init_from: str | None = None,
         upcycle_from: str | None = None,
         upcycle: dict[str, Any] | None = None,
-        reuse_expert_grad_memory: bool = False,
+        reuse_expert_grad_memory: bool = True,
     ) -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:

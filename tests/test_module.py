@@ -130,8 +130,8 @@ def test_reused_expert_grad_memory_trains_like_fresh_memory():
     # Two identical modules, one keeping its expert gradient memory: same gradients over steps with
     # set_to_none zeroing, and the kept module's expert .grad lives in the same memory every step.
     torch.manual_seed(0)
-    fresh = CausalLMModule(arch="mixtral-tiny")
-    kept = CausalLMModule(arch="mixtral-tiny", reuse_expert_grad_memory=True)
+    fresh = CausalLMModule(arch="mixtral-tiny", reuse_expert_grad_memory=False)
+    kept = CausalLMModule(arch="mixtral-tiny")  # the default
     kept.load_state_dict(fresh.state_dict())
     experts = [m for m in kept.model.modules() if m.__class__.__name__ == "GroupedExperts"]
     assert experts and all(e.grad_buffers is not None for e in experts)

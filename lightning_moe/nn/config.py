@@ -140,6 +140,9 @@ class ExpertsConfig:
             ``torch._grouped_mm`` calls over all experts, no host sync; the CUDA choice, needs torch >= 2.8,
             bfloat16 on an SM80+ GPU and ``D``, ``F`` multiples of 8 on CUDA) or ``"auto"`` (``grouped_mm``
             where it applies, else ``fused``).
+        batch_experts: Let the fused kernel run neighbouring experts with equal row counts as one batched
+            matmul (on the CPU also padding pairs of small neighbouring blocks to one count); ``False`` runs
+            one expert at a time (the same results up to float rounding).
     """
 
     hidden_dim: int = 1024
@@ -148,6 +151,7 @@ class ExpertsConfig:
     init_std: float = 0.02
     out_init_std: float | None = None
     kernel: str = "auto"
+    batch_experts: bool = True
 
     def __post_init__(self) -> None:
         _check(self.hidden_dim >= 1, "hidden_dim", self.hidden_dim, "must be >= 1")

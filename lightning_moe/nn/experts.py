@@ -43,9 +43,13 @@ class GradBuffers:
     shares its memory (storage use count), so a gradient still held as ``.grad`` (accumulation over
     micro-batches, ``set_to_none=False``) or by anyone else gets fresh memory, as without the buffers.
 
-    The price is memory: the gradients' memory stays allocated between steps, so the next forward's
-    activations come on top of it; the peak grows by up to the expert gradients' size. Needs
-    ``torch._C._storage_Use_Count``; without it nothing is reused. Turned on by :func:`reuse_expert_grad_memory`.
+    The price is memory where the gradients would otherwise be freed before the peak: with a loop that zeroes
+    the gradients after the optimizer step, the next forward's activations come on top of the kept memory
+    and the peak grows by up to the expert gradients' size. Lightning zeroes them between the forward and the
+    backward, so the previous step's gradients are alive during the forward anyway; only the start of the
+    backward holds more than without the buffers. Only CPU tensors are kept (CUDA's caching allocator
+    already reuses memory). Needs ``torch._C._storage_Use_Count``; without it nothing is reused. Turned on by
+    :func:`reuse_expert_grad_memory` (``CausalLMModule`` does so by default).
     """
 
     def __init__(self) -> None:
@@ -57,7 +61,7 @@ class GradBuffers:
 
     def empty_like(self, key: str, like: Tensor) -> Tensor:
         """An uninitialised tensor shaped like ``like``, on the memory kept under ``key`` when it is free."""
-        if not hasattr(torch._C, "_storage_Use_Count"):
+        if not hasattr(torch._C, "_storage_Use_Count") or like.device.type != "cpu":
             return torch.empty_like(like)
         kept = self._buffers.get(key)
         if kept is not None:
@@ -145,13 +149,15 @@ class _GroupedExpertMLP(torch.autograd.Function):
         counts: list[int],
         activation: str,
         grad_buffers: GradBuffers | None = None,
+        max_batch_rows: int = BATCH_MAX_ROWS,
     ) -> Tensor:
         act = activation_fn(activation)
         num_copies, dim, hidden = sum(counts), x.shape[-1], w1_EDF.shape[-1]
         h1_NF = x.new_empty(num_copies, hidden)
         h3_NF = x.new_empty(num_copies, hidden) if w3_EDF is not None else None
         out = torch.zeros_like(x) if rows_N is not None else x.new_empty(num_copies, dim)
-        for first, size, rows, start in expert_batches(counts):
+        batches = expert_batches(counts, max_batch_rows)
+        for first, size, rows, start in batches:
             block, experts = slice(start, start + size * rows), slice(first, first + size)
             x_GMD = (x[block] if rows_N is None else x.index_select(0, rows_N[block])).view(size, rows, dim)
             g_GMF = act(torch.bmm(x_GMD, w1_EDF[experts], out=h1_NF[block].view(size, rows, hidden)))
@@ -164,7 +170,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
             else:
                 out.index_add_(0, rows_N[block], torch.bmm(g_GMF, w2_EFD[experts]).view(-1, dim))
         ctx.save_for_backward(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, h1_NF, h3_NF)
-        ctx.counts, ctx.activation, ctx.grad_buffers = counts, activation, grad_buffers
+        ctx.counts, ctx.batches, ctx.activation, ctx.grad_buffers = counts, batches, activation, grad_buffers
         return out
 
     @staticmethod
@@ -188,7 +194,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
                 for dw in (dw1, dw3, dw2):
                     if dw is not None:
                         dw[e].zero_()
-        for first, size, rows, start in expert_batches(ctx.counts):
+        for first, size, rows, start in ctx.batches:
             block, experts = slice(start, start + size * rows), slice(first, first + size)
             x_GMD = (x[block] if rows_N is None else x.index_select(0, rows_N[block])).view(size, rows, dim)
             dout_GMD = (dout[block] if rows_N is None else dout.index_select(0, rows_N[block])).view(size, rows, dim)
@@ -225,7 +231,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
                     dx[block] = dx_GMD.view(-1, dim)
                 else:
                     dx.index_add_(0, rows_N[block], dx_GMD.view(-1, dim))
-        return dx, None, dweights_N, dw1, dw3, dw2, None, None, None
+        return dx, None, dweights_N, dw1, dw3, dw2, None, None, None, None
 
 
 def _grouped_mm_mlp(
@@ -281,6 +287,7 @@ def grouped_expert_mlp(
     weights_N: Tensor | None = None,
     kernel: str = "auto",
     grad_buffers: GradBuffers | None = None,
+    batch_experts: bool = True,
 ) -> Tensor:
     """Run expert ``e`` (weights ``w*[e]``) on its contiguous block of expert-sorted copies.
 
@@ -300,6 +307,8 @@ def grouped_expert_mlp(
         weights_N: Combine weight of each copy (with ``rows_N``).
         kernel: ``"fused"``, ``"grouped_mm"`` or ``"auto"`` (see ``ExpertsConfig.kernel``).
         grad_buffers: Where the fused kernel takes its weight-gradient memory from (``None``: fresh memory).
+        batch_experts: Whether the fused kernel batches neighbouring experts with equal row counts
+            (:func:`expert_batches`); else one expert at a time.
 
     Returns:
         ``(N, D)`` outputs in the order of the copies, or ``(T, D)`` combined outputs with ``rows_N``.
@@ -338,7 +347,10 @@ def grouped_expert_mlp(
         if kernel != "fused":
             raise ValueError(f"kernel={kernel!r} is invalid: expected one of ('auto', 'fused', 'grouped_mm')")
         counts = host_counts if host_counts is not None else _counts_list(counts_E)
-        return _GroupedExpertMLP.apply(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation, grad_buffers)
+        max_rows = BATCH_MAX_ROWS if batch_experts else 1
+        return _GroupedExpertMLP.apply(
+            x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation, grad_buffers, max_rows
+        )
 
 
 def reuse_expert_grad_memory(model: nn.Module, enabled: bool = True) -> int:
@@ -346,8 +358,8 @@ def reuse_expert_grad_memory(model: nn.Module, enabled: bool = True) -> int:
 
     A CPU speed option (see :class:`GradBuffers`): saves the page faults of re-allocating the expert
     gradients every step (~20% of the layer time at 256 experts of hidden 512) at the cost of up to their
-    size in peak memory. On CUDA the caching allocator already reuses memory; it changes nothing there
-    that matters.
+    size in peak memory (see :class:`GradBuffers` for when). CUDA tensors are never kept: the caching
+    allocator already reuses memory there.
 
     Args:
         model: Any module.
@@ -416,10 +428,11 @@ class GroupedExperts(nn.Module):
         """
         if x.device.type != "cpu" or not self.needs_host_counts(x):
             return counts
+        group = max(2, torch.get_num_threads()) if self.config.batch_experts else 1
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         align = ROW_ALIGNMENT if dtype in (torch.bfloat16, torch.float16) else 1
-        return padded_counts(counts, align, group=max(2, torch.get_num_threads()))
+        return padded_counts(counts, align, group)
 
     def forward(self, x_ND: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         """Run every expert on its contiguous block of expert-sorted rows.
@@ -440,6 +453,7 @@ class GroupedExperts(nn.Module):
             self.config.activation,
             kernel=self.config.kernel,
             grad_buffers=self.grad_buffers,
+            batch_experts=self.config.batch_experts,
         )
 
     def forward_scatter(
@@ -467,6 +481,7 @@ class GroupedExperts(nn.Module):
             weights_N,
             self.config.kernel,
             grad_buffers=self.grad_buffers,
+            batch_experts=self.config.batch_experts,
         )
 
     def unbind_experts(self) -> list[tuple[Tensor, Tensor | None, Tensor]]:

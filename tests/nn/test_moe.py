@@ -1,3 +1,4 @@
+import dataclasses
 import copy
 
 import pytest
@@ -611,3 +612,42 @@ def test_grad_memory_reuse_is_off_by_default_and_can_be_turned_off():
     assert layer.experts.grad_buffers is not None
     reuse_expert_grad_memory(layer, enabled=False)
     assert layer.experts.grad_buffers is None
+
+
+def test_grad_buffers_keep_only_cpu_memory():
+    from lightning_moe.nn.experts import GradBuffers
+
+    buffers = GradBuffers()
+    cpu = torch.empty(4, 3)
+    first = buffers.empty_like("w", cpu)
+    del first
+    assert buffers.empty_like("w", cpu).data_ptr() == buffers._buffers["w"][0].data_ptr()  # reused once free
+    meta = torch.empty(4, 3, device="meta")  # any non-CPU device: a fresh tensor, nothing kept
+    assert buffers.empty_like("m", meta).device.type == "meta" and "m" not in buffers._buffers
+
+
+@pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
+def test_batched_experts_match_one_expert_at_a_time(kind):
+    # Expert choice gives every expert the same row count (one batch of all experts); token choice gets
+    # padded pairs. Both against batch_experts=False, which runs and pads nothing together.
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        dim=8,
+        router=RouterConfig(num_experts=6, top_k=2, kind=kind),
+        experts=ExpertsConfig(hidden_dim=8),
+        capacity_factor=1.0 if kind == "expert_choice" else None,
+    )
+    batched, single = _pair(cfg)
+    single.experts.config = dataclasses.replace(cfg.experts, batch_experts=False)
+    x = torch.randn(40, 8, dtype=torch.float64)
+    assert single.experts.padded_counts(x, [3, 5, 4]) == [3, 5, 4]
+    assert batched.experts.padded_counts(x, [3, 5, 4, 0]) == [5, 5, 4, 0]
+    xb, xs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (yb, _), (ys, _) = batched(xb), single(xs)
+    torch.testing.assert_close(yb, ys, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(yb)
+    (yb * grad).sum().backward()
+    (ys * grad).sum().backward()
+    torch.testing.assert_close(xb.grad, xs.grad, rtol=1e-12, atol=1e-12)
+    for (name, pb), (_, ps) in zip(batched.named_parameters(), single.named_parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, ps.grad, rtol=1e-12, atol=1e-12, msg=name)
