@@ -9,7 +9,8 @@ Two series, D=512, 8192 tokens, float32, forward+backward, ratios to 8 experts:
   so both the active and the total parameters stay fixed; only the routing granularity grows.
 
 For each expert count the grouped layer runs interleaved with the same layer keeping its weight-gradient
-memory between steps (:func:`~lightning_moe.nn.reuse_expert_grad_memory`), then with the reference loop. Run::
+memory between steps (:func:`~lightning_moe.nn.reuse_expert_grad_memory`, what ``CausalLMModule`` does by
+default), then with the reference loop. Run::
 
     python benchmarks/expert_scaling.py
     python benchmarks/expert_scaling.py --mode fine --experts 8,32,64,128

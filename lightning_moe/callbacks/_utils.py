@@ -1,4 +1,4 @@
-"""Helpers the MoE callbacks share: finding the MoE layers, summing counts over ranks, reaching TensorBoard."""
+"""Helpers the MoE callbacks share: MoE layers, optimizer-step boundaries, sums over ranks, TensorBoard."""
 
 from __future__ import annotations
 
@@ -27,6 +27,29 @@ def router_stats(outputs: Any) -> list[MoEStats] | None:
         if stats:
             return list(stats)
     return None
+
+
+class StepBoundary:
+    """Finds the end of each optimizer step among the batch ends.
+
+    With gradient accumulation Lightning calls ``on_train_batch_end`` for every micro-batch, and
+    ``trainer.global_step`` moves on only when the optimizer steps; a callback that sums statistics over a
+    window closes it at the first batch end after the step count moved on.
+    """
+
+    def __init__(self) -> None:
+        self.seen_step = -1
+
+    def start(self, trainer: pl.Trainer) -> None:
+        """Count from the trainer's current step (call from ``on_train_start``; resumed runs start late)."""
+        self.seen_step = trainer.global_step
+
+    def crossed(self, trainer: pl.Trainer) -> bool:
+        """True once per optimizer step: at the first call after ``trainer.global_step`` moved on."""
+        if trainer.global_step == self.seen_step:
+            return False
+        self.seen_step = trainer.global_step
+        return True
 
 
 def reduce_sum(trainer: pl.Trainer, tensor: Tensor) -> Tensor:

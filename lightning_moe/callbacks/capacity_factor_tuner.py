@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_moe.callbacks._utils import log_scalars, moe_layers, router_stats
+from lightning_moe.callbacks._utils import StepBoundary, log_scalars, moe_layers, router_stats
 from lightning_moe.nn.capacity import expert_capacity
 from lightning_moe.nn.moe import MoELayer
 
@@ -85,7 +85,7 @@ class CapacityFactorTuner(Callback):
         self.history: list[dict[str, Any]] = []
         # Per tuned layer index: this window's batches as rows of (num_tokens, routed copies per expert...).
         self._batches: dict[int, list[Tensor]] = {}
-        self._seen_step = -1
+        self._steps = StepBoundary()
 
     def _tuned(self, pl_module: pl.LightningModule) -> list[tuple[int, str, MoELayer]]:
         return [
@@ -115,7 +115,7 @@ class CapacityFactorTuner(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._seen_step = trainer.global_step  # windows close when the step count moves on from here
+        self._steps.start(trainer)  # windows close when the step count moves on from here
 
     @override
     def on_train_batch_end(
@@ -128,9 +128,8 @@ class CapacityFactorTuner(Callback):
                 s = stats[i]
                 row = torch.cat([s.num_tokens.reshape(1).double(), s.tokens_per_expert.double()])
                 self._batches.setdefault(i, []).append(row)
-        if trainer.global_step == self._seen_step:
+        if not self._steps.crossed(trainer):
             return
-        self._seen_step = trainer.global_step
         if trainer.global_step % self.interval == 0 and self._batches:
             self._update(trainer, pl_module, tuned)
 

@@ -12,7 +12,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_moe.callbacks._utils import log_scalars, moe_layers, reduce_sum, router_stats, tensorboard
+from lightning_moe.callbacks._utils import (
+    StepBoundary,
+    log_scalars,
+    moe_layers,
+    reduce_sum,
+    router_stats,
+    tensorboard,
+)
 from lightning_moe.nn.moe import MoELayer
 
 ACTIONS = ("warn", "stop", "revive")
@@ -104,11 +111,11 @@ class ExpertCollapseDetector(Callback):
         # Counts since the last optimizer step: per layer (E,) routed copies, tokens, entropy * tokens.
         self._routed: list[Tensor] | None = None
         self._tokens: Tensor | None = None
-        self._seen_step = -1
+        self._steps = StepBoundary()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._seen_step = trainer.global_step  # windows close when the step count moves on from here
+        self._steps.start(trainer)  # windows close when the step count moves on from here
 
     @override
     def on_train_batch_end(
@@ -124,9 +131,8 @@ class ExpertCollapseDetector(Callback):
                 tokens = s.num_tokens.double()
                 self._tokens[i, 0] += tokens
                 self._tokens[i, 1] += s.router_entropy.double() * tokens
-        if trainer.global_step == self._seen_step or self._routed is None:
+        if self._routed is None or not self._steps.crossed(trainer):
             return
-        self._seen_step = trainer.global_step
         routed, tokens = self._routed, self._tokens
         self._routed = self._tokens = None
         self._check(trainer, pl_module, routed, tokens)

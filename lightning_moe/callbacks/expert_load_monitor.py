@@ -11,7 +11,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_moe.callbacks._utils import log_scalars, moe_layers, reduce_sum, router_stats, tensorboard
+from lightning_moe.callbacks._utils import (
+    StepBoundary,
+    log_scalars,
+    moe_layers,
+    reduce_sum,
+    router_stats,
+    tensorboard,
+)
 from lightning_moe.callbacks.heatmap import load_heatmap
 from lightning_moe.nn.moe import MoEStats
 
@@ -76,7 +83,7 @@ class ExpertLoadMonitor(Callback):
         self.last_metrics: dict[str, float] = {}
         self.last_load: Tensor | None = None
         self._window: dict[str, Tensor] | None = None
-        self._seen_step = -1
+        self._steps = StepBoundary()
         self._names_logged = False
 
     # -- accumulation ---------------------------------------------------------------------------------
@@ -112,7 +119,7 @@ class ExpertLoadMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._seen_step = trainer.global_step  # windows close when the step count moves on from here
+        self._steps.start(trainer)  # windows close when the step count moves on from here
 
     @override
     def on_train_batch_end(
@@ -121,10 +128,9 @@ class ExpertLoadMonitor(Callback):
         stats = router_stats(outputs)
         if stats is not None:
             self._add(stats)
-        step = trainer.global_step
-        if step == self._seen_step:
+        if not self._steps.crossed(trainer):
             return  # mid gradient accumulation: the window closes at optimizer steps only
-        self._seen_step = step
+        step = trainer.global_step
         if step % self.logging_interval == 0 and self._window is not None:
             self._emit(trainer, pl_module, step)
 
