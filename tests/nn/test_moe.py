@@ -1,5 +1,5 @@
-import dataclasses
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -447,9 +447,13 @@ def test_padded_expert_blocks_change_no_output_or_gradient():
     args = (experts.w1, experts.w3, experts.w2, "silu")
     y = grouped_expert_mlp(x, counts, *args, token_ids, weights)
     y_p = grouped_expert_mlp(x, counts_p, *args, rows_p, weights_p)
+    _assert_same_values_and_grads(y_p, y, (x, weights, experts.w1, experts.w3, experts.w2))
+
+
+def _assert_same_values_and_grads(y_p, y, inputs):
+    """``y_p`` equals ``y`` (float64, to 1e-12), and so do their gradients into every input."""
     torch.testing.assert_close(y_p, y, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(y)
-    inputs = (x, weights, experts.w1, experts.w3, experts.w2)
     grads = torch.autograd.grad((y * grad).sum(), inputs)
     grads_p = torch.autograd.grad((y_p * grad).sum(), inputs)
     for g, g_p in zip(grads, grads_p, strict=True):
@@ -535,13 +539,7 @@ def test_expert_batches_and_their_padding_change_no_output_or_gradient():
     for e, y_e in enumerate(one_by_one):
         y = y.index_add(0, token_ids[expert_ids == e], y_e * weights[expert_ids == e].unsqueeze(-1))
     y_p = grouped_expert_mlp(x, counts_p, *args, rows_p, weights_p)
-    torch.testing.assert_close(y_p, y, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(y)
-    inputs = (x, weights, experts.w1, experts.w3, experts.w2)
-    grads = torch.autograd.grad((y * grad).sum(), inputs)
-    grads_p = torch.autograd.grad((y_p * grad).sum(), inputs)
-    for g, g_p in zip(grads, grads_p, strict=True):
-        torch.testing.assert_close(g_p, g, rtol=1e-12, atol=1e-12)
+    _assert_same_values_and_grads(y_p, y, (x, weights, experts.w1, experts.w3, experts.w2))
 
 
 def _grouped_and_loop(seed=0):
