@@ -129,23 +129,12 @@ def padded_counts(counts: list[int], align: int = 1, group: int = 1) -> list[int
     return padded
 
 
-def _bmm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """``out = a @ b`` (batched), computed in ``a``'s dtype and converted when ``out`` has another one."""
-    if out.dtype == a.dtype:
-        torch.bmm(a, b, out=out)
-    else:
-        out.copy_(torch.bmm(a, b))
-
-
 class _GroupedExpertMLP(torch.autograd.Function):
     """``out[rows[n]] += weights[n] * expert_e(x[rows[n]])`` for copies ``n`` of expert ``e``, sorted by expert.
 
     With ``rows=None`` row ``n`` of ``x`` is copy ``n`` and the output is ``(N, D)`` in the same order.
     Experts run in the batches of :func:`expert_batches`: ``G`` experts of ``M`` rows each as ``(G, M, .)``
-    views and one ``bmm`` per matmul (a single expert is a batch of one). The matmuls run in ``x``'s dtype:
-    weights of another dtype (float32 masters under autocast) are cast once in the forward and the copies
-    kept for the backward, and their gradients are computed in ``x``'s dtype and written straight into
-    gradients of the weights' own dtype (into the kept memory of ``grad_buffers``, if given).
+    views and one ``bmm`` per matmul (a single expert is a batch of one).
     """
 
     @staticmethod
@@ -167,30 +156,26 @@ class _GroupedExpertMLP(torch.autograd.Function):
         h1_NF = x.new_empty(num_copies, hidden)
         h3_NF = x.new_empty(num_copies, hidden) if w3_EDF is not None else None
         out = torch.zeros_like(x) if rows_N is not None else x.new_empty(num_copies, dim)
-        c1_EDF, c2_EFD = w1_EDF.to(x.dtype), w2_EFD.to(x.dtype)  # the weights themselves when dtypes match
-        c3_EDF = w3_EDF.to(x.dtype) if w3_EDF is not None else None
         batches = expert_batches(counts, max_batch_rows)
         for first, size, rows, start in batches:
             block, experts = slice(start, start + size * rows), slice(first, first + size)
             x_GMD = (x[block] if rows_N is None else x.index_select(0, rows_N[block])).view(size, rows, dim)
-            w2_GFD = c2_EFD[experts]
-            g_GMF = act(torch.bmm(x_GMD, c1_EDF[experts], out=h1_NF[block].view(size, rows, hidden)))
+            g_GMF = act(torch.bmm(x_GMD, w1_EDF[experts], out=h1_NF[block].view(size, rows, hidden)))
             if h3_NF is not None:
-                h3_GMF = h3_NF[block].view(size, rows, hidden)
-                g_GMF = g_GMF.mul_(torch.bmm(x_GMD, c3_EDF[experts], out=h3_GMF))
+                g_GMF = g_GMF.mul_(torch.bmm(x_GMD, w3_EDF[experts], out=h3_NF[block].view(size, rows, hidden)))
             if weights_N is not None:
                 g_GMF = g_GMF.mul_(weights_N[block].view(size, rows, 1))
             if rows_N is None:
-                torch.bmm(g_GMF, w2_GFD, out=out[block].view(size, rows, dim))
+                torch.bmm(g_GMF, w2_EFD[experts], out=out[block].view(size, rows, dim))
             else:
-                out.index_add_(0, rows_N[block], torch.bmm(g_GMF, w2_GFD).view(-1, dim))
-        ctx.save_for_backward(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, c1_EDF, c3_EDF, c2_EFD, h1_NF, h3_NF)
+                out.index_add_(0, rows_N[block], torch.bmm(g_GMF, w2_EFD[experts]).view(-1, dim))
+        ctx.save_for_backward(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, h1_NF, h3_NF)
         ctx.counts, ctx.batches, ctx.activation, ctx.grad_buffers = counts, batches, activation, grad_buffers
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, c1_EDF, c3_EDF, c2_EFD, h1_NF, h3_NF = ctx.saved_tensors
+        x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, h1_NF, h3_NF = ctx.saved_tensors
         act, act_grad = activation_fn(ctx.activation), activation_grad_fn(ctx.activation)
         need_x, _, need_weights, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:6]
         dim, hidden = x.shape[-1], w1_EDF.shape[-1]
@@ -217,16 +202,16 @@ class _GroupedExpertMLP(torch.autograd.Function):
             h3_GMF = h3_NF[block].view(size, rows, hidden) if h3_NF is not None else None
             a_GMF = act(h1_GMF)
             g_GMF = a_GMF * h3_GMF if h3_GMF is not None else a_GMF
-            dg_GMF = torch.bmm(dout_GMD, c2_EFD[experts].transpose(1, 2))
+            dg_GMF = torch.bmm(dout_GMD, w2_EFD[experts].transpose(1, 2))
             if weights_N is not None:
                 w_GM1 = weights_N[block].view(size, rows, 1)
                 if dw2 is not None:
-                    _bmm_into(dw2[experts], (g_GMF * w_GM1).transpose(1, 2), dout_GMD)
+                    torch.bmm((g_GMF * w_GM1).transpose(1, 2), dout_GMD, out=dw2[experts])
                 if dweights_N is not None:
                     dweights_N[block] = (dg_GMF * g_GMF).sum(-1).view(-1)
                 dg_GMF = dg_GMF * w_GM1
             elif dw2 is not None:
-                _bmm_into(dw2[experts], g_GMF.transpose(1, 2), dout_GMD)
+                torch.bmm(g_GMF.transpose(1, 2), dout_GMD, out=dw2[experts])
             if h3_GMF is not None:
                 dh3_GMF = dg_GMF * a_GMF
                 dh1_GMF = act_grad(dg_GMF * h3_GMF, h1_GMF)
@@ -235,13 +220,13 @@ class _GroupedExpertMLP(torch.autograd.Function):
                 dh1_GMF = act_grad(dg_GMF, h1_GMF)
             x_GDM = x_GMD.transpose(1, 2)
             if dw1 is not None:
-                _bmm_into(dw1[experts], x_GDM, dh1_GMF)
+                torch.bmm(x_GDM, dh1_GMF, out=dw1[experts])
             if dw3 is not None:
-                _bmm_into(dw3[experts], x_GDM, dh3_GMF)
+                torch.bmm(x_GDM, dh3_GMF, out=dw3[experts])
             if dx is not None:
-                dx_GMD = torch.bmm(dh1_GMF, c1_EDF[experts].transpose(1, 2))
+                dx_GMD = torch.bmm(dh1_GMF, w1_EDF[experts].transpose(1, 2))
                 if dh3_GMF is not None:
-                    dx_GMD.baddbmm_(dh3_GMF, c3_EDF[experts].transpose(1, 2))
+                    dx_GMD.baddbmm_(dh3_GMF, w3_EDF[experts].transpose(1, 2))
                 if rows_N is None:
                     dx[block] = dx_GMD.view(-1, dim)
                 else:
@@ -340,7 +325,9 @@ def grouped_expert_mlp(
         raise ValueError(f"counts_E sums to {sum(host_counts)}, but there are {num_rows} copies: they must match")
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        x = x.to(torch.get_autocast_dtype(device_type))
+        dtype = torch.get_autocast_dtype(device_type)
+        x, w1_EDF, w2_EFD = x.to(dtype), w1_EDF.to(dtype), w2_EFD.to(dtype)
+        w3_EDF = w3_EDF.to(dtype) if w3_EDF is not None else None
     if weights_N is not None:
         weights_N = weights_N.to(x.dtype)
     if kernel == "auto":
@@ -356,15 +343,11 @@ def grouped_expert_mlp(
             counts = (
                 counts_E.to(x.device) if isinstance(counts_E, Tensor) else torch.tensor(host_counts, device=x.device)
             )
-            w1_EDF, w2_EFD = w1_EDF.to(x.dtype), w2_EFD.to(x.dtype)  # differentiable casts of the whole weights
-            w3_EDF = w3_EDF.to(x.dtype) if w3_EDF is not None else None
             return _grouped_mm_mlp(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation)
         if kernel != "fused":
             raise ValueError(f"kernel={kernel!r} is invalid: expected one of ('auto', 'fused', 'grouped_mm')")
         counts = host_counts if host_counts is not None else _counts_list(counts_E)
         max_rows = BATCH_MAX_ROWS if batch_experts else 1
-        # The fused kernel casts the weights to x's dtype itself and writes their gradients in the weights' own
-        # dtype: no autograd cast whose backward would put the float32 gradients in fresh memory every step.
         return _GroupedExpertMLP.apply(
             x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation, grad_buffers, max_rows
         )

@@ -649,28 +649,3 @@ def test_batched_experts_match_one_expert_at_a_time(kind):
     torch.testing.assert_close(xb.grad, xs.grad, rtol=1e-12, atol=1e-12)
     for (name, pb), (_, ps) in zip(batched.named_parameters(), single.named_parameters(), strict=True):
         torch.testing.assert_close(pb.grad, ps.grad, rtol=1e-12, atol=1e-12, msg=name)
-
-
-def test_autocast_casts_weights_in_the_kernel_like_casting_them_whole():
-    # Under autocast the fused kernel casts the float32 weights to bfloat16 itself and writes float32
-    # gradients; the same as multiplying bfloat16 copies of the weights and upcasting their gradients.
-    from lightning_moe.nn.experts import grouped_expert_mlp
-
-    torch.manual_seed(0)
-    experts = MoELayer(
-        MoEConfig(dim=16, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=32))
-    ).experts
-    x = torch.randn(20, 16)
-    token_ids = torch.randint(0, 20, (40,))
-    weights = torch.rand(40)
-    counts = [12, 12, 6, 10]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = grouped_expert_mlp(x, counts, experts.w1, experts.w3, experts.w2, "silu", token_ids, weights)
-    copies = [w.detach().to(torch.bfloat16).requires_grad_(True) for w in (experts.w1, experts.w3, experts.w2)]
-    y_ref = grouped_expert_mlp(x.to(torch.bfloat16), counts, *copies, "silu", token_ids, weights.to(torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
-    grad = torch.randn_like(y)
-    grads = torch.autograd.grad((y.float() * grad.float()).sum(), (experts.w1, experts.w3, experts.w2))
-    grads_ref = torch.autograd.grad((y_ref.float() * grad.float()).sum(), copies)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        assert g.dtype == torch.float32 and torch.equal(g, g_ref.float())
