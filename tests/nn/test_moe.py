@@ -587,6 +587,61 @@ def test_weight_gradients_held_as_grad_are_never_overwritten(zero):
             torch.testing.assert_close(getattr(grouped.experts, name).grad, getattr(loop.experts, name).grad)
 
 
+def _bf16_kept_and_fresh(seed):
+    from lightning_moe.nn import reuse_expert_grad_memory
+
+    torch.manual_seed(seed)
+    cfg = MoEConfig(dim=16, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=32))
+    kept = MoELayer(cfg)
+    fresh = copy.deepcopy(kept)
+    reuse_expert_grad_memory(kept)
+    return kept, fresh
+
+
+def _bf16_loss(layer, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(x)
+    return y.float().square().sum()
+
+
+def _assert_same_expert_grads(a, b):
+    for name in ("w1", "w2", "w3"):
+        grad_a, grad_b = getattr(a.experts, name).grad, getattr(b.experts, name).grad
+        assert grad_a.dtype == torch.float32 and torch.equal(grad_a, grad_b), name
+
+
+def test_autocast_weight_casts_go_to_kept_memory_and_match_fresh_casts():
+    # Under bf16 autocast the stacked weights are cast to bf16 and their gradients back to float32 on kept
+    # memory: the same bits as fresh casts, the same memory every step, and the float32 gradient is .grad.
+    kept, fresh = _bf16_kept_and_fresh(0)
+    first = None
+    for _ in range(3):
+        x = torch.randn(2, 11, 16)
+        for layer in (kept, fresh):
+            layer.zero_grad(set_to_none=True)
+            _bf16_loss(layer, x).backward()
+        _assert_same_expert_grads(kept, fresh)
+        buffers = {key: buffer.data_ptr() for key, (buffer, _) in kept.experts.grad_buffers._buffers.items()}
+        assert buffers["w1.cast"] != buffers["w1"]  # the bf16 copy and the bf16 gradient are apart
+        assert kept.experts.grad_buffers._buffers["w2.cast"][0].dtype == torch.bfloat16
+        assert kept.experts.w2.grad.data_ptr() == buffers["w2.grad"]
+        first = first or buffers
+        assert buffers == first  # nothing allocated afresh after the first step
+
+
+def test_kept_weight_casts_are_not_reused_while_a_graph_holds_them():
+    # Two forwards before one backward, the weights changed in between: the first graph must keep the bf16
+    # copy of the weights it ran with.
+    kept, fresh = _bf16_kept_and_fresh(1)
+    x1, x2 = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    for layer in (kept, fresh):
+        first = _bf16_loss(layer, x1)
+        with torch.no_grad():
+            layer.experts.w1.mul_(2)
+        (first + _bf16_loss(layer, x2)).backward()
+    _assert_same_expert_grads(kept, fresh)
+
+
 def test_layer_with_kept_gradient_memory_deep_copies_and_pickles():
     import pickle
 
