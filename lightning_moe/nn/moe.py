@@ -124,14 +124,17 @@ class MoELayer(nn.Module):
             raise ValueError(f"mask.shape={tuple(mask.shape)} is invalid: expected {tuple(x.shape[:-1])}")
         x_TD = x.reshape(-1, cfg.dim)
         mask_T = None if mask is None else mask.reshape(-1).bool()
-        # With padding the capacity comes from the real token count. Token choice keeps it on the device (no
-        # wait for a GPU); expert choice sizes its top-k with it, so it reads the count on the host.
+        # With padding the capacity comes from the real token count, kept on the device (no wait for a GPU).
+        # Expert choice sizes its top-k with the capacity of all tokens and uses only the live slots.
         capacity = self.capacity(x_TD.shape[0])
+        live_capacity = None
         if capacity is not None and mask_T is not None:
-            num_real = mask_T.sum()
-            capacity = self.capacity(int(num_real) if cfg.router.kind == "expert_choice" else num_real)
+            if cfg.router.kind == "expert_choice":
+                live_capacity = self.capacity(mask_T.sum())
+            else:
+                capacity = self.capacity(mask_T.sum())
 
-        routing = self.router(x_TD, mask_T, capacity)
+        routing = self.router(x_TD, mask_T, capacity, live_capacity)
         keep_N = routing.keep_N
         if capacity is not None and routing.top_k is not None:
             order_N = priority_order(routing.weights_N, routing.top_k, cfg.drop_priority)

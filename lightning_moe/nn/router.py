@@ -134,13 +134,24 @@ class Router(nn.Module):
                 x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
             return F.linear(x_TD, self.gate.weight.to(dtype))
 
-    def forward(self, x_TD: Tensor, mask_T: Tensor | None = None, capacity: int | None = None) -> Routing:
+    def forward(
+        self,
+        x_TD: Tensor,
+        mask_T: Tensor | None = None,
+        capacity: int | None = None,
+        live_capacity: Tensor | None = None,
+    ) -> Routing:
         """Route tokens.
 
         Args:
             x_TD: Flattened tokens.
             mask_T: True for real tokens, False for padding (``None``: all real).
             capacity: Tokens per expert ``C``; required for expert choice, ignored for token choice.
+            live_capacity: Expert choice only: the slots per expert that are used, as a tensor ``<= C`` that
+                may stay on the device (with padding: the capacity of the real-token count). Each expert still
+                picks its top ``C`` tokens, ``C`` a size known on the host; the slots past ``live_capacity``
+                are marked dead in ``keep_N``. Since padding ranks last, the live slots hold the same tokens as
+                a top-``live_capacity`` choice, without reading the count back to size it.
 
         Returns:
             The routing of every token copy.
@@ -149,7 +160,7 @@ class Router(nn.Module):
         if self.config.kind == "expert_choice":
             if capacity is None:
                 raise ValueError("capacity=None is invalid: expert-choice routing needs the tokens per expert C")
-            return self._expert_choice(logits_TE, mask_T, capacity)
+            return self._expert_choice(logits_TE, mask_T, capacity, live_capacity)
         return self._token_choice(logits_TE, mask_T)
 
     def _scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,7 +212,9 @@ class Router(nn.Module):
             top_k=top_k,
         )
 
-    def _expert_choice(self, logits_TE: Tensor, mask_T: Tensor | None, capacity: int) -> Routing:
+    def _expert_choice(
+        self, logits_TE: Tensor, mask_T: Tensor | None, capacity: int, live_capacity: Tensor | None
+    ) -> Routing:
         cfg = self.config
         num_tokens, num_experts = logits_TE.shape
         scores_TE, probs_TE = self._scores(logits_TE)
@@ -216,6 +229,9 @@ class Router(nn.Module):
         keep_N = torch.ones_like(expert_ids_N, dtype=torch.bool)
         if mask_T is not None:
             keep_N = mask_T[token_ids_EC.reshape(-1)]
+        if live_capacity is not None:
+            slot_C = torch.arange(capacity, device=logits_TE.device)
+            keep_N = keep_N & (slot_C < live_capacity.to(slot_C.device)).repeat(num_experts)
         return Routing(
             logits_TE=logits_TE,
             probs_TE=probs_TE,

@@ -357,15 +357,20 @@ def test_kernel_auto_picks_fused_on_cpu_and_grouped_mm_needs_no_host_counts():
     assert not forced.experts.needs_host_counts(x)
 
 
-@pytest.mark.parametrize(("capacity_factor", "scope"), [(None, "batch"), (1.25, "batch"), (0.75, "sequence")])
-def test_grouped_mm_layer_reads_nothing_back_but_the_cpu_counts_check(capacity_factor, scope):
+@pytest.mark.parametrize(
+    ("capacity_factor", "scope", "kind"),
+    [(None, "batch", "token_choice"), (1.25, "batch", "token_choice"), (0.75, "sequence", "token_choice"),
+     (1.0, "batch", "expert_choice")],
+)  # fmt: skip
+def test_grouped_mm_layer_reads_nothing_back_but_the_cpu_counts_check(capacity_factor, scope, kind):
     # CPU stand-in for the CUDA "no host sync" rule: dynamo breaks its graph at every value read back to the
     # host. With kernel="grouped_mm" routing, capacity dropping (padding mask included) and dispatch must
     # trace whole; the one host read allowed is the counts check that CPU tensors get and CUDA ones skip.
+    # Expert choice with padding too: its top-k is sized by the capacity of all tokens, not the real count.
     torch.manual_seed(0)
     cfg = MoEConfig(
         dim=16,
-        router=RouterConfig(num_experts=4, top_k=2),
+        router=RouterConfig(num_experts=4, top_k=2, kind=kind),
         experts=ExpertsConfig(hidden_dim=16, kernel="grouped_mm"),
         capacity_factor=capacity_factor,
         capacity_scope=scope,
