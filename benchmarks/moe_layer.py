@@ -16,6 +16,7 @@ activations, the output, and the input and parameter gradients are in. Run::
     python benchmarks/moe_layer.py --shapes mixtral --tokens 8192 --skip-loop
     python benchmarks/moe_layer.py --reuse-grad-memory   # grouped layer with reuse_expert_grad_memory
     python benchmarks/moe_layer.py --bf16 --tokens 8192   # under CPU autocast to bfloat16
+    python benchmarks/moe_layer.py --bf16 --gate-precision compute   # routers' gate matmul in bf16 too
     python benchmarks/moe_layer.py --device cuda --bf16   # on a GPU: torch._grouped_mm experts, CUDA peak memory
 
 On CUDA every timed step ends with a device synchronisation, and peak memory is the caching allocator's peak
@@ -419,6 +420,12 @@ def main() -> None:
     parser.add_argument(
         "--reuse-grad-memory", action="store_true", help="the grouped layer keeps its weight-gradient memory"
     )
+    parser.add_argument(
+        "--gate-precision",
+        choices=("float32", "compute"),
+        default="float32",
+        help="the MoE routers' gate matmul (RouterConfig.gate_precision): float32, or the autocast dtype",
+    )
     parser.add_argument("--shapes", default="0,1,2,3", help="comma-separated indices or keys into the shape table")
     parser.add_argument("--quick", action="store_true", help="smoke run: 512,2048 tokens, 2 repeats, 1 warmup")
     args = parser.parse_args()
@@ -429,6 +436,11 @@ def main() -> None:
             setattr(args, name, value)
     token_counts = [int(t) for t in args.tokens.split(",")]
     shapes = select_shapes(args.shapes)
+    if args.gate_precision != "float32":
+        shapes = [
+            dataclasses.replace(shape, router=dataclasses.replace(shape.router, gate_precision=args.gate_precision))
+            for shape in shapes
+        ]
 
     torch.set_num_threads(args.threads)
     on_cuda = torch.device(args.device).type == "cuda"
@@ -444,6 +456,8 @@ def main() -> None:
     )
     if args.reuse_grad_memory:
         print("grouped layer keeps its weight-gradient memory between steps: its peak MiB leaves that memory out")
+    if args.gate_precision != "float32":
+        print(f"router gate matmul in the {args.gate_precision} dtype (RouterConfig.gate_precision)")
     for shape in shapes:
         print(f"{shape.key}: {shape.label}; dense FFN F={shape.dense_hidden}")
     print(progress_header(), flush=True)

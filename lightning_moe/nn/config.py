@@ -17,6 +17,7 @@ DROP_PRIORITIES = ("position", "weight")
 DISPATCHERS = ("grouped", "loop")
 EXPERT_KERNELS = ("auto", "fused", "grouped_mm")
 CAPACITY_SCOPES = ("batch", "sequence")
+GATE_PRECISIONS = ("float32", "compute")
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -54,6 +55,13 @@ class RouterConfig:
         random_routing: Training-only GShard random routing: every choice after the first is kept with
             probability ``min(1, top_k * w_k / sum_j w_j)`` (``2 * g_2`` for top-2, as in GShard).
         init_std: Standard deviation of the router weight initialisation.
+        gate_precision: Precision of the gate matmul (the router logits). ``"float32"`` (default): in float32
+            whatever the input and under mixed precision, as Hugging Face's DeepSeek and Qwen routers do.
+            ``"compute"``: in the compute dtype (autocast's under mixed precision, else the input's), as
+            torchtitan and Megatron-Core (without ``moe_router_dtype``) do; the logits are then cast to
+            float32 and everything after them (scores, top-k, weights, losses) runs in float32 either way.
+            Cheaper in bf16 with many experts (the 256-expert gate is a ``D x 256`` matmul per token), at the
+            cost of bf16-rounded logits.
     """
 
     num_experts: int = 8
@@ -70,9 +78,11 @@ class RouterConfig:
     jitter_eps: float = 0.0
     random_routing: bool = False
     init_std: float = 0.02
+    gate_precision: str = "float32"
 
     def __post_init__(self) -> None:
         _check(self.num_experts >= 1, "num_experts", self.num_experts, "must be >= 1")
+        _check_choice("gate_precision", self.gate_precision, GATE_PRECISIONS)
         _check(self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
         _check(
             self.top_k <= self.num_experts,

@@ -7,7 +7,7 @@ expert choice).
 A router returns a :class:`Routing`: the flat list of token copies (which token goes to which expert with
 what weight, and whether the copy is live), plus the router logits and the per-token expert distribution
 the losses and statistics read. Router arithmetic runs in float32 (or float64 for float64 input) whatever
-the input dtype.
+the input dtype; only the gate matmul may run in the compute dtype (``RouterConfig.gate_precision``).
 """
 
 from __future__ import annotations
@@ -127,12 +127,16 @@ class Router(nn.Module):
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits ``(T, E)`` in the router dtype, with training-only jitter on the input."""
         dtype = router_dtype(x_TD.dtype)
+        if self.config.gate_precision == "compute":  # the matmul as autocast (or the input dtype) has it
+            return self.gate(self._jitter(x_TD)).to(dtype)
         with torch.autocast(x_TD.device.type, enabled=False):  # float32 even under mixed precision
-            x_TD = x_TD.to(dtype)
-            if self.training and self.config.jitter_eps > 0:
-                eps = self.config.jitter_eps
-                x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-            return F.linear(x_TD, self.gate.weight.to(dtype))
+            return F.linear(self._jitter(x_TD.to(dtype)), self.gate.weight.to(dtype))
+
+    def _jitter(self, x_TD: Tensor) -> Tensor:
+        if not (self.training and self.config.jitter_eps > 0):
+            return x_TD
+        eps = self.config.jitter_eps
+        return x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
 
     def forward(
         self,

@@ -227,6 +227,7 @@ def _layer(cfg: DeepSeekConfig, moe: bool) -> DecoderLayer:
             group_score=cfg.group_score,
             score_bias=cfg.score_bias,
             init_std=cfg.init_std,
+            gate_precision=cfg.router_gate_precision,
         )
         ffn: nn.Module = MoELayer(
             MoEConfig(

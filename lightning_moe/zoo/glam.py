@@ -86,6 +86,7 @@ def _ffn(cfg: GlamConfig, moe: bool) -> FeedForward | MoELayer:
         normalize_topk=True,
         random_routing=cfg.random_routing,
         init_std=cfg.init_std,
+        gate_precision=cfg.router_gate_precision,
     )
     experts = ExpertsConfig(
         hidden_dim=cfg.ffn_hidden, activation="gelu", gated=False, init_std=cfg.init_std, kernel=cfg.expert_kernel

@@ -71,6 +71,7 @@ def build(cfg: MixtralConfig) -> DecoderLM:
             softmax_after_topk=True,
             jitter_eps=cfg.router_jitter,
             init_std=cfg.init_std,
+            gate_precision=cfg.router_gate_precision,
         ),
         experts=ExpertsConfig(
             hidden_dim=cfg.ffn_hidden, activation="silu", gated=True, init_std=cfg.init_std, kernel=cfg.expert_kernel

@@ -100,7 +100,11 @@ def _ffn(cfg: QwenMoEConfig, index: int) -> nn.Module:
     moe = MoEConfig(
         dim=cfg.dim,
         router=RouterConfig(
-            num_experts=cfg.num_experts, top_k=cfg.top_k, normalize_topk=cfg.normalize_topk, init_std=cfg.init_std
+            num_experts=cfg.num_experts,
+            top_k=cfg.top_k,
+            normalize_topk=cfg.normalize_topk,
+            init_std=cfg.init_std,
+            gate_precision=cfg.router_gate_precision,
         ),
         experts=ExpertsConfig(
             hidden_dim=cfg.expert_hidden, activation="silu", gated=True, init_std=cfg.init_std, kernel=cfg.expert_kernel

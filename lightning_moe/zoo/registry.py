@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_moe.nn.config import EXPERT_KERNELS
+from lightning_moe.nn.config import EXPERT_KERNELS, GATE_PRECISIONS
 from lightning_moe.nn.ffn import FeedForward
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.nn.transformer import init_weights
@@ -45,6 +45,8 @@ class ModelConfig:
             router (and Qwen's shared-expert gate) has no dense counterpart. See :func:`dense_hidden_dim`.
         expert_kernel: How the routed experts multiply (``ExpertsConfig.kernel``): ``"auto"`` (``torch._grouped_mm``
             for bfloat16 on SM80+ GPUs, else the fused block-by-block kernel), ``"fused"`` or ``"grouped_mm"``.
+        router_gate_precision: Precision of every router's gate matmul (``RouterConfig.gate_precision``):
+            ``"float32"`` (default) or ``"compute"`` (the autocast dtype under mixed precision).
     """
 
     vocab_size: int = 32000
@@ -58,6 +60,7 @@ class ModelConfig:
     bias_update_speed: float = 0.0
     dense: str | None = None
     expert_kernel: str = "auto"
+    router_gate_precision: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "max_seq_len"):
@@ -67,6 +70,10 @@ class ModelConfig:
             raise ValueError(f"dense={self.dense!r} is invalid: must be None, 'active' or 'total'")
         if self.expert_kernel not in EXPERT_KERNELS:
             raise ValueError(f"expert_kernel={self.expert_kernel!r} is invalid: expected one of {EXPERT_KERNELS}")
+        if self.router_gate_precision not in GATE_PRECISIONS:
+            raise ValueError(
+                f"router_gate_precision={self.router_gate_precision!r} is invalid: expected one of {GATE_PRECISIONS}"
+            )
 
 
 @dataclass

@@ -113,7 +113,13 @@ def is_moe_layer(index: int, sparse_step: int) -> bool:
 def _ffn(cfg: SwitchConfig, moe: bool) -> FeedForward | MoELayer:
     if not moe:
         return FeedForward(cfg.dim, cfg.ffn_hidden, cfg.activation, cfg.gated)
-    router = RouterConfig(num_experts=cfg.num_experts, top_k=1, jitter_eps=cfg.router_jitter, init_std=cfg.init_std)
+    router = RouterConfig(
+        num_experts=cfg.num_experts,
+        top_k=1,
+        jitter_eps=cfg.router_jitter,
+        init_std=cfg.init_std,
+        gate_precision=cfg.router_gate_precision,
+    )
     experts = ExpertsConfig(
         hidden_dim=cfg.ffn_hidden,
         activation=cfg.activation,

@@ -16,6 +16,7 @@ from lightning_moe.nn import ExpertsConfig, FeedForward, MoEConfig, MoELayer, Ro
         (dict(score_func="tanh"), r"score_func='tanh' is invalid: must be one of 'softmax', 'sigmoid'"),
         (dict(kind="hash"), r"kind='hash' is invalid: must be one of 'token_choice', 'expert_choice'"),
         (dict(group_score="mean"), r"group_score='mean' is invalid"),
+        (dict(gate_precision="bf16"), r"gate_precision='bf16' is invalid: must be one of 'float32', 'compute'"),
         (dict(routed_scaling_factor=0.0), r"routed_scaling_factor=0.0 is invalid: must be > 0"),
         (dict(jitter_eps=1.5), r"jitter_eps=1.5 is invalid"),
         (dict(kind="expert_choice", random_routing=True), r"kind='expert_choice' is invalid"),

@@ -132,6 +132,26 @@ def test_router_runs_in_float32_for_bfloat16_input():
     assert r.probs_TE.dtype == torch.float32
 
 
+def test_gate_precision_float32_or_compute_dtype_under_autocast():
+    # float32 (default): the gate matmul in float32 even under autocast; "compute": in autocast's bf16, the
+    # logits then cast to float32. Outside autocast both are the same float32 matmul.
+    routers = {p: _router(num_experts=8, top_k=2, gate_precision=p) for p in ("float32", "compute")}
+    x = torch.randn(16, 6)
+    w = routers["float32"].gate.weight
+    full = x @ w.t()
+    bf16 = (x.bfloat16() @ w.bfloat16().t()).float()
+    assert not torch.equal(full, bf16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r32, rc = routers["float32"](x), routers["compute"](x)
+    assert r32.logits_TE.dtype == rc.logits_TE.dtype == rc.weights_N.dtype == torch.float32
+    torch.testing.assert_close(r32.logits_TE, full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rc.logits_TE, bf16, rtol=0, atol=0)
+    torch.testing.assert_close(rc.probs_TE, bf16.softmax(-1), rtol=0, atol=1e-7)
+    assert torch.equal(routers["compute"](x).logits_TE, routers["float32"](x).logits_TE)
+    rc.weights_N.sum().backward()  # the gradient reaches the float32 gate weight through the casts
+    assert routers["compute"].gate.weight.grad.dtype == torch.float32
+
+
 def test_jitter_only_in_training():
     router = _router(num_experts=4, top_k=2, jitter_eps=0.5)
     x = torch.randn(64, 6)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_moe import zoo
-from lightning_moe.nn import GroupedExperts
+from lightning_moe.nn import GroupedExperts, Router
 
 from ._helpers import is_encoder_decoder, lm_loss
 
@@ -131,6 +131,16 @@ def test_expert_kernel_reaches_every_moe_layer_and_grouped_mm_matches_fused(name
     input_ids = torch.randint(0, zoo.config(name).vocab_size, (2, 16))
     losses = [lm_loss(model.eval(), name, input_ids) for model in (fused, grouped_mm)]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_router_gate_precision_reaches_every_router(name):
+    model = zoo.build(name, router_gate_precision="compute")
+    precisions = {m.config.gate_precision for m in model.modules() if isinstance(m, Router)}
+    assert precisions == {"compute"}
+    assert {m.config.gate_precision for m in zoo.build(name).modules() if isinstance(m, Router)} == {"float32"}
+    with pytest.raises(ValueError, match=r"router_gate_precision='bf16' is invalid"):
+        zoo.config(name, router_gate_precision="bf16")
 
 
 def test_expert_kernel_rejects_unknown_names():
