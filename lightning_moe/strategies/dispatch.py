@@ -130,6 +130,8 @@ class AllToAllDispatcher(GroupedDispatcher):
             send_splits = counts_RL.sum(1).tolist()
             recv_splits = recv_RL.sum(1).tolist()
             x_ND = x_TD.index_select(0, token_ids_N)
+            if torch.is_autocast_enabled(x_ND.device.type):  # the experts compute in it: send half the bytes
+                x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
             recv_MD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.group)
             # Rows arrive by (source rank, local expert): re-sort by local expert.
             local_ids_M = torch.arange(num_local, device=x_TD.device).repeat(world).repeat_interleave(recv_RL.flatten())
@@ -141,4 +143,4 @@ class AllToAllDispatcher(GroupedDispatcher):
             y_MD = torch.empty_like(y_sorted_MD).index_copy(0, order_M, y_sorted_MD)
             y_ND = all_to_all_single_autograd(y_MD, send_splits, recv_splits, self.group)
             y_ND = y_ND * weights_N.unsqueeze(-1).to(y_ND.dtype)
-            return torch.zeros_like(x_TD).index_add(0, token_ids_N, y_ND)
+            return torch.zeros_like(x_TD, dtype=y_ND.dtype).index_add(0, token_ids_N, y_ND)
