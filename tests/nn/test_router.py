@@ -77,6 +77,25 @@ def test_group_scores_max_and_top2_sum_by_hand():
 
 @settings(max_examples=40, deadline=None)
 @given(
+    n_group=st.sampled_from([1, 2, 4]),
+    per_group=st.integers(2, 5),
+    topk_group=st.integers(1, 4),
+    seed=st.integers(0, 99),
+)
+def test_top2_sum_group_scores_equal_the_sum_of_the_two_largest(n_group, per_group, topk_group, seed):
+    # Small integer scores make ties (two equal best experts in a group) common.
+    from lightning_moe.nn.router import group_limited_mask
+
+    topk_group = min(topk_group, n_group)
+    scores = torch.randint(0, 4, (6, n_group * per_group), generator=torch.Generator().manual_seed(seed)).float()
+    top2 = scores.view(6, n_group, per_group).topk(2, dim=-1).values.sum(-1)
+    chosen = top2.topk(topk_group, dim=-1).indices
+    expected = torch.zeros(6, n_group, dtype=torch.bool).scatter_(1, chosen, True).repeat_interleave(per_group, 1)
+    assert torch.equal(group_limited_mask(scores, n_group, topk_group, "top2_sum"), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
     n_group=st.sampled_from([2, 4, 8]),
     per_group=st.integers(2, 4),
     topk_group=st.integers(1, 3),
