@@ -10,6 +10,7 @@ from lightning_moe.strategies.expert_parallel import (
     apply_activation_checkpointing,
     apply_expert_parallel,
     apply_fsdp,
+    clip_grad_norm_,
     moe_layers,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "apply_activation_checkpointing",
     "apply_expert_parallel",
     "apply_fsdp",
+    "clip_grad_norm_",
     "consolidate_checkpoint",
     "full_checkpoint",
     "load_distributed_checkpoint",

@@ -27,7 +27,8 @@ the experts. Every rank reads its own slice of the global batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from functools import partial
@@ -200,6 +201,46 @@ def apply_fsdp(
     return model
 
 
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0) -> Tensor:
+    """Scale the gradients so that their total norm is at most ``max_norm``, as ``torch.nn.utils.clip_grad_norm_``.
+
+    Also for DTensor gradients on several device meshes (expert weights on the expert-parallel mesh, the rest
+    on the FSDP mesh): the norm is taken per mesh and reduced over it, then the per-mesh norms are combined.
+    Each gradient element lives on exactly one rank of its mesh (sharded, not replicated), so the total is the
+    norm of the full gradients. Nothing is read back to the host.
+
+    Args:
+        parameters: Parameters whose ``.grad`` to clip (those without one are skipped).
+        max_norm: Largest total norm.
+        norm_type: The ``p`` of the p-norm (``inf``: largest absolute value).
+
+    Returns:
+        The total norm before clipping.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    by_mesh: dict[DeviceMesh | None, list[Tensor]] = {}
+    for grad in grads:
+        by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
+    norms = []
+    for mesh, group in by_mesh.items():
+        local = [g.to_local() if mesh is not None else g for g in group]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in local]), norm_type)
+        if mesh is not None:  # the norm of this rank's shards: reduce over every dim of the mesh
+            finite = math.isfinite(norm_type)
+            norm = norm.pow(norm_type) if finite else norm
+            for dim in range(mesh.ndim):
+                dist.all_reduce(norm, dist.ReduceOp.SUM if finite else dist.ReduceOp.MAX, mesh.get_group(dim))
+            norm = norm.pow(1.0 / norm_type) if finite else norm
+        norms.append(norm)
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(scale.to(grad.dtype))
+    return total
+
+
 class ExpertParallelStrategy(ModelParallelStrategy):
     """Expert parallelism with all-to-all token dispatch, and FSDP2 for everything, from the Trainer.
 
@@ -290,6 +331,11 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         assert self.lightning_module is not None
         self.parallelize(self.lightning_module)
         super().setup(trainer)
+        # The expert weights are DTensors on the (data, expert) mesh, the rest on the flat world mesh: torch's
+        # clip_grad_norm_ cannot stack norms from two meshes, so gradient clipping by norm goes through
+        # clip_grad_norm_ below (an instance attribute, so every precision plugin's clip_gradients uses it).
+        plugin = self.precision_plugin
+        plugin.clip_grad_by_norm = lambda optimizer, clip_val: clip_grad_norm_(plugin.main_params(optimizer), clip_val)
 
     def parallelize(self, module: nn.Module) -> None:
         """Expert parallelism, activation checkpointing if asked, then FSDP2 on ``module.model``; idempotent.

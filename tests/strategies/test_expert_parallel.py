@@ -57,13 +57,17 @@ def _module(arch: str) -> _SGDModule:
     return _SGDModule(arch=arch, overrides=OVERRIDES[arch], load_balance_coef=0.5, z_loss_coef=1e-3)
 
 
-def _reference_step(arch: str, batch: torch.Tensor, bf16: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _reference_step(
+    arch: str, batch: torch.Tensor, bf16: bool = False, clip: float | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     ref = _module(arch)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         ce, _, stats, _ = ref._loss(batch)
         aux, _ = ref.aux_loss(stats)
     loss = ce + aux
     loss.backward()
+    if clip is not None:
+        assert torch.nn.utils.clip_grad_norm_(ref.parameters(), clip) > 2 * clip  # the clipping changes the step
     with torch.no_grad():
         for p in ref.parameters():
             if p.grad is not None:
@@ -72,10 +76,16 @@ def _reference_step(arch: str, batch: torch.Tensor, bf16: bool = False) -> tuple
 
 
 def _one_step_matches_single_process(
-    rank: int, world: int, ep: int, arch: str, activation_checkpointing: bool = False, bf16: bool = False
+    rank: int,
+    world: int,
+    ep: int,
+    arch: str,
+    activation_checkpointing: bool = False,
+    bf16: bool = False,
+    clip: float | None = None,
 ) -> None:
     batch = torch.randint(0, VOCAB, (world * ROWS_PER_RANK, SEQ), generator=torch.Generator().manual_seed(5))
-    ref_loss, ref_params = _reference_step(arch, batch, bf16)
+    ref_loss, ref_params = _reference_step(arch, batch, bf16, clip)
     # bf16-mixed: the same autocast math, summed in another order over the ranks (bf16 rounding).
     tol = 2e-3 if bf16 else 1e-5
 
@@ -86,6 +96,7 @@ def _one_step_matches_single_process(
         devices=world,
         strategy=ExpertParallelStrategy(expert_parallel_size=ep, activation_checkpointing=activation_checkpointing),
         precision="bf16-mixed" if bf16 else "32-true",
+        gradient_clip_val=clip,
         max_steps=1,
         logger=False,
         enable_checkpointing=False,
@@ -132,3 +143,10 @@ def test_one_training_step_with_activation_checkpointing_matches_single_process(
 def test_one_bf16_mixed_training_step_matches_single_process() -> None:
     # The experts' outputs come back in bf16 and the rows travel in bf16 (half the all-to-all bytes).
     run_distributed(_one_step_matches_single_process, 2, 2, "mixtral-tiny", False, True)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_one_training_step_with_gradient_clipping_matches_single_process(bf16: bool) -> None:
+    # The expert weights' gradients live on the expert-parallel mesh, the others on the FSDP mesh: the total
+    # norm spans both (torch's clip_grad_norm_ cannot stack norms from two meshes).
+    run_distributed(_one_step_matches_single_process, 2, 2, "mixtral-tiny", False, bf16, 0.05)
