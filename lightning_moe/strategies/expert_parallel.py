@@ -205,9 +205,9 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: fl
     """Scale the gradients so that their total norm is at most ``max_norm``, as ``torch.nn.utils.clip_grad_norm_``.
 
     Also for DTensor gradients on several device meshes (expert weights on the expert-parallel mesh, the rest
-    on the FSDP mesh): the norm is taken per mesh and reduced over it, then the per-mesh norms are combined.
-    Each gradient element lives on exactly one rank of its mesh (sharded, not replicated), so the total is the
-    norm of the full gradients. Nothing is read back to the host.
+    on the FSDP mesh): the norm of this rank's shards is taken per mesh and placement, reduced over the mesh
+    dims the gradients are sharded on (not those they are replicated on), then the norms are combined. Nothing
+    is read back to the host.
 
     Args:
         parameters: Parameters whose ``.grad`` to clip (those without one are skipped).
@@ -220,17 +220,19 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: fl
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    by_mesh: dict[DeviceMesh | None, list[Tensor]] = {}
+    groups: dict[tuple, list[Tensor]] = {}
     for grad in grads:
-        by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
+        key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else (None, ())
+        groups.setdefault(key, []).append(grad)
+    finite = math.isfinite(norm_type)
     norms = []
-    for mesh, group in by_mesh.items():
+    for (mesh, placements), group in groups.items():
         local = [g.to_local() if mesh is not None else g for g in group]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in local]), norm_type)
-        if mesh is not None:  # the norm of this rank's shards: reduce over every dim of the mesh
-            finite = math.isfinite(norm_type)
+        sharded = [dim for dim, placement in enumerate(placements) if not placement.is_replicate()]
+        if sharded:
             norm = norm.pow(norm_type) if finite else norm
-            for dim in range(mesh.ndim):
+            for dim in sharded:
                 dist.all_reduce(norm, dist.ReduceOp.SUM if finite else dist.ReduceOp.MAX, mesh.get_group(dim))
             norm = norm.pow(1.0 / norm_type) if finite else norm
         norms.append(norm)

@@ -145,8 +145,8 @@ def test_one_bf16_mixed_training_step_matches_single_process() -> None:
     run_distributed(_one_step_matches_single_process, 2, 2, "mixtral-tiny", False, True)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_one_training_step_with_gradient_clipping_matches_single_process(bf16: bool) -> None:
-    # The expert weights' gradients live on the expert-parallel mesh, the others on the FSDP mesh: the total
-    # norm spans both (torch's clip_grad_norm_ cannot stack norms from two meshes).
-    run_distributed(_one_step_matches_single_process, 2, 2, "mixtral-tiny", False, bf16, 0.05)
+@pytest.mark.parametrize(("world", "bf16"), [(2, False), (2, True), (4, False)])
+def test_one_training_step_with_gradient_clipping_matches_single_process(world: int, bf16: bool) -> None:
+    # The expert weights' gradients live on the (data, expert) mesh, the others on the flat FSDP mesh: the
+    # total norm spans both (torch's clip_grad_norm_ cannot stack norms from two meshes).
+    run_distributed(_one_step_matches_single_process, world, 2, "mixtral-tiny", False, bf16, 0.05)
