@@ -420,6 +420,31 @@ def test_cuda_bf16_grouped_mm_matches_loop(capacity_factor):
 
 
 @pytest.mark.gpu
+def test_cuda_bf16_expert_choice_with_padding_reads_nothing_back():
+    # Expert choice with a padding mask: the top-k is sized by the capacity of all tokens (a host size) and
+    # the real tokens' capacity stays on the device.
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        dim=64,
+        router=RouterConfig(num_experts=8, top_k=2, kind="expert_choice"),
+        experts=ExpertsConfig(hidden_dim=32),
+        capacity_factor=1.0,
+    )
+    grouped, loop = (layer.cuda() for layer in _pair(cfg, dtype=torch.float32))
+    x = torch.randn(4, 64, 64, device="cuda")
+    mask = torch.ones(4, 64, dtype=torch.bool, device="cuda")
+    mask[1:, 40:] = False
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yg, _ = grouped(x, mask)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        yl, _ = loop(x, mask)
+    torch.testing.assert_close(yg.float(), yl.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
 def test_cuda_float32_fused_kernel_matches_loop():
     grouped, loop = _cuda_layer_pair("fused", None)
     x = torch.randn(4, 64, 64, device="cuda")
