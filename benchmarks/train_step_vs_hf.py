@@ -2,15 +2,20 @@
 
 For each family a ~50M-parameter config is built as a random ``transformers`` model (eager experts, its
 fastest CPU path; SDPA attention), converted with :func:`lightning_moe.interop.from_hf`, and both run the
-same training step on the same batch, interleaved, float32: forward and cross-entropy, ``zero_grad``,
-backward, fused AdamW step, in the order Lightning's automatic optimization runs them (so the previous
-step's gradients are alive during the forward, for both models). Our model keeps its expert
-weight-gradient memory between steps, as ``CausalLMModule`` does by default
-(:func:`~lightning_moe.nn.reuse_expert_grad_memory`; ``--no-reuse`` turns it off). The median step time of
-several repeats gives tokens/s; peak memory is measured in a fresh subprocess per model (the growth of
-anonymous memory over a few steps). Run::
+same training step on the same batch, interleaved (the order alternating between repeats): forward and
+cross-entropy, ``zero_grad``, backward, fused AdamW step, in the order Lightning's automatic optimization
+runs them (so the previous step's gradients are alive during the forward, for both models). In float32, or
+with ``--bf16`` as ``bf16-mixed``: the forward under CPU autocast to bfloat16, float32 weights, optimizer and
+loss. Our model keeps its expert weight-gradient memory between steps, as ``CausalLMModule`` does by
+default (:func:`~lightning_moe.nn.reuse_expert_grad_memory`; ``--no-reuse`` turns it off). The median step
+time of several repeats gives tokens/s. Peak memory is measured in fresh subprocesses per model, the
+median of three: the growth of resident memory over two steps (the kernel's high-water mark), and the peak
+of live tensor bytes over a step (see :func:`peak_memory`). The first step's losses of both models are
+printed too: the same weights on the same batch must give the same loss (to float32 rounding; to about 1%
+in bf16; Switch's router multiplies its input by random jitter in training). Run::
 
     python benchmarks/train_step_vs_hf.py              # all shapes
+    python benchmarks/train_step_vs_hf.py --bf16       # bf16-mixed
     python benchmarks/train_step_vs_hf.py --shapes mixtral --repeats 3
 """
 
@@ -22,11 +27,11 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 import torch.nn.functional as F
+from moe_layer import peak_memory_bytes  # a sibling script in benchmarks/
 
 VOCAB, DIM, LAYERS, HEADS, KV_HEADS = 8192, 512, 4, 8, 4
 
@@ -155,49 +160,74 @@ def models(shape: str, reuse: bool = True) -> dict[str, torch.nn.Module]:
     return {"hf": hf, "ours": ours}
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> float:
-    if "decoder_input_ids" in inspect.signature(model.forward).parameters:  # encoder-decoder
-        half = batch.shape[1] // 2
-        encoder_ids, decoder_ids = batch[:, :half], batch[:, half:]
-        logits = model(input_ids=encoder_ids, decoder_input_ids=decoder_ids[:, :-1]).logits
-        targets = decoder_ids[:, 1:]
-    else:
-        logits = model(batch[:, :-1]).logits
-        targets = batch[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, bf16: bool = False
+) -> float:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        if "decoder_input_ids" in inspect.signature(model.forward).parameters:  # encoder-decoder
+            half = batch.shape[1] // 2
+            encoder_ids, decoder_ids = batch[:, :half], batch[:, half:]
+            logits = model(input_ids=encoder_ids, decoder_input_ids=decoder_ids[:, :-1]).logits
+            targets = decoder_ids[:, 1:]
+        else:
+            logits = model(batch[:, :-1]).logits
+            targets = batch[:, 1:]
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
     optimizer.zero_grad(set_to_none=True)  # Lightning: training_step, zero_grad, backward, optimizer step
     loss.backward()
     optimizer.step()
     return loss.item()
 
 
-def rss_anon_mib() -> float:
+def status_mib(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    return float("nan")
+    raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
-def peak_memory(shape: str, which: str, batch_size: int, seq: int, reuse: bool, steps: int = 3) -> float:
-    """Peak growth of anonymous memory (MiB) over a few training steps, after the model is built."""
+def kept_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the memory our experts keep between steps (:class:`~lightning_moe.nn.experts.GradBuffers`)."""
+    total = 0
+    for module in model.modules():
+        buffers = getattr(module, "grad_buffers", None)
+        if buffers is not None:
+            total += sum(buffer.nbytes for buffer, _ in buffers._buffers.values())
+    return total
+
+
+def peak_memory(shape: str, which: str, batch_size: int, seq: int, reuse: bool, bf16: bool = False) -> dict:
+    """Peak memory of training steps in MiB, after the model is built: resident and live tensors.
+
+    ``rss``: the growth of resident memory over two steps (the second is the first with the optimizer state
+    and the previous gradients alive). The kernel tracks the peak (``VmHWM``); writing ``5`` to
+    ``/proc/self/clear_refs`` resets it to the current resident size once the model is built, so the peak is
+    exact, not sampled. It includes what the C allocator holds on to, which varies by a few percent between
+    runs of the same step.
+    ``live``: the peak growth of live tensor bytes over a third step (:func:`moe_layer.peak_memory_bytes`,
+    exact and repeatable), started with the gradients freed so that both models allocate them in the step,
+    plus the memory our experts keep between steps, which exists before the step and would otherwise be left
+    out (our expert gradients live there). The parameters and the optimizer state are left out of both.
+    """
     model = models(shape, reuse)[which]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = torch.randint(0, VOCAB, (batch_size, seq + 1), generator=torch.Generator().manual_seed(0))
-    base, peak, done = rss_anon_mib(), [0.0], [False]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status_mib("VmRSS")
+    for _ in range(2):
+        train_step(model, optimizer, batch, bf16)
+    rss = status_mib("VmHWM") - base
+    optimizer.zero_grad(set_to_none=True)
+    live = peak_memory_bytes(lambda: train_step(model, optimizer, batch, bf16)) + kept_bytes(model)
+    return {"rss": rss, "live": live / 2**20}
 
-    def poll() -> None:
-        while not done[0]:
-            peak[0] = max(peak[0], rss_anon_mib())
-            time.sleep(0.002)
 
-    thread = threading.Thread(target=poll)
-    thread.start()
-    for _ in range(steps):
-        train_step(model, optimizer, batch)
-    done[0] = True
-    thread.join()
-    return peak[0] - base
+def run_json(cmd: list[str]) -> dict:
+    """Run ``cmd`` and parse its standard output as JSON."""
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
 
 
 def main() -> None:
@@ -208,45 +238,54 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-reuse", action="store_true", help="our model allocates fresh expert gradients")
+    parser.add_argument("--bf16", action="store_true", help="forward under CPU autocast to bfloat16 (bf16-mixed)")
+    parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per peak (median)")
     parser.add_argument("--memory-child", nargs=2, metavar=("SHAPE", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        print(json.dumps(peak_memory(*args.memory_child, args.batch, args.seq, not args.no_reuse)))
+        print(json.dumps(peak_memory(*args.memory_child, args.batch, args.seq, not args.no_reuse, args.bf16)))
         return
     tokens = args.batch * args.seq
     reuse = "fresh expert gradients" if args.no_reuse else "expert gradient memory kept"
     print(
-        f"torch {torch.__version__}, {args.threads} threads, float32, {tokens} tokens/step, "
+        f"torch {torch.__version__}, {args.threads} threads, {'bf16-mixed' if args.bf16 else 'float32'}, "
+        f"{tokens} tokens/step, "
         f"median of {args.repeats}; {reuse}"
     )
     columns = ["shape", "params", "HF step (s)", "ours step (s)", "speed-up", "HF tok/s", "ours tok/s"]
-    columns += ["HF peak MiB", "ours peak MiB"]
+    columns += ["HF peak RSS MiB", "ours peak RSS MiB", "HF peak live MiB", "ours peak live MiB"]
+    columns += ["first loss HF", "first loss ours"]
     print("| " + " | ".join(columns) + " |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|" + "---|" * len(columns))
     for shape in args.shapes.split(","):
         pair = models(shape, not args.no_reuse)
         params = sum(p.numel() for p in pair["ours"].parameters())
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in pair.items()}
         batch = torch.randint(0, VOCAB, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {"hf": [], "ours": []}
-        for _ in range(2):
-            for k in pair:
-                train_step(pair[k], opts[k], batch)
-        for _ in range(args.repeats):
-            for k in pair:
+        first_loss = {k: train_step(pair[k], opts[k], batch, args.bf16) for k in pair}
+        for k in pair:
+            train_step(pair[k], opts[k], batch, args.bf16)
+        for repeat in range(args.repeats):
+            for k in list(pair)[:: -1 if repeat % 2 else 1]:
                 start = time.perf_counter()
-                train_step(pair[k], opts[k], batch)
+                train_step(pair[k], opts[k], batch, args.bf16)
                 times[k].append(time.perf_counter() - start)
         med = {k: statistics.median(v) for k, v in times.items()}
-        mem = {}
+        rss, live = {}, {}
         for k in pair:
             cmd = [sys.executable, __file__, "--memory-child", shape, k, "--batch", str(args.batch), "--seq",
                    str(args.seq), "--threads", str(args.threads)] + ["--no-reuse"] * args.no_reuse  # fmt: skip
-            mem[k] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
+            cmd += ["--bf16"] * args.bf16
+            runs = [run_json(cmd) for _ in range(args.memory_runs)]
+            rss[k] = statistics.median(run["rss"] for run in runs)
+            live[k] = statistics.median(run["live"] for run in runs)
         print(
             f"| {shape} | {params / 1e6:.0f}M | {med['hf']:.3f} | {med['ours']:.3f} | {med['hf'] / med['ours']:.2f}x | "
-            f"{tokens / med['hf']:.0f} | {tokens / med['ours']:.0f} | {mem['hf']:.0f} | {mem['ours']:.0f} |",
+            f"{tokens / med['hf']:.0f} | {tokens / med['ours']:.0f} | {rss['hf']:.0f} | {rss['ours']:.0f} | "
+            f"{live['hf']:.0f} | {live['ours']:.0f} | "
+            f"{first_loss['hf']:.4f} | {first_loss['ours']:.4f} |",
             flush=True,
         )
 

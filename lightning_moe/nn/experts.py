@@ -237,21 +237,23 @@ class _GroupedExpertMLP(torch.autograd.Function):
             dout_GMD = (dout[block] if rows_N is None else dout.index_select(0, rows_N[block])).view(size, rows, dim)
             h1_GMF = h1_NF[block].view(size, rows, hidden)
             h3_GMF = h3_NF[block].view(size, rows, hidden) if h3_NF is not None else None
+            # Fresh (M, F) temporaries are overwritten in place once their last reader is done.
             a_GMF = act(h1_GMF)
             g_GMF = a_GMF * h3_GMF if h3_GMF is not None else a_GMF
             dg_GMF = torch.bmm(dout_GMD, w2_EFD[experts].transpose(1, 2))
             if weights_N is not None:
                 w_GM1 = weights_N[block].view(size, rows, 1)
-                if dw2 is not None:
-                    torch.bmm((g_GMF * w_GM1).transpose(1, 2), dout_GMD, out=dw2[experts])
                 if dweights_N is not None:
-                    dweights_N[block] = (dg_GMF * g_GMF).sum(-1).view(-1)
-                dg_GMF = dg_GMF * w_GM1
+                    torch.sum(dg_GMF * g_GMF, -1, out=dweights_N[block].view(size, rows))
+                if dw2 is not None:
+                    g_GMF = g_GMF.mul_(w_GM1) if h3_GMF is not None else g_GMF * w_GM1
+                    torch.bmm(g_GMF.transpose(1, 2), dout_GMD, out=dw2[experts])
+                dg_GMF = dg_GMF.mul_(w_GM1)
             elif dw2 is not None:
                 torch.bmm(g_GMF.transpose(1, 2), dout_GMD, out=dw2[experts])
             if h3_GMF is not None:
-                dh3_GMF = dg_GMF * a_GMF
-                dh1_GMF = act_grad(dg_GMF * h3_GMF, h1_GMF)
+                dh3_GMF = a_GMF.mul_(dg_GMF)
+                dh1_GMF = act_grad(dg_GMF.mul_(h3_GMF), h1_GMF)
             else:
                 dh3_GMF = None
                 dh1_GMF = act_grad(dg_GMF, h1_GMF)
