@@ -190,12 +190,7 @@ def status_mib(field: str) -> float:
 
 def kept_bytes(model: torch.nn.Module) -> int:
     """Bytes of the memory our experts keep between steps (:class:`~lightning_moe.nn.experts.GradBuffers`)."""
-    total = 0
-    for module in model.modules():
-        buffers = getattr(module, "grad_buffers", None)
-        if buffers is not None:
-            total += sum(buffer.nbytes for buffer, _ in buffers._buffers.values())
-    return total
+    return sum(module.grad_buffers.nbytes for module in model.modules() if getattr(module, "grad_buffers", None))
 
 
 def peak_memory(shape: str, which: str, batch_size: int, seq: int, reuse: bool, bf16: bool = False) -> dict:

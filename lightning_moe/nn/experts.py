@@ -82,6 +82,11 @@ class GradBuffers:
         self._buffers[key] = (buffer, self._use_count(buffer))
         return buffer.detach()
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory kept now (for memory accounting: it exists between steps, outside any step's peak)."""
+        return sum(buffer.nbytes for buffer, _ in self._buffers.values())
+
     def clear(self) -> None:
         """Release the kept memory."""
         self._buffers.clear()

@@ -657,6 +657,9 @@ def test_autocast_weight_casts_go_to_kept_memory_and_match_fresh_casts():
         assert kept.experts.w2.grad.data_ptr() == buffers["w2.grad"]
         first = first or buffers
         assert buffers == first  # nothing allocated afresh after the first step
+    # Per weight: the bf16 copy, the kernel's bf16 gradient and the float32 gradient.
+    weight_numel = kept.experts.w1.numel()
+    assert kept.experts.grad_buffers.nbytes == 3 * weight_numel * (2 + 2 + 4)
 
 
 def test_kept_weight_casts_are_not_reused_while_a_graph_holds_them():
