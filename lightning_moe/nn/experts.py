@@ -47,9 +47,10 @@ class GradBuffers:
     the gradients after the optimizer step, the next forward's activations come on top of the kept memory
     and the peak grows by up to the expert gradients' size. Lightning zeroes them between the forward and the
     backward, so the previous step's gradients are alive during the forward anyway; only the start of the
-    backward holds more than without the buffers. Under CPU autocast the casts of the weights to the compute
-    dtype and of their gradients back go to kept memory too (:class:`_KeptCast`): the low-precision copy of the
-    weights then stays between steps (half the float32 weights' size for bfloat16). Only CPU tensors are kept
+    backward holds more than without the buffers. Under CPU autocast the fused kernel casts the weights to the
+    compute dtype on kept memory too, and converts each block of their gradients to the weights' dtype as it
+    computes it (no low-precision gradient of the whole weight): the low-precision copy of the weights then
+    stays between steps (half the float32 weights' size for bfloat16). Only CPU tensors are kept
     (CUDA's caching allocator already reuses memory). Needs ``torch._C._storage_Use_Count``; without it
     nothing is reused. Turned on by :func:`reuse_expert_grad_memory` (``CausalLMModule`` does so by default).
     """
@@ -93,34 +94,6 @@ class GradBuffers:
 
     def __getstate__(self) -> dict:
         return {"_buffers": {}}  # memory, not state: never pickled or deep-copied
-
-
-class _KeptCast(torch.autograd.Function):
-    """``weight.to(dtype)`` whose result, and the float gradient its backward returns, live on kept memory.
-
-    Under CPU autocast the stacked expert weights are cast to the compute dtype every forward and their
-    gradients cast back every backward. Into fresh memory both casts cost page faults, not arithmetic (256
-    experts of 512x128: 15 ms for one weight into fresh memory, 3 ms into mapped memory); here both go to
-    :class:`GradBuffers` memory, reused once the previous step no longer holds it.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, dtype: torch.dtype, buffers: GradBuffers, key: str) -> Tensor:  # type: ignore[override]
-        ctx.buffers, ctx.key, ctx.weight = buffers, key, weight.detach()
-        return buffers.empty_like(f"{key}.cast", weight, dtype).copy_(weight)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        weight = ctx.weight
-        ctx.weight = None
-        return ctx.buffers.empty_like(f"{ctx.key}.grad", weight).copy_(grad), None, None, None
-
-
-def _cast(weight: Tensor | None, dtype: torch.dtype, buffers: GradBuffers | None, key: str) -> Tensor | None:
-    """``weight`` in ``dtype``, through kept memory when there are ``buffers`` and a cast to make."""
-    if weight is None or weight.dtype == dtype or buffers is None or not weight.requires_grad:
-        return None if weight is None else weight.to(dtype)
-    return _KeptCast.apply(weight, dtype, buffers, key)
 
 
 def _counts_list(counts_E: Tensor | list[int]) -> list[int]:
@@ -192,8 +165,15 @@ class _GroupedExpertMLP(torch.autograd.Function):
         activation: str,
         grad_buffers: GradBuffers | None = None,
         max_batch_rows: int = BATCH_MAX_ROWS,
+        cast_dtype: torch.dtype | None = None,
     ) -> Tensor:
         act = activation_fn(activation)
+        master_dtype = w1_EDF.dtype
+        if cast_dtype is not None:  # autocast: the weights in the compute dtype, on kept memory
+            w1_EDF, w3_EDF, w2_EFD = (
+                None if w is None else grad_buffers.empty_like(f"{key}.cast", w, cast_dtype).copy_(w)
+                for w, key in ((w1_EDF, "w1"), (w3_EDF, "w3"), (w2_EFD, "w2"))
+            )
         num_copies, dim, hidden = sum(counts), x.shape[-1], w1_EDF.shape[-1]
         h1_NF = x.new_empty(num_copies, hidden)
         h3_NF = x.new_empty(num_copies, hidden) if w3_EDF is not None else None
@@ -213,6 +193,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
                 out.index_add_(0, rows_N[block], torch.bmm(g_GMF, w2_EFD[experts]).view(-1, dim))
         ctx.save_for_backward(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, h1_NF, h3_NF)
         ctx.counts, ctx.batches, ctx.activation, ctx.grad_buffers = counts, batches, activation, grad_buffers
+        ctx.grad_dtype = master_dtype
         return out
 
     @staticmethod
@@ -226,8 +207,21 @@ class _GroupedExpertMLP(torch.autograd.Function):
         if need_x:
             dx = torch.zeros_like(x) if rows_N is not None else torch.empty_like(x)
         dweights_N = torch.empty_like(weights_N) if need_weights else None
-        # Every non-empty expert writes its whole gradient slice; only empty experts need zeros.
-        empty_like = ctx.grad_buffers.empty_like if ctx.grad_buffers is not None else lambda _, t: torch.empty_like(t)
+        # Every non-empty expert writes its whole gradient slice; only empty experts need zeros. The gradients
+        # are in the master weights' dtype: a cast kernel converts each block's while it is in cache.
+        buffers, grad_dtype = ctx.grad_buffers, ctx.grad_dtype
+
+        def empty_like(key: str, weight: Tensor) -> Tensor:
+            if buffers is None:
+                return torch.empty_like(weight, dtype=grad_dtype)
+            return buffers.empty_like(key if grad_dtype == weight.dtype else f"{key}.grad", weight, grad_dtype)
+
+        def weight_grad(a: Tensor, b: Tensor, dw: Tensor, experts: slice) -> None:
+            if dw.dtype == a.dtype:
+                torch.bmm(a, b, out=dw[experts])
+            else:
+                dw[experts].copy_(torch.bmm(a, b))
+
         dw1 = empty_like("w1", w1_EDF) if need_w1 else None
         dw3 = empty_like("w3", w3_EDF) if need_w3 else None
         dw2 = empty_like("w2", w2_EFD) if need_w2 else None
@@ -252,10 +246,10 @@ class _GroupedExpertMLP(torch.autograd.Function):
                     torch.sum(dg_GMF * g_GMF, -1, out=dweights_N[block].view(size, rows))
                 if dw2 is not None:
                     g_GMF = g_GMF.mul_(w_GM1) if h3_GMF is not None else g_GMF * w_GM1
-                    torch.bmm(g_GMF.transpose(1, 2), dout_GMD, out=dw2[experts])
+                    weight_grad(g_GMF.transpose(1, 2), dout_GMD, dw2, experts)
                 dg_GMF = dg_GMF.mul_(w_GM1)
             elif dw2 is not None:
-                torch.bmm(g_GMF.transpose(1, 2), dout_GMD, out=dw2[experts])
+                weight_grad(g_GMF.transpose(1, 2), dout_GMD, dw2, experts)
             if h3_GMF is not None:
                 dh3_GMF = a_GMF.mul_(dg_GMF)
                 dh1_GMF = act_grad(dg_GMF.mul_(h3_GMF), h1_GMF)
@@ -264,9 +258,9 @@ class _GroupedExpertMLP(torch.autograd.Function):
                 dh1_GMF = act_grad(dg_GMF, h1_GMF)
             x_GDM = x_GMD.transpose(1, 2)
             if dw1 is not None:
-                torch.bmm(x_GDM, dh1_GMF, out=dw1[experts])
+                weight_grad(x_GDM, dh1_GMF, dw1, experts)
             if dw3 is not None:
-                torch.bmm(x_GDM, dh3_GMF, out=dw3[experts])
+                weight_grad(x_GDM, dh3_GMF, dw3, experts)
             if dx is not None:
                 dx_GMD = torch.bmm(dh1_GMF, w1_EDF[experts].transpose(1, 2))
                 if dh3_GMF is not None:
@@ -275,7 +269,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
                     dx[block] = dx_GMD.view(-1, dim)
                 else:
                     dx.index_add_(0, rows_N[block], dx_GMD.view(-1, dim))
-        return dx, None, dweights_N, dw1, dw3, dw2, None, None, None, None
+        return dx, None, dweights_N, dw1, dw3, dw2, None, None, None, None, None
 
 
 def _grouped_mm_mlp(
@@ -368,16 +362,18 @@ def grouped_expert_mlp(
     if host_counts is not None and sum(host_counts) != num_rows:
         raise ValueError(f"counts_E sums to {sum(host_counts)}, but there are {num_rows} copies: they must match")
     device_type = x.device.type
+    if kernel == "auto":
+        kernel = "grouped_mm" if grouped_mm_applies(x, w1_EDF, w2_EFD) else "fused"
+    cast_dtype = None
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype)
-        w1_EDF, w3_EDF, w2_EFD = (
-            _cast(w, dtype, grad_buffers, k) for w, k in ((w1_EDF, "w1"), (w3_EDF, "w3"), (w2_EFD, "w2"))
-        )
+        if kernel == "fused" and grad_buffers is not None and device_type == "cpu" and w1_EDF.dtype != dtype:
+            cast_dtype = dtype  # the fused kernel casts on kept memory and returns gradients in the weights' dtype
+        else:
+            w1_EDF, w3_EDF, w2_EFD = (None if w is None else w.to(dtype) for w in (w1_EDF, w3_EDF, w2_EFD))
     if weights_N is not None:
         weights_N = weights_N.to(x.dtype)
-    if kernel == "auto":
-        kernel = "grouped_mm" if grouped_mm_applies(x, w1_EDF, w2_EFD) else "fused"
     with torch.autocast(device_type, enabled=False):
         if kernel == "grouped_mm":
             dim, hidden = w1_EDF.shape[1], w1_EDF.shape[2]
@@ -395,7 +391,7 @@ def grouped_expert_mlp(
         counts = host_counts if host_counts is not None else _counts_list(counts_E)
         max_rows = BATCH_MAX_ROWS if batch_experts else 1
         return _GroupedExpertMLP.apply(
-            x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation, grad_buffers, max_rows
+            x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation, grad_buffers, max_rows, cast_dtype
         )
 
 
