@@ -161,18 +161,28 @@ def models(shape: str, reuse: bool = True) -> dict[str, torch.nn.Module]:
 
 
 def train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, bf16: bool = False
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    bf16: bool = False,
+    full_logits: bool = False,
 ) -> float:
+    """One training step; ``full_logits=False`` lets our model compute its loss chunk by chunk, as it trains."""
+    parameters = inspect.signature(model.forward).parameters
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        if "decoder_input_ids" in inspect.signature(model.forward).parameters:  # encoder-decoder
+        if "decoder_input_ids" in parameters:  # encoder-decoder
             half = batch.shape[1] // 2
             encoder_ids, decoder_ids = batch[:, :half], batch[:, half:]
-            logits = model(input_ids=encoder_ids, decoder_input_ids=decoder_ids[:, :-1]).logits
+            args = dict(input_ids=encoder_ids, decoder_input_ids=decoder_ids[:, :-1])
             targets = decoder_ids[:, 1:]
         else:
-            logits = model(batch[:, :-1]).logits
+            args = dict(input_ids=batch[:, :-1])
             targets = batch[:, 1:]
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if "targets" in parameters and not full_logits:  # ours, as CausalLMModule trains it
+            loss = model(**args, targets=targets).loss
+        else:  # Hugging Face's models compute their loss from the whole (B, T, V) logits
+            logits = model(**args).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
     optimizer.zero_grad(set_to_none=True)  # Lightning: training_step, zero_grad, backward, optimizer step
     loss.backward()
     optimizer.step()
@@ -193,7 +203,9 @@ def kept_bytes(model: torch.nn.Module) -> int:
     return sum(module.grad_buffers.nbytes for module in model.modules() if getattr(module, "grad_buffers", None))
 
 
-def peak_memory(shape: str, which: str, batch_size: int, seq: int, reuse: bool, bf16: bool = False) -> dict:
+def peak_memory(
+    shape: str, which: str, batch_size: int, seq: int, reuse: bool, bf16: bool = False, full_logits: bool = False
+) -> dict:
     """Peak memory of training steps in MiB, after the model is built: resident and live tensors.
 
     ``rss``: the growth of resident memory over two steps (the second is the first with the optimizer state
@@ -213,10 +225,10 @@ def peak_memory(shape: str, which: str, batch_size: int, seq: int, reuse: bool, 
         f.write("5")
     base = status_mib("VmRSS")
     for _ in range(2):
-        train_step(model, optimizer, batch, bf16)
+        train_step(model, optimizer, batch, bf16, full_logits)
     rss = status_mib("VmHWM") - base
     optimizer.zero_grad(set_to_none=True)
-    live = peak_memory_bytes(lambda: train_step(model, optimizer, batch, bf16)) + kept_bytes(model)
+    live = peak_memory_bytes(lambda: train_step(model, optimizer, batch, bf16, full_logits)) + kept_bytes(model)
     return {"rss": rss, "live": live / 2**20}
 
 
@@ -234,15 +246,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-reuse", action="store_true", help="our model allocates fresh expert gradients")
     parser.add_argument("--bf16", action="store_true", help="forward under CPU autocast to bfloat16 (bf16-mixed)")
+    parser.add_argument("--full-logits", action="store_true", help="our loss from the whole logits, as Hugging Face")
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per peak (median)")
     parser.add_argument("--memory-child", nargs=2, metavar=("SHAPE", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        print(json.dumps(peak_memory(*args.memory_child, args.batch, args.seq, not args.no_reuse, args.bf16)))
+        memory = peak_memory(*args.memory_child, args.batch, args.seq, not args.no_reuse, args.bf16, args.full_logits)
+        print(json.dumps(memory))
         return
     tokens = args.batch * args.seq
     reuse = "fresh expert gradients" if args.no_reuse else "expert gradient memory kept"
+    reuse += "; our loss from the whole logits" if args.full_logits else "; our loss chunked (no whole logits)"
     print(
         f"torch {torch.__version__}, {args.threads} threads, {'bf16-mixed' if args.bf16 else 'float32'}, "
         f"{tokens} tokens/step, "
@@ -259,20 +274,20 @@ def main() -> None:
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in pair.items()}
         batch = torch.randint(0, VOCAB, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {"hf": [], "ours": []}
-        first_loss = {k: train_step(pair[k], opts[k], batch, args.bf16) for k in pair}
+        first_loss = {k: train_step(pair[k], opts[k], batch, args.bf16, args.full_logits) for k in pair}
         for k in pair:
-            train_step(pair[k], opts[k], batch, args.bf16)
+            train_step(pair[k], opts[k], batch, args.bf16, args.full_logits)
         for repeat in range(args.repeats):
             for k in list(pair)[:: -1 if repeat % 2 else 1]:
                 start = time.perf_counter()
-                train_step(pair[k], opts[k], batch, args.bf16)
+                train_step(pair[k], opts[k], batch, args.bf16, args.full_logits)
                 times[k].append(time.perf_counter() - start)
         med = {k: statistics.median(v) for k, v in times.items()}
         rss, live = {}, {}
         for k in pair:
             cmd = [sys.executable, __file__, "--memory-child", shape, k, "--batch", str(args.batch), "--seq",
                    str(args.seq), "--threads", str(args.threads)] + ["--no-reuse"] * args.no_reuse  # fmt: skip
-            cmd += ["--bf16"] * args.bf16
+            cmd += ["--bf16"] * args.bf16 + ["--full-logits"] * args.full_logits
             runs = [run_json(cmd) for _ in range(args.memory_runs)]
             rss[k] = statistics.median(run["rss"] for run in runs)
             live[k] = statistics.median(run["live"] for run in runs)

@@ -342,9 +342,8 @@ class CausalLMModule(MoELanguageModule):
     def _loss(self, batch: Tensor) -> tuple[Tensor, Tensor | None, list[MoEStats], int]:
         """Next-token cross-entropy, the multi-token-prediction loss (``None`` without MTP), stats, tokens."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        out = self.model(inputs)
-        ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
-        return ce, mtp_loss(getattr(out, "mtp_logits", None), batch), out.router_stats, inputs.numel()
+        out = self.model(inputs, targets=targets)  # the loss chunk by chunk, without the (B, T, V) logits
+        return out.loss, mtp_loss(getattr(out, "mtp_logits", None), batch), out.router_stats, inputs.numel()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any] | None:
         """Cross-entropy plus weighted auxiliary losses.
@@ -501,9 +500,8 @@ class Seq2SeqLMModule(MoELanguageModule):
             generator,
         )
         start = torch.full_like(targets[:, :1], self.decoder_start_id)
-        out = self.model(inputs, torch.cat([start, targets[:, :-1]], dim=1))
-        ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
-        return ce, out.router_stats, targets.numel()
+        out = self.model(inputs, torch.cat([start, targets[:, :-1]], dim=1), targets=targets)
+        return out.loss, out.router_stats, targets.numel()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any] | None:
         """Span-corruption cross-entropy plus weighted auxiliary losses (and the router statistics)."""

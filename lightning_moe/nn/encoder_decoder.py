@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_moe.nn.attention import Attention, attention_bias, sdpa
 from lightning_moe.nn.moe import MoELayer, MoEStats
-from lightning_moe.nn.transformer import DecoderLayer, ModelOutput
+from lightning_moe.nn.transformer import DecoderLayer, ModelOutput, check_targets, head_output
 
 
 class CrossAttention(Attention):
@@ -185,17 +185,22 @@ class EncoderDecoderLM(nn.Module):
         decoder_input_ids: Tensor,
         attention_mask: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
+        targets: Tensor | None = None,
     ) -> ModelOutput:
-        """Teacher-forced logits for ``(B, T)`` decoder inputs given ``(B, S)`` encoder inputs.
+        """Teacher-forced logits for ``(B, T)`` decoder inputs given ``(B, S)`` encoder inputs, or their loss.
 
         Args:
             input_ids: ``(B, S)`` encoder token ids.
             decoder_input_ids: ``(B, T)`` decoder token ids (targets shifted right).
             attention_mask: ``(B, S)``, True for real encoder tokens.
             decoder_attention_mask: ``(B, T)``, True for real decoder tokens.
+            targets: ``(B, T)`` the token each decoder position should predict (``-100``: no loss there). With
+                them the output carries their mean cross-entropy as ``loss`` and no logits (see
+                :class:`~lightning_moe.nn.transformer.ModelOutput`).
 
         Returns:
-            Decoder logits ``(B, T, V)``, router statistics (encoder then decoder) and final decoder states.
+            Decoder logits ``(B, T, V)`` (or the loss), router statistics (encoder then decoder) and final
+            decoder states.
 
         Raises:
             ValueError: If the shapes are wrong.
@@ -213,6 +218,7 @@ class EncoderDecoderLM(nn.Module):
                 f"decoder_input_ids.shape={tuple(decoder_input_ids.shape)} is invalid: batch must match "
                 f"input_ids ({input_ids.shape[0]})"
             )
+        check_targets(targets, decoder_input_ids, "decoder_input_ids")
         memory_BSD, router_stats = self.encode(input_ids, attention_mask)
 
         batch, seq = decoder_input_ids.shape
@@ -234,4 +240,4 @@ class EncoderDecoderLM(nn.Module):
                 router_stats.append(stats)
         hidden_BTD = self.decoder_norm(x_BTD)
         scaled_BTD = hidden_BTD * self.output_scale if self.output_scale != 1.0 else hidden_BTD
-        return ModelOutput(logits=self.lm_head(scaled_BTD), router_stats=router_stats, hidden_states=hidden_BTD)
+        return head_output(self.lm_head, scaled_BTD, hidden_BTD, router_stats, targets)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.nn.attention import KVCache, LayerKVCache, attention_bias
+from lightning_moe.nn.cross_entropy import linear_cross_entropy
 from lightning_moe.nn.moe import MoELayer, MoEStats
 from lightning_moe.nn.rope import RopeConfig, rope_cos_sin
 
@@ -24,14 +25,35 @@ class ModelOutput:
     """What a zoo model returns.
 
     Attributes:
-        logits: ``(B, T, V)`` next-token logits.
+        logits: ``(B, T, V)`` next-token logits; ``None`` when the model was given targets.
         router_stats: One :class:`~lightning_moe.nn.moe.MoEStats` per MoE layer, in layer order.
         hidden_states: ``(B, T, D)`` final hidden states (after the final norm).
+        loss: With targets: their mean cross-entropy, from
+            :func:`~lightning_moe.nn.cross_entropy.linear_cross_entropy` (no logits materialised).
     """
 
-    logits: Tensor
+    logits: Tensor | None
     router_stats: list[MoEStats] = field(default_factory=list)
     hidden_states: Tensor | None = None
+    loss: Tensor | None = None
+
+
+def check_targets(targets: Tensor | None, input_ids: Tensor, name: str = "input_ids") -> None:
+    """Raise a ``ValueError`` unless ``targets`` is ``None`` or has the shape of ``input_ids``."""
+    if targets is not None and targets.shape != input_ids.shape:
+        raise ValueError(
+            f"targets.shape={tuple(targets.shape)} is invalid: expected the shape of {name}, {tuple(input_ids.shape)}"
+        )
+
+
+def head_output(
+    lm_head: nn.Linear, head_input: Tensor, hidden: Tensor, router_stats: list[MoEStats], targets: Tensor | None
+) -> ModelOutput:
+    """The model's output: the LM head's logits of ``head_input``, or with ``targets`` their chunked loss."""
+    if targets is None:
+        return ModelOutput(logits=lm_head(head_input), router_stats=router_stats, hidden_states=hidden)
+    loss = linear_cross_entropy(head_input, lm_head.weight, targets)
+    return ModelOutput(logits=None, router_stats=router_stats, hidden_states=hidden, loss=loss)
 
 
 class DecoderLayer(nn.Module):
@@ -114,22 +136,30 @@ class DecoderLM(nn.Module):
         self.embed_scale = embed_scale
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        targets: Tensor | None = None,
     ) -> ModelOutput:
-        """Next-token logits for ``(B, T)`` token ids.
+        """Next-token logits for ``(B, T)`` token ids, or with ``targets`` their loss.
 
         Args:
             input_ids: ``(B, T)`` token ids.
             attention_mask: 1/True for real tokens and 0/False for padding: ``(B, T)``, or ``(B, past + T)``
                 covering the cached positions too when a cache is given.
             cache: Key/value cache for incremental decoding (see :meth:`new_cache`); it is extended in place.
+            targets: ``(B, T)`` the token each position should predict (``-100``: no loss there). With them
+                the output carries the mean cross-entropy as ``loss`` and no logits: the LM head and the loss
+                run chunk by chunk (:func:`~lightning_moe.nn.cross_entropy.linear_cross_entropy`).
 
         Returns:
-            Logits and router statistics.
+            Logits (or the loss) and router statistics.
 
         Raises:
             ValueError: If the shapes are wrong.
         """
+        check_targets(targets, input_ids)
         x_BTD, rope, mask, token_mask_BT, past = self.prepare(input_ids, attention_mask, cache)
         router_stats = []
         for index, layer in enumerate(self.layers):
@@ -138,7 +168,7 @@ class DecoderLM(nn.Module):
             if stats is not None:
                 router_stats.append(stats)
         hidden_BTD = self.norm(x_BTD)
-        return ModelOutput(logits=self.lm_head(hidden_BTD), router_stats=router_stats, hidden_states=hidden_BTD)
+        return head_output(self.lm_head, hidden_BTD, hidden_BTD, router_stats, targets)
 
     def new_cache(self) -> KVCache:
         """An empty key/value cache for this model."""

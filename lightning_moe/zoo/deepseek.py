@@ -175,14 +175,18 @@ class DeepSeekLM(DecoderLM):
         self.mtp = nn.ModuleList(mtp)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        targets: Tensor | None = None,
     ) -> DeepSeekOutput:
-        """Next-token logits, plus one set of MTP logits per depth (see :class:`DeepSeekOutput`).
+        """Next-token logits (or with ``targets`` their loss), plus MTP logits per depth (see :class:`DeepSeekOutput`).
 
         With a key/value cache (incremental decoding) the MTP modules are skipped.
         """
-        out = super().forward(input_ids, attention_mask, cache)
-        result = DeepSeekOutput(out.logits, out.router_stats, out.hidden_states)
+        out = super().forward(input_ids, attention_mask, cache, targets)
+        result = DeepSeekOutput(out.logits, out.router_stats, out.hidden_states, out.loss)
         if cache is not None:
             return result
         h_BTD, (rope_cfg, rope_dim) = out.hidden_states, self.rope

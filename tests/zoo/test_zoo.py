@@ -174,3 +174,40 @@ def test_bf16_autocast_trains_every_family_like_float32(name):
         if grads32[n].abs().sum() > 0:
             cos = torch.nn.functional.cosine_similarity(grad.flatten(), grads32[n].flatten(), dim=0)
             assert cos > 0.95, (n, float(cos))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_targets_give_the_cross_entropy_of_the_logits_and_its_gradients(name):
+    torch.manual_seed(0)
+    model = zoo.build(name).double()
+    vocab = zoo.config(name).vocab_size
+    ids, targets = torch.randint(0, vocab, (2, 16)), torch.randint(0, vocab, (2, 16))
+    targets[0, :3] = -100
+    args = (ids, torch.roll(ids, 1, dims=1)) if is_encoder_decoder(name) else (ids,)
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same router jitter, if any
+        out = model(*args, targets=targets) if fused else model(*args)
+        if fused:
+            assert out.logits is None
+            loss = out.loss
+        else:
+            loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, vocab), targets.reshape(-1))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (expected, expected_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert got_grads.keys() == expected_grads.keys()
+    for n in expected_grads:
+        torch.testing.assert_close(got_grads[n], expected_grads[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_targets_of_the_wrong_shape_name_the_field():
+    model = zoo.build("mixtral-tiny")
+    with pytest.raises(ValueError, match=r"targets.shape=\(2, 7\) is invalid: expected the shape of input_ids"):
+        model(torch.zeros(2, 8, dtype=torch.long), targets=torch.zeros(2, 7, dtype=torch.long))
+    switch = zoo.build("switch-tiny")
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"expected the shape of decoder_input_ids, \(2, 8\)"):
+        switch(ids, ids, targets=torch.zeros(2, 9, dtype=torch.long))
