@@ -6,8 +6,10 @@ same training step on the same batch, interleaved (the order alternating between
 cross-entropy, ``zero_grad``, backward, fused AdamW step, in the order Lightning's automatic optimization
 runs them (so the previous step's gradients are alive during the forward, for both models). In float32, or
 with ``--bf16`` as ``bf16-mixed``: the forward under CPU autocast to bfloat16, float32 weights, optimizer and
-loss. Our model keeps its expert weight-gradient memory between steps, as ``CausalLMModule`` does by
-default (:func:`~lightning_moe.nn.reuse_expert_grad_memory`; ``--no-reuse`` turns it off). The median step
+loss. Our model trains as ``CausalLMModule`` does by default: it computes its loss chunk by chunk, never the
+whole logits (:func:`~lightning_moe.nn.cross_entropy.linear_cross_entropy`; ``--full-logits``: from the whole
+logits, as Hugging Face), and keeps the weight-gradient memory of experts of 32 MiB and more between steps
+(:func:`~lightning_moe.nn.reuse_expert_grad_memory`; ``--no-reuse`` turns it off). The median step
 time of several repeats gives tokens/s. Peak memory is measured in fresh subprocesses per model, the
 median of three: the growth of resident memory over two steps (the kernel's high-water mark), and the peak
 of live tensor bytes over a step (see :func:`peak_memory`). The first step's losses of both models are
@@ -153,10 +155,11 @@ def hf_model(shape: str) -> torch.nn.Module:
 def models(shape: str, reuse: bool = True) -> dict[str, torch.nn.Module]:
     from lightning_moe.interop import from_hf
     from lightning_moe.nn import reuse_expert_grad_memory
+    from lightning_moe.nn.experts import FRESH_PAGES_MIN_BYTES
 
     hf = hf_model(shape)
     ours = from_hf(hf).train()
-    reuse_expert_grad_memory(ours, enabled=reuse)
+    reuse_expert_grad_memory(ours, enabled=reuse, min_bytes=FRESH_PAGES_MIN_BYTES)  # as CausalLMModule does
     return {"hf": hf, "ours": ours}
 
 

@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 from lightning_moe import zoo
 from lightning_moe.data.span_corruption import span_corruption, span_counts
 from lightning_moe.data.tokenizer import PAD_TOKEN
+from lightning_moe.nn.experts import FRESH_PAGES_MIN_BYTES
 from lightning_moe.nn.experts import reuse_expert_grad_memory as _reuse_expert_grad_memory
 from lightning_moe.nn.moe import MoELayer, MoEStats
 
@@ -36,6 +37,10 @@ class NonFiniteLossError(RuntimeError):
 
 class MoELanguageModule(L.LightningModule):
     """What the causal and seq2seq modules share.
+
+    The training and validation losses come from the model given its targets: the LM head and the
+    cross-entropy run chunk by chunk (:func:`lightning_moe.nn.cross_entropy.linear_cross_entropy`), so no step
+    holds the whole ``(B, T, V)`` logits, their float32 copy or their gradients.
 
     Args:
         arch: Zoo preset name (``lightning_moe.zoo.names()``).
@@ -69,6 +74,9 @@ class MoELanguageModule(L.LightningModule):
             memory instead of fresh pages makes steps with many or large experts faster (256 experts: ~15%);
             under Lightning's loop the previous gradients are alive during the forward anyway, so the peak
             grows only where the backward starts (by up to the expert gradients' size). No effect on CUDA.
+        reuse_expert_grad_memory_min_mib: With ``reuse_expert_grad_memory``, keep the memory only for expert
+            modules whose largest stacked weight has at least this many MiB (default 32: below that glibc reuses
+            freed blocks without page faults, and keeping them measured no faster; 0 keeps every module's).
 
     Raises:
         ValueError: For an unknown preset (with close matches), an unknown override or a bad argument.
@@ -92,6 +100,7 @@ class MoELanguageModule(L.LightningModule):
         upcycle_from: str | None = None,
         upcycle: dict[str, Any] | None = None,
         reuse_expert_grad_memory: bool = True,
+        reuse_expert_grad_memory_min_mib: float = FRESH_PAGES_MIN_BYTES / 2**20,
     ) -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
@@ -104,6 +113,10 @@ class MoELanguageModule(L.LightningModule):
             raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
         if mtp_loss_coef is not None and mtp_loss_coef < 0:
             raise ValueError(f"mtp_loss_coef={mtp_loss_coef!r} is invalid: must be >= 0")
+        if reuse_expert_grad_memory_min_mib < 0:
+            raise ValueError(
+                f"reuse_expert_grad_memory_min_mib={reuse_expert_grad_memory_min_mib!r} is invalid: must be >= 0"
+            )
         self.save_hyperparameters(ignore=["upcycle_from"])
         if init_from is not None and (upcycle_from is not None or upcycle is not None):
             raise ValueError(f"init_from={init_from!r} is invalid with upcycle_from or upcycle: pick one start")
@@ -139,7 +152,7 @@ class MoELanguageModule(L.LightningModule):
         }
         self.mtp_loss_coef = getattr(self.config, "mtp_loss_coef", 0.0) if mtp_loss_coef is None else mtp_loss_coef
         if reuse_expert_grad_memory:
-            _reuse_expert_grad_memory(self.model)
+            _reuse_expert_grad_memory(self.model, min_bytes=int(reuse_expert_grad_memory_min_mib * 2**20))
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None
         self._step_start = 0.0

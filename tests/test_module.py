@@ -126,12 +126,30 @@ def test_sampling_respects_top_k_and_temperature():
         _module().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=-1.0)
 
 
+def test_expert_grad_memory_is_kept_by_default_only_for_large_experts():
+    # mixtral-tiny's stacked expert weights are far below 32 MiB: by default nothing is kept. 8 experts of
+    # 512 x 2048 float32 are 32 MiB each: kept. Each threshold counted on its own model.
+    def kept(module):
+        experts = [m for m in module.model.modules() if m.__class__.__name__ == "GroupedExperts"]
+        assert experts
+        return [m.grad_buffers is not None for m in experts]
+
+    assert not any(kept(CausalLMModule(arch="mixtral-tiny")))
+    assert all(kept(CausalLMModule(arch="mixtral-tiny", reuse_expert_grad_memory_min_mib=0)))
+    large = {"num_layers": 1, "dim": 512, "ffn_hidden": 2048}
+    assert all(kept(CausalLMModule(arch="mixtral-tiny", overrides=large)))
+    assert not any(kept(CausalLMModule(arch="mixtral-tiny", overrides=large, reuse_expert_grad_memory_min_mib=32.01)))
+    assert not any(kept(CausalLMModule(arch="mixtral-tiny", overrides=large, reuse_expert_grad_memory=False)))
+    with pytest.raises(ValueError, match=r"reuse_expert_grad_memory_min_mib=-1 is invalid: must be >= 0"):
+        CausalLMModule(arch="mixtral-tiny", reuse_expert_grad_memory_min_mib=-1)
+
+
 def test_reused_expert_grad_memory_trains_like_fresh_memory():
     # Two identical modules, one keeping its expert gradient memory: same gradients over steps with
     # set_to_none zeroing, and the kept module's expert .grad lives in the same memory every step.
     torch.manual_seed(0)
     fresh = CausalLMModule(arch="mixtral-tiny", reuse_expert_grad_memory=False)
-    kept = CausalLMModule(arch="mixtral-tiny")  # the default
+    kept = CausalLMModule(arch="mixtral-tiny", reuse_expert_grad_memory_min_mib=0)  # tiny experts kept too
     kept.load_state_dict(fresh.state_dict())
     experts = [m for m in kept.model.modules() if m.__class__.__name__ == "GroupedExperts"]
     assert experts and all(e.grad_buffers is not None for e in experts)

@@ -395,8 +395,14 @@ def grouped_expert_mlp(
         )
 
 
-def reuse_expert_grad_memory(model: nn.Module, enabled: bool = True) -> int:
-    """Make every :class:`GroupedExperts` in ``model`` keep its weight-gradient memory between steps (or stop).
+# glibc's malloc serves a block from its heap, reused without new page faults, once a block of that size has
+# been freed, up to its largest dynamic mmap threshold (32 MiB on 64-bit); from there on every allocation is a
+# fresh mmap whose pages fault in when first written.
+FRESH_PAGES_MIN_BYTES = 32 * 2**20
+
+
+def reuse_expert_grad_memory(model: nn.Module, enabled: bool = True, min_bytes: int = 0) -> int:
+    """Make the :class:`GroupedExperts` in ``model`` keep their weight-gradient memory between steps (or stop).
 
     A CPU speed option (see :class:`GradBuffers`): saves the page faults of re-allocating the expert
     gradients every step (~20% of the layer time at 256 experts of hidden 512), and under autocast those of
@@ -407,15 +413,24 @@ def reuse_expert_grad_memory(model: nn.Module, enabled: bool = True) -> int:
     Args:
         model: Any module.
         enabled: Turn the reuse on (True) or off, releasing the kept memory (False).
+        min_bytes: Keep memory only for expert modules whose largest stacked weight has at least this many
+            bytes; the others are turned off. ``FRESH_PAGES_MIN_BYTES`` (what ``CausalLMModule`` uses) keeps it
+            only where glibc would map fresh pages every step: smaller gradients come back from its heap
+            without page faults (measured: the same step time with and without the memory kept, for 16-21 MiB
+            expert weights), so keeping them would cost memory for nothing.
 
     Returns:
-        The number of expert modules changed.
+        The number of expert modules that keep their memory.
     """
     changed = 0
     for module in model.modules():
         if isinstance(module, GroupedExperts):
-            module.grad_buffers = GradBuffers() if enabled else None
-            changed += 1
+            keep = enabled and max(w.nbytes for w in module.parameters()) >= min_bytes
+            if keep and module.grad_buffers is None:
+                module.grad_buffers = GradBuffers()
+            elif not keep:
+                module.grad_buffers = None
+            changed += keep
     return changed
 
 
