@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import Tensor
@@ -356,7 +355,9 @@ class CausalLMModule(MoELanguageModule):
         """Next-token cross-entropy, the multi-token-prediction loss (``None`` without MTP), stats, tokens."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
         out = self.model(inputs, targets=targets)  # the loss chunk by chunk, without the (B, T, V) logits
-        return out.loss, mtp_loss(getattr(out, "mtp_logits", None), batch), out.router_stats, inputs.numel()
+        mtp_losses = getattr(out, "mtp_losses", None)  # DeepSeek-V3's multi-token prediction: the mean over depths
+        mtp = torch.stack(mtp_losses).mean() if mtp_losses else None
+        return out.loss, mtp, out.router_stats, inputs.numel()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any] | None:
         """Cross-entropy plus weighted auxiliary losses.
@@ -429,29 +430,6 @@ class CausalLMModule(MoELanguageModule):
                 logits = self.model(ids).logits[:, -1]
         self.train(was_training)
         return ids
-
-
-def mtp_loss(mtp_logits: list[Tensor] | None, batch_BT: Tensor) -> Tensor | None:
-    """DeepSeek-V3's multi-token-prediction loss: the mean over depths ``k`` of each depth's cross-entropy.
-
-    Depth ``k``'s logits ``(B, T - k, V)`` come from the model's inputs ``batch[:, :-1]``; position ``i``
-    predicts token ``i + k + 1`` of the batch, so its targets are ``batch[:, k + 1:]`` (every position has one,
-    thanks to the batch's extra last token).
-
-    Args:
-        mtp_logits: One logits tensor per depth (``DeepSeekOutput.mtp_logits``), or ``None``/empty.
-        batch_BT: The ``(B, T + 1)`` token ids the inputs were cut from.
-
-    Returns:
-        The mean cross-entropy over depths, or ``None`` without MTP logits.
-    """
-    if not mtp_logits:
-        return None
-    losses = [
-        F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch_BT[:, k + 1 :].reshape(-1))
-        for k, logits in enumerate(mtp_logits, start=1)
-    ]
-    return torch.stack(losses).mean()
 
 
 def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None) -> Tensor:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_moe.nn.attention import Attention, AttentionConfig, KVCache, attention_bias
 from lightning_moe.nn.config import ExpertsConfig, MoEConfig, RouterConfig
+from lightning_moe.nn.cross_entropy import linear_cross_entropy
 from lightning_moe.nn.ffn import FeedForward
 from lightning_moe.nn.mla import MLAConfig, MultiHeadLatentAttention, mla_softmax_scale
 from lightning_moe.nn.moe import MoELayer, MoEStats
@@ -123,14 +124,18 @@ class DeepSeekConfig(ModelConfig):
 
 @dataclass
 class DeepSeekOutput(ModelOutput):
-    """:class:`~lightning_moe.nn.transformer.ModelOutput` plus multi-token-prediction logits.
+    """:class:`~lightning_moe.nn.transformer.ModelOutput` plus multi-token-prediction logits (or losses).
 
     Attributes:
         mtp_logits: For depth ``k = 1..mtp_depth``, ``(B, T - k, V)`` logits; position ``i`` predicts token
             ``i + k + 1`` (train them against ``input_ids[:, k + 1:]`` on the first ``T - k - 1`` positions).
+            Empty when the model was given targets.
+        mtp_losses: With targets: for each depth ``k``, the mean cross-entropy of its predictions against
+            ``targets[:, k:]`` (position ``i`` predicts ``targets[i + k]``), computed chunk by chunk.
     """
 
     mtp_logits: list[Tensor] = field(default_factory=list)
+    mtp_losses: list[Tensor] = field(default_factory=list)
 
 
 class MTPModule(nn.Module):
@@ -181,7 +186,7 @@ class DeepSeekLM(DecoderLM):
         cache: KVCache | None = None,
         targets: Tensor | None = None,
     ) -> DeepSeekOutput:
-        """Next-token logits (or with ``targets`` their loss), plus MTP logits per depth (see :class:`DeepSeekOutput`).
+        """Next-token logits, plus MTP logits per depth (see :class:`DeepSeekOutput`); with ``targets``, losses.
 
         With a key/value cache (incremental decoding) the MTP modules are skipped.
         """
@@ -198,7 +203,11 @@ class DeepSeekLM(DecoderLM):
             mask = attention_bias(batch, length, padding_mask_BS=token_mask, dtype=h_BTD.dtype, device=h_BTD.device)
             emb_BTD = self.embed(input_ids[:, k:])
             h_BTD, stats = module(h_BTD[:, :length], emb_BTD, (cos.unsqueeze(0), sin.unsqueeze(0)), mask, token_mask)
-            result.mtp_logits.append(self.lm_head(module.norm(h_BTD)))
+            head_input = module.norm(h_BTD)
+            if targets is None:
+                result.mtp_logits.append(self.lm_head(head_input))
+            else:
+                result.mtp_losses.append(linear_cross_entropy(head_input, self.lm_head.weight, targets[:, k:]))
             if stats is not None:
                 result.router_stats.append(stats)
         return result

@@ -94,6 +94,21 @@ def test_mtp_is_off_by_default_and_adds_shifted_logits_and_an_moe_block():
     assert not torch.allclose(a[:, 5:], b[:, 5:])
 
 
+def test_mtp_losses_with_targets_are_the_cross_entropy_of_the_mtp_logits():
+    torch.manual_seed(0)
+    model = zoo.build("deepseek-tiny", mtp_depth=2).double().eval()  # eval: both passes route alike
+    vocab = zoo.config("deepseek-tiny").vocab_size
+    ids, targets = torch.randint(0, vocab, (2, 12)), torch.randint(0, vocab, (2, 12))
+    logits_out, loss_out = model(ids), model(ids, targets=targets)
+    assert loss_out.logits is None and loss_out.mtp_logits == [] and len(loss_out.mtp_losses) == 2
+    # Depth k predicts, at position i, the target k positions further on: targets[:, k:] against (B, T - k).
+    for k, (logits, loss) in enumerate(zip(logits_out.mtp_logits, loss_out.mtp_losses, strict=True), start=1):
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets[:, k:].reshape(-1))
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    expected = torch.nn.functional.cross_entropy(logits_out.logits.reshape(-1, vocab), targets.reshape(-1))
+    torch.testing.assert_close(loss_out.loss, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_invalid_attention_kind_and_first_k_dense_raise():
     with pytest.raises(ValueError, match=r"attention='gqa' is invalid"):
         DeepSeekConfig(attention="gqa")
