@@ -422,7 +422,7 @@ def reuse_expert_grad_memory(model: nn.Module, enabled: bool = True, min_bytes: 
     Returns:
         The number of expert modules that keep their memory.
     """
-    changed = 0
+    kept = 0
     for module in model.modules():
         if isinstance(module, GroupedExperts):
             keep = enabled and max(w.nbytes for w in module.parameters()) >= min_bytes
@@ -430,8 +430,8 @@ def reuse_expert_grad_memory(model: nn.Module, enabled: bool = True, min_bytes: 
                 module.grad_buffers = GradBuffers()
             elif not keep:
                 module.grad_buffers = None
-            changed += keep
-    return changed
+            kept += keep
+    return kept
 
 
 class GroupedExperts(nn.Module):
