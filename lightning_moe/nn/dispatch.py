@@ -106,28 +106,48 @@ class GroupedDispatcher(Dispatcher):
         slot_expert_N = torch.where(keep_N, expert_ids_N, num_experts)
         # Not bincount: on CUDA it reads the largest id back to size its output.
         counts = slot_expert_N.new_zeros(num_experts + 1).scatter_add_(0, slot_expert_N, torch.ones_like(slot_expert_N))
-        order = torch.argsort(slot_expert_N, stable=True)
         if not self.exact_counts and not experts.needs_host_counts(x_TD):
+            order = torch.argsort(slot_expert_N, stable=True)
             counts_E = counts[:num_experts].clone()
             counts_E[-1:] += counts[num_experts:]
             weights_N = torch.where(keep_N, weights_N, torch.zeros_like(weights_N))
             return self.compute(x_TD, token_ids_N[order], weights_N[order], counts_E, experts)
-        num_live = int(keep_N.shape[0] - counts[num_experts])
-        order = order[:num_live]
-        token_ids_N, weights_N, counts_E = token_ids_N[order], weights_N[order], counts[:num_experts]
+        counts_E = counts[:num_experts]
+        counts_list = counts_E.tolist()
+        padded, expert_order = counts_list, None
         if not self.exact_counts:
-            counts_list = counts_E.tolist()
             padded = experts.padded_counts(x_TD, counts_list)
             if padded != counts_list:
-                padded_E = torch.tensor(padded, device=counts_E.device, dtype=counts_E.dtype)
-                token_ids_N, weights_N = pad_expert_blocks(
-                    token_ids_N, weights_N, slot_expert_N[order], counts_E, padded_E
-                )
-                counts_E = padded_E
+                expert_order = experts.block_order(x_TD, padded)
+        if expert_order is not None:  # sort the copies by their expert's place in expert_order (dead ones last)
+            rank = [0] * (num_experts + 1)
+            for place, expert in enumerate(expert_order + [num_experts]):
+                rank[expert] = place
+            slot_expert_N = torch.tensor(rank, device=counts.device)[slot_expert_N]
+        order = torch.argsort(slot_expert_N, stable=True)[: sum(counts_list)]
+        token_ids_N, weights_N = token_ids_N[order], weights_N[order]
+        if padded != counts_list:
+            in_order = expert_order if expert_order is not None else range(num_experts)
+            token_ids_N, weights_N = pad_expert_blocks(
+                token_ids_N,
+                weights_N,
+                slot_expert_N[order],
+                torch.tensor([counts_list[e] for e in in_order], device=counts.device),
+                torch.tensor([padded[e] for e in in_order], device=counts.device),
+            )
+            counts_E = torch.tensor(padded, device=counts.device, dtype=counts.dtype)
+        if expert_order is not None:
+            return self.compute(x_TD, token_ids_N, weights_N, counts_E, experts, expert_order=expert_order)
         return self.compute(x_TD, token_ids_N, weights_N, counts_E, experts)
 
     def compute(
-        self, x_TD: Tensor, token_ids_N: Tensor, weights_N: Tensor, counts_E: Tensor, experts: GroupedExperts
+        self,
+        x_TD: Tensor,
+        token_ids_N: Tensor,
+        weights_N: Tensor,
+        counts_E: Tensor,
+        experts: GroupedExperts,
+        expert_order: list[int] | None = None,
     ) -> Tensor:
         """Run the experts on expert-sorted copies and combine (the expert-parallel seam).
 
@@ -137,11 +157,13 @@ class GroupedDispatcher(Dispatcher):
             weights_N: Combine weight of each copy.
             counts_E: Copies per expert, over all ``E`` experts.
             experts: The routed experts.
+            expert_order: The order of the experts' blocks when it is not the index order: only passed when
+                ``exact_counts`` is False, from padding that batches experts of similar load (CPU).
 
         Returns:
             ``(T, D)`` combined expert outputs.
         """
-        return experts.forward_scatter(x_TD, token_ids_N, weights_N, counts_E)
+        return experts.forward_scatter(x_TD, token_ids_N, weights_N, counts_E, expert_order)
 
 
 def pad_expert_blocks(

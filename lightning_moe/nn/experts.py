@@ -28,8 +28,13 @@ ROW_ALIGNMENT = 16
 # PAD_MAX_ROWS rows (bmm over experts pays for small per-expert matmuls, ~1.45x at 64 rows on 2 cores, and
 # little for large ones) and at most PAD_MAX_WASTE extra rows.
 BATCH_MAX_ROWS = 4096
+# ... and, when the kernel casts the weights, at most this many bytes of weights per matmul (bounds the block of
+# weight gradients converted at once, so that it comes from the heap rather than from fresh pages).
+BATCH_MAX_WEIGHT_BYTES = 4 * 2**20
 PAD_MAX_ROWS = 512
 PAD_MAX_WASTE = 0.25
+# Experts per padded run when runs are formed by load (see GroupedExperts.padded_counts).
+PAD_GROUP = 8
 
 
 class GradBuffers:
@@ -100,12 +105,14 @@ def _counts_list(counts_E: Tensor | list[int]) -> list[int]:
     return counts_E.tolist() if isinstance(counts_E, Tensor) else [int(c) for c in counts_E]
 
 
-def expert_batches(counts: list[int], max_rows: int = BATCH_MAX_ROWS) -> list[tuple[int, int, int, int]]:
+def expert_batches(
+    counts: list[int], max_rows: int = BATCH_MAX_ROWS, max_experts: int | None = None
+) -> list[tuple[int, int, int, int]]:
     """Split the experts into batches the fused kernel runs with one ``bmm`` per matmul.
 
     A batch is a run of consecutive experts with the same non-zero row count (their rows are adjacent in
-    the expert-sorted copies and their weights adjacent in the stacked tensors), of at most ``max_rows``
-    rows; an expert whose count differs from its neighbours' is a batch of one.
+    the expert-sorted copies), of at most ``max_rows`` rows and ``max_experts`` experts; an expert whose count
+    differs from its neighbours' is a batch of one.
 
     Returns:
         ``(first expert, number of experts, rows per expert, first row)`` per batch; empty experts are in none.
@@ -114,7 +121,8 @@ def expert_batches(counts: list[int], max_rows: int = BATCH_MAX_ROWS) -> list[tu
     row = 0
     for expert, count in enumerate(counts):
         last = batches[-1] if batches else None
-        if count and last and last[2] == count and last[0] + last[1] == expert and (last[1] + 1) * count <= max_rows:
+        fits = last and (last[1] + 1) * count <= max_rows and (max_experts is None or last[1] < max_experts)
+        if count and fits and last[2] == count and last[0] + last[1] == expert:
             batches[-1] = (last[0], last[1] + 1, count, last[3])
         elif count:
             batches.append((expert, 1, count, row))
@@ -122,34 +130,79 @@ def expert_batches(counts: list[int], max_rows: int = BATCH_MAX_ROWS) -> list[tu
     return batches
 
 
-def padded_counts(counts: list[int], align: int = 1, group: int = 1) -> list[int]:
+def padded_counts(counts: list[int], align: int = 1, group: int = 1, by_load: bool = False) -> list[int]:
     """Per-expert row counts after padding blocks with weight-zero copies (see ``pad_expert_blocks``).
 
     Every count is rounded up to a multiple of ``align``; then, with ``group > 1``, each run of ``group``
-    consecutive experts whose largest count is at most :data:`PAD_MAX_ROWS` is padded to that largest count
-    when this adds at most :data:`PAD_MAX_WASTE` of the run's rows, so the kernel runs the run as one batch.
+    experts whose largest count is at most :data:`PAD_MAX_ROWS` is padded to that largest count when this
+    adds at most :data:`PAD_MAX_WASTE` of the run's rows, so the kernel runs the run as one batch. The runs
+    are of neighbouring experts, or with ``by_load`` of experts taken in order of their counts (smallest
+    first, ties by index; the copies then go in :func:`batch_order`): their loads are nearly equal, so the
+    padding is small, but their weights are not adjacent and the kernel gathers them.
 
     Args:
         counts: Copies per expert.
         align: Row multiple (1: none).
         group: Experts per padded run (1: no runs).
+        by_load: Form the runs in order of the counts rather than of the expert indices.
     """
     padded = [-(-count // align) * align for count in counts]
     if group > 1:
+        in_order = sorted(range(len(padded)), key=padded.__getitem__) if by_load else range(len(padded))
         for first in range(0, len(padded), group):
-            run = padded[first : first + group]
-            top, rows = max(run), sum(run)
+            run = in_order[first : first + group]
+            top, rows = max(padded[e] for e in run), sum(padded[e] for e in run)
             if len(run) > 1 and 0 < top <= PAD_MAX_ROWS and len(run) * top - rows <= PAD_MAX_WASTE * rows:
-                padded[first : first + group] = [top] * len(run)
+                for expert in run:
+                    padded[expert] = top
     return padded
+
+
+def batch_order(padded: list[int]) -> list[int] | None:
+    """The expert order in which to sort the copies so that the padded runs of :func:`padded_counts` are adjacent.
+
+    Experts with blocks of at most :data:`PAD_MAX_ROWS` rows come first, by row count (ties by index), the
+    larger ones after them in index order. ``None`` when that is the index order itself.
+    """
+    order = sorted(range(len(padded)), key=lambda e: padded[e] if padded[e] <= PAD_MAX_ROWS else PAD_MAX_ROWS + 1)
+    return None if order == sorted(order) else order
+
+
+def _expert_selectors(
+    order: list[int], batches: list[tuple[int, int, int, int]], device: torch.device
+) -> list[slice | Tensor]:
+    """Per batch, its experts' rows in the stacked weights: a slice where they are consecutive, else an index."""
+    selectors: list[slice | Tensor] = []
+    for first, size, _, _ in batches:
+        experts = order[first : first + size]
+        if experts == list(range(experts[0], experts[0] + size)):
+            selectors.append(slice(experts[0], experts[0] + size))
+        else:
+            selectors.append(torch.tensor(experts, device=device))
+    return selectors
+
+
+def _casts_on_kept_memory(x: Tensor, weight: Tensor, grad_buffers: GradBuffers | None) -> bool:
+    """Whether the fused kernel casts the weights itself, onto kept memory (CPU autocast to another dtype)."""
+    device_type = x.device.type
+    if device_type != "cpu" or grad_buffers is None or not torch.is_autocast_enabled(device_type):
+        return False
+    return weight.dtype != torch.get_autocast_dtype(device_type)
+
+
+def _take(weight_EAB: Tensor, experts: slice | Tensor) -> Tensor:
+    """The stacked weights of some experts: a view for a slice, a copy for an index tensor."""
+    return weight_EAB[experts] if isinstance(experts, slice) else weight_EAB.index_select(0, experts)
 
 
 class _GroupedExpertMLP(torch.autograd.Function):
     """``out[rows[n]] += weights[n] * expert_e(x[rows[n]])`` for copies ``n`` of expert ``e``, sorted by expert.
 
     With ``rows=None`` row ``n`` of ``x`` is copy ``n`` and the output is ``(N, D)`` in the same order.
-    Experts run in the batches of :func:`expert_batches`: ``G`` experts of ``M`` rows each as ``(G, M, .)``
-    views and one ``bmm`` per matmul (a single expert is a batch of one).
+    The copies are sorted by expert in ``order`` (default: by index). Experts run in the batches of
+    :func:`expert_batches` over that order: ``G`` experts of ``M`` rows each as ``(G, M, .)`` views and one
+    ``bmm`` per matmul (a single expert is a batch of one); the weights of a batch whose experts are not
+    consecutive in the stacked tensors are gathered for it.
     """
 
     @staticmethod
@@ -166,33 +219,51 @@ class _GroupedExpertMLP(torch.autograd.Function):
         grad_buffers: GradBuffers | None = None,
         max_batch_rows: int = BATCH_MAX_ROWS,
         cast_dtype: torch.dtype | None = None,
+        order: list[int] | None = None,
     ) -> Tensor:
         act = activation_fn(activation)
         master_dtype = w1_EDF.dtype
-        if cast_dtype is not None:  # autocast: the weights in the compute dtype, on kept memory
-            w1_EDF, w3_EDF, w2_EFD = (
-                None if w is None else grad_buffers.empty_like(f"{key}.cast", w, cast_dtype).copy_(w)
-                for w, key in ((w1_EDF, "w1"), (w3_EDF, "w3"), (w2_EFD, "w2"))
-            )
+        identity = order is None
+        order = list(range(len(counts))) if order is None else order
+        max_experts = None  # with casts, bound the block of weight gradients converted at once
+        if cast_dtype is not None:
+            max_experts = max(1, BATCH_MAX_WEIGHT_BYTES // (w1_EDF[0].numel() * cast_dtype.itemsize))
+        batches = expert_batches([counts[e] for e in order], max_batch_rows, max_experts)
+        # Where each batch's experts are: in the master weights and gradients, and in the weights the matmuls read.
+        selectors = _expert_selectors(order, batches, w1_EDF.device)
+        weight_selectors = selectors
+        if cast_dtype is not None:  # autocast: the weights in the compute dtype, on kept memory, in batch order
+            casts = []
+            for w, key in ((w1_EDF, "w1"), (w3_EDF, "w3"), (w2_EFD, "w2")):
+                cast = None if w is None else grad_buffers.empty_like(f"{key}.cast", w, cast_dtype)
+                if cast is not None and identity:
+                    cast.copy_(w)
+                elif cast is not None:  # expert by expert: no temporary
+                    for first, size, _, _ in batches:
+                        for slot, expert in enumerate(order[first : first + size], first):
+                            cast[slot].copy_(w[expert])
+                casts.append(cast)
+            w1_EDF, w3_EDF, w2_EFD = casts
+            weight_selectors = [slice(first, first + size) for first, size, _, _ in batches]
         num_copies, dim, hidden = sum(counts), x.shape[-1], w1_EDF.shape[-1]
         h1_NF = x.new_empty(num_copies, hidden)
         h3_NF = x.new_empty(num_copies, hidden) if w3_EDF is not None else None
         out = torch.zeros_like(x) if rows_N is not None else x.new_empty(num_copies, dim)
-        batches = expert_batches(counts, max_batch_rows)
-        for first, size, rows, start in batches:
-            block, experts = slice(start, start + size * rows), slice(first, first + size)
+        for (_, size, rows, start), experts in zip(batches, weight_selectors, strict=True):
+            block = slice(start, start + size * rows)
             x_GMD = (x[block] if rows_N is None else x.index_select(0, rows_N[block])).view(size, rows, dim)
-            g_GMF = act(torch.bmm(x_GMD, w1_EDF[experts], out=h1_NF[block].view(size, rows, hidden)))
+            g_GMF = act(torch.bmm(x_GMD, _take(w1_EDF, experts), out=h1_NF[block].view(size, rows, hidden)))
             if h3_NF is not None:
-                g_GMF = g_GMF.mul_(torch.bmm(x_GMD, w3_EDF[experts], out=h3_NF[block].view(size, rows, hidden)))
+                g_GMF = g_GMF.mul_(torch.bmm(x_GMD, _take(w3_EDF, experts), out=h3_NF[block].view(size, rows, hidden)))
             if weights_N is not None:
                 g_GMF = g_GMF.mul_(weights_N[block].view(size, rows, 1))
             if rows_N is None:
-                torch.bmm(g_GMF, w2_EFD[experts], out=out[block].view(size, rows, dim))
+                torch.bmm(g_GMF, _take(w2_EFD, experts), out=out[block].view(size, rows, dim))
             else:
-                out.index_add_(0, rows_N[block], torch.bmm(g_GMF, w2_EFD[experts]).view(-1, dim))
+                out.index_add_(0, rows_N[block], torch.bmm(g_GMF, _take(w2_EFD, experts)).view(-1, dim))
         ctx.save_for_backward(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, h1_NF, h3_NF)
         ctx.counts, ctx.batches, ctx.activation, ctx.grad_buffers = counts, batches, activation, grad_buffers
+        ctx.selectors, ctx.weight_selectors = selectors, weight_selectors
         ctx.grad_dtype = master_dtype
         return out
 
@@ -216,8 +287,11 @@ class _GroupedExpertMLP(torch.autograd.Function):
                 return torch.empty_like(weight, dtype=grad_dtype)
             return buffers.empty_like(key if grad_dtype == weight.dtype else f"{key}.grad", weight, grad_dtype)
 
-        def weight_grad(a: Tensor, b: Tensor, dw: Tensor, experts: slice) -> None:
-            if dw.dtype == a.dtype:
+        def weight_grad(a: Tensor, b: Tensor, dw: Tensor, experts: slice | Tensor) -> None:
+            if isinstance(experts, Tensor):  # expert by expert: no temporary in dw's dtype
+                for dw_DF, expert in zip(torch.bmm(a, b), experts.tolist(), strict=True):
+                    dw[expert].copy_(dw_DF)
+            elif dw.dtype == a.dtype:
                 torch.bmm(a, b, out=dw[experts])
             else:
                 dw[experts].copy_(torch.bmm(a, b))
@@ -230,8 +304,10 @@ class _GroupedExpertMLP(torch.autograd.Function):
                 for dw in (dw1, dw3, dw2):
                     if dw is not None:
                         dw[e].zero_()
-        for first, size, rows, start in ctx.batches:
-            block, experts = slice(start, start + size * rows), slice(first, first + size)
+        for (_, size, rows, start), experts, weight_experts in zip(
+            ctx.batches, ctx.selectors, ctx.weight_selectors, strict=True
+        ):
+            block = slice(start, start + size * rows)
             x_GMD = (x[block] if rows_N is None else x.index_select(0, rows_N[block])).view(size, rows, dim)
             dout_GMD = (dout[block] if rows_N is None else dout.index_select(0, rows_N[block])).view(size, rows, dim)
             h1_GMF = h1_NF[block].view(size, rows, hidden)
@@ -239,7 +315,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
             # Fresh (M, F) temporaries are overwritten in place once their last reader is done.
             a_GMF = act(h1_GMF)
             g_GMF = a_GMF * h3_GMF if h3_GMF is not None else a_GMF
-            dg_GMF = torch.bmm(dout_GMD, w2_EFD[experts].transpose(1, 2))
+            dg_GMF = torch.bmm(dout_GMD, _take(w2_EFD, weight_experts).transpose(1, 2))
             if weights_N is not None:
                 w_GM1 = weights_N[block].view(size, rows, 1)
                 if dweights_N is not None:
@@ -262,14 +338,14 @@ class _GroupedExpertMLP(torch.autograd.Function):
             if dw3 is not None:
                 weight_grad(x_GDM, dh3_GMF, dw3, experts)
             if dx is not None:
-                dx_GMD = torch.bmm(dh1_GMF, w1_EDF[experts].transpose(1, 2))
+                dx_GMD = torch.bmm(dh1_GMF, _take(w1_EDF, weight_experts).transpose(1, 2))
                 if dh3_GMF is not None:
-                    dx_GMD.baddbmm_(dh3_GMF, w3_EDF[experts].transpose(1, 2))
+                    dx_GMD.baddbmm_(dh3_GMF, _take(w3_EDF, weight_experts).transpose(1, 2))
                 if rows_N is None:
                     dx[block] = dx_GMD.view(-1, dim)
                 else:
                     dx.index_add_(0, rows_N[block], dx_GMD.view(-1, dim))
-        return dx, None, dweights_N, dw1, dw3, dw2, None, None, None, None, None
+        return dx, None, dweights_N, dw1, dw3, dw2, None, None, None, None, None, None
 
 
 def _grouped_mm_mlp(
@@ -326,6 +402,7 @@ def grouped_expert_mlp(
     kernel: str = "auto",
     grad_buffers: GradBuffers | None = None,
     batch_experts: bool = True,
+    expert_order: list[int] | None = None,
 ) -> Tensor:
     """Run expert ``e`` (weights ``w*[e]``) on its contiguous block of expert-sorted copies.
 
@@ -347,16 +424,21 @@ def grouped_expert_mlp(
         grad_buffers: Where the fused kernel takes its weight-gradient memory from (``None``: fresh memory).
         batch_experts: Whether the fused kernel batches neighbouring experts with equal row counts
             (:func:`expert_batches`); else one expert at a time.
+        expert_order: The order of the experts' blocks in the copies (a permutation of the expert indices,
+            :func:`batch_order`; ``None``: by index). ``counts_E`` stays indexed by expert. Fused kernel only.
 
     Returns:
         ``(N, D)`` outputs in the order of the copies, or ``(T, D)`` combined outputs with ``rows_N``.
 
     Raises:
         ValueError: If ``counts_E`` does not match the weights or the copies (checked where that needs no wait
-            for the device: list counts, or counts on the CPU).
+            for the device: list counts, or counts on the CPU), or ``expert_order`` is not a permutation of the
+            experts or comes with ``kernel="grouped_mm"``.
     """
     if len(counts_E) != w1_EDF.shape[0]:
         raise ValueError(f"counts_E has {len(counts_E)} entries, expected num_experts={w1_EDF.shape[0]}")
+    if expert_order is not None and sorted(expert_order) != list(range(w1_EDF.shape[0])):
+        raise ValueError(f"expert_order={expert_order} is invalid: expected a permutation of 0..{w1_EDF.shape[0] - 1}")
     num_rows = x.shape[0] if rows_N is None else rows_N.shape[0]
     host_counts = None if isinstance(counts_E, Tensor) and counts_E.is_cuda else _counts_list(counts_E)
     if host_counts is not None and sum(host_counts) != num_rows:
@@ -368,7 +450,7 @@ def grouped_expert_mlp(
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype)
-        if kernel == "fused" and grad_buffers is not None and device_type == "cpu" and w1_EDF.dtype != dtype:
+        if kernel == "fused" and _casts_on_kept_memory(x, w1_EDF, grad_buffers):
             cast_dtype = dtype  # the fused kernel casts on kept memory and returns gradients in the weights' dtype
         else:
             w1_EDF, w3_EDF, w2_EFD = (None if w is None else w.to(dtype) for w in (w1_EDF, w3_EDF, w2_EFD))
@@ -376,6 +458,8 @@ def grouped_expert_mlp(
         weights_N = weights_N.to(x.dtype)
     with torch.autocast(device_type, enabled=False):
         if kernel == "grouped_mm":
+            if expert_order is not None:
+                raise ValueError("expert_order is invalid with kernel='grouped_mm': its copies are sorted by index")
             dim, hidden = w1_EDF.shape[1], w1_EDF.shape[2]
             if (dim * x.element_size()) % 16 or (hidden * x.element_size()) % 16:
                 raise ValueError(
@@ -391,7 +475,18 @@ def grouped_expert_mlp(
         counts = host_counts if host_counts is not None else _counts_list(counts_E)
         max_rows = BATCH_MAX_ROWS if batch_experts else 1
         return _GroupedExpertMLP.apply(
-            x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, counts, activation, grad_buffers, max_rows, cast_dtype
+            x,
+            rows_N,
+            weights_N,
+            w1_EDF,
+            w3_EDF,
+            w2_EFD,
+            counts,
+            activation,
+            grad_buffers,
+            max_rows,
+            cast_dtype,
+            expert_order,
         )
 
 
@@ -480,17 +575,29 @@ class GroupedExperts(nn.Module):
 
         Only for the fused kernel on the CPU: in bfloat16/float16 (including under autocast) every block is
         rounded up to :data:`ROW_ALIGNMENT` rows, since every new row count costs a oneDNN kernel build; and
-        neighbouring experts are padded in runs of ``max(2, threads)`` to one row count where that is cheap
-        (:func:`padded_counts`), so the kernel runs them as one ``bmm`` batch, one expert per thread, instead
-        of splitting each small matmul over the threads.
+        experts with small blocks are padded in runs to one row count where that is cheap (:func:`padded_counts`),
+        so the kernel runs each run as one ``bmm`` batch, one expert per thread, instead of splitting each small
+        matmul over the threads. The runs are of ``max(2, threads)`` neighbouring experts, whose weights are
+        adjacent; or, when the kernel casts the weights itself (autocast with kept memory: it can write the
+        cast in any order for free), of :data:`PAD_GROUP` experts of nearly equal load (see :meth:`block_order`).
         """
         if x.device.type != "cpu" or not self.needs_host_counts(x):
             return counts
-        group = max(2, torch.get_num_threads()) if self.config.batch_experts else 1
+        by_load = _casts_on_kept_memory(x, self.w1, self.grad_buffers)
+        group = max(PAD_GROUP if by_load else 2, torch.get_num_threads()) if self.config.batch_experts else 1
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         align = ROW_ALIGNMENT if dtype in (torch.bfloat16, torch.float16) else 1
-        return padded_counts(counts, align, group)
+        return padded_counts(counts, align, group, by_load)
+
+    def block_order(self, x: Tensor, padded: list[int]) -> list[int] | None:
+        """The order of the experts' blocks for the copies padded to ``padded`` (``None``: by index).
+
+        By load (:func:`batch_order`) where :meth:`padded_counts` formed its runs by load, else ``None``.
+        """
+        if not self.config.batch_experts or x.device.type != "cpu":
+            return None
+        return batch_order(padded) if _casts_on_kept_memory(x, self.w1, self.grad_buffers) else None
 
     def forward(self, x_ND: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         """Run every expert on its contiguous block of expert-sorted rows.
@@ -515,15 +622,21 @@ class GroupedExperts(nn.Module):
         )
 
     def forward_scatter(
-        self, x_TD: Tensor, token_ids_N: Tensor, weights_N: Tensor, counts_E: Tensor | list[int]
+        self,
+        x_TD: Tensor,
+        token_ids_N: Tensor,
+        weights_N: Tensor,
+        counts_E: Tensor | list[int],
+        expert_order: list[int] | None = None,
     ) -> Tensor:
         """Gather, run, weight and scatter-add in one pass, block by block.
 
         Args:
             x_TD: Tokens.
-            token_ids_N: Source token of each copy, copies sorted by expert.
+            token_ids_N: Source token of each copy, copies sorted by expert (in ``expert_order``).
             weights_N: Combine weight of each copy.
             counts_E: Copies per expert, summing to ``N``.
+            expert_order: Order of the experts' blocks (see :func:`grouped_expert_mlp`; ``None``: by index).
 
         Returns:
             ``(T, D)``: ``sum_n weights_N[n] * expert(x_TD[token_ids_N[n]])`` per token.
@@ -540,6 +653,7 @@ class GroupedExperts(nn.Module):
             self.config.kernel,
             grad_buffers=self.grad_buffers,
             batch_experts=self.config.batch_experts,
+            expert_order=expert_order,
         )
 
     def unbind_experts(self) -> list[tuple[Tensor, Tensor | None, Tensor]]:

@@ -509,7 +509,7 @@ def test_bfloat16_on_cpu_pads_expert_blocks_to_the_row_alignment(monkeypatch):
         layer(x)
     routed = stats.tokens_per_expert.long().tolist()
     assert sum(routed) == 74
-    group = max(2, torch.get_num_threads())
+    group = max(2, torch.get_num_threads())  # runs of neighbours: nothing keeps memory here (see by_load)
     assert seen[0] == experts_module.padded_counts(routed, align=1, group=group)  # float32: runs only
     assert seen[1] == experts_module.padded_counts(routed, align=16, group=group)
     assert all(c % experts_module.ROW_ALIGNMENT == 0 for c in seen[1]) and sum(seen[1]) >= 74
@@ -529,6 +529,26 @@ def test_padded_counts_by_hand():
     assert padded_counts(counts) == counts
 
 
+def test_padded_counts_by_load_and_batch_order_by_hand():
+    from lightning_moe.nn.experts import PAD_MAX_ROWS, batch_order, padded_counts
+
+    counts = [60, 3, 70, 100, 0, 64, 600, 5]
+    # By index, pairs (60, 3) (70, 100) (0, 64) (600, 5): only 70/100 pads (30 rows on 170).
+    assert padded_counts(counts, group=2) == [60, 3, 100, 100, 0, 64, 600, 5]
+    # By load, pairs of experts 4/1 (0, 3), 7/0 (5, 60), 5/2 (64, 70), 3/6 (100, 600): 3 on 3 and 55 on 65 rows
+    # are too much padding, 600 is above PAD_MAX_ROWS; 64/70 pads 6 rows on 134.
+    assert PAD_MAX_ROWS < 600
+    padded = padded_counts(counts, group=2, by_load=True)
+    assert padded == [60, 3, 70, 100, 0, 70, 600, 5]
+    # Small blocks by count, ties by index, then the large ones: the padded pair 2/5 is adjacent.
+    assert batch_order(padded) == [4, 1, 7, 0, 2, 5, 3, 6]
+    assert batch_order([1, 2, 2, 700, 600]) is None  # already in that order
+    # Runs of 4 by load: 8..11 pads to 11 (6 rows on 38), 29..32 to 32 (6 on 122).
+    assert padded_counts([8, 30, 9, 31, 10, 29, 11, 32], group=4, by_load=True) == [11, 32] * 4
+    # By index the runs mix both loads: 46 rows on 78 and on 82, too much, so nothing pads.
+    assert padded_counts([8, 30, 9, 31, 10, 29, 11, 32], group=4) == [8, 30, 9, 31, 10, 29, 11, 32]
+
+
 def test_expert_batches_by_hand():
     from lightning_moe.nn.experts import expert_batches
 
@@ -536,6 +556,13 @@ def test_expert_batches_by_hand():
     # (first expert, experts, rows each, first row): runs of equal non-zero counts; the empty expert breaks one.
     assert expert_batches(counts) == [(0, 3, 4, 0), (4, 1, 4, 12), (5, 2, 3, 16), (7, 1, 5, 22)]
     assert expert_batches(counts, max_rows=8) == [
+        (0, 2, 4, 0),
+        (2, 1, 4, 8),
+        (4, 1, 4, 12),
+        (5, 2, 3, 16),
+        (7, 1, 5, 22),
+    ]
+    assert expert_batches(counts, max_experts=2) == [
         (0, 2, 4, 0),
         (2, 1, 4, 8),
         (4, 1, 4, 12),
@@ -570,6 +597,82 @@ def test_expert_batches_and_their_padding_change_no_output_or_gradient():
         y = y.index_add(0, token_ids[expert_ids == e], y_e * weights[expert_ids == e].unsqueeze(-1))
     y_p = grouped_expert_mlp(x, counts_p, *args, rows_p, weights_p)
     _assert_same_values_and_grads(y_p, y, (x, weights, experts.w1, experts.w3, experts.w2))
+
+
+def test_copies_in_batch_order_change_no_output_or_gradient():
+    # Copies sorted in the by-load order, padded in runs by load: the kernel gathers each run's weights and
+    # writes its weight gradients back expert by expert. Against the experts one by one, in float64.
+    from lightning_moe.nn.dispatch import pad_expert_blocks
+    from lightning_moe.nn.experts import batch_order, grouped_expert_mlp, padded_counts
+
+    torch.manual_seed(0)
+    experts = MoELayer(
+        MoEConfig(dim=6, router=RouterConfig(num_experts=6, top_k=2), experts=ExpertsConfig(hidden_dim=5))
+    ).experts.double()
+    x = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+    expert_ids = torch.tensor([0] * 4 + [1] * 9 + [2] * 3 + [3] * 5 + [5] * 3)  # expert 4 gets nothing
+    token_ids = torch.randint(0, 12, (24,))
+    weights = torch.rand(24, dtype=torch.float64, requires_grad=True)
+    counts = torch.bincount(expert_ids, minlength=6).tolist()
+    padded = padded_counts(counts, group=2, by_load=True)
+    # Pairs by load: experts 4/2 (0, 3), 5/0 (3, 4), 3/1 (5, 9): only 5/0 pads (1 row on 7), a run whose
+    # experts are not adjacent in the weights.
+    assert padded == [4, 9, 3, 5, 0, 4]
+    order = batch_order(padded)
+    assert order == [4, 2, 0, 5, 3, 1]
+    rank = torch.empty(6, dtype=torch.long)
+    rank[order] = torch.arange(6)
+    slots = rank[expert_ids]
+    sort = torch.argsort(slots, stable=True)
+    in_order = torch.tensor([counts[e] for e in order]), torch.tensor([padded[e] for e in order])
+    rows_p, weights_p = pad_expert_blocks(token_ids[sort], weights[sort], slots[sort], *in_order)
+    args = (experts.w1, experts.w3, experts.w2, "silu")
+    y_p = grouped_expert_mlp(x, padded, *args, rows_p, weights_p, expert_order=order)
+    y = torch.zeros_like(x)
+    for e, w in enumerate(experts.unbind_experts()):
+        mine = expert_ids == e
+        y = y.index_add(0, token_ids[mine], experts.expert_forward(x[token_ids[mine]], w) * weights[mine, None])
+    _assert_same_values_and_grads(y_p, y, (x, weights, experts.w1, experts.w3, experts.w2))
+    with pytest.raises(ValueError, match="expert_order"):
+        grouped_expert_mlp(x, padded, *args, rows_p, weights_p, expert_order=[0, 1, 2, 3, 4, 4])
+
+
+def test_bfloat16_layer_with_kept_memory_batches_experts_by_load(monkeypatch):
+    # Under autocast with kept memory the kernel casts the weights in the by-load order and converts their
+    # gradients back expert by expert: the same layer without kept memory (autograd casts, runs by index) must
+    # agree to bf16 rounding, output and every gradient (a misplaced expert would be off by O(1)).
+    import lightning_moe.nn.experts as experts_module
+    from lightning_moe.nn import reuse_expert_grad_memory
+
+    orders = []
+    original = experts_module.GroupedExperts.block_order
+    monkeypatch.setattr(
+        experts_module.GroupedExperts,
+        "block_order",
+        lambda self, x, padded: orders.append(original(self, x, padded)) or orders[-1],
+    )
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=32, router=RouterConfig(num_experts=16, top_k=4), experts=ExpertsConfig(hidden_dim=16))
+    kept, fresh = MoELayer(cfg), MoELayer(cfg)
+    fresh.load_state_dict(kept.state_dict())
+    assert reuse_expert_grad_memory(kept) == 1
+    x = torch.randn(2, 200, 32)
+    grad = torch.randn(2, 200, 32)
+    outputs = []
+    for layer in (kept, fresh):
+        xl = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = layer(xl)
+        (y.float() * grad).sum().backward()
+        outputs.append((y.float(), xl.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    assert orders[0] is not None and orders[0] != sorted(orders[0])  # the kept-memory layer sorted by load
+    assert orders[1:] == [None]
+    (y_k, dx_k, grads_k), (y_f, dx_f, grads_f) = outputs
+    torch.testing.assert_close(y_k, y_f, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx_k, dx_f, rtol=2e-2, atol=2e-2)
+    for name, g in grads_k.items():
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, grads_f[name], rtol=2e-2, atol=2e-2, msg=name)
 
 
 def _grouped_and_loop(seed=0):
