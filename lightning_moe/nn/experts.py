@@ -33,8 +33,10 @@ BATCH_MAX_ROWS = 4096
 BATCH_MAX_WEIGHT_BYTES = 4 * 2**20
 PAD_MAX_ROWS = 512
 PAD_MAX_WASTE = 0.25
-# Experts per padded run when runs are formed by load (see GroupedExperts.padded_counts).
-PAD_GROUP = 8
+# When the runs are formed by load (see GroupedExperts.padded_counts): experts per run, and the largest blocks
+# padded (bf16 with kept memory: batching 1024-row blocks measured 3-9% faster layers, DeepSeek- and Qwen-like).
+PAD_GROUP = 4
+PAD_MAX_ROWS_BY_LOAD = 2048
 
 
 class GradBuffers:
@@ -137,8 +139,9 @@ def padded_counts(counts: list[int], align: int = 1, group: int = 1, by_load: bo
     experts whose largest count is at most :data:`PAD_MAX_ROWS` is padded to that largest count when this
     adds at most :data:`PAD_MAX_WASTE` of the run's rows, so the kernel runs the run as one batch. The runs
     are of neighbouring experts, or with ``by_load`` of experts taken in order of their counts (smallest
-    first, ties by index; the copies then go in :func:`batch_order`): their loads are nearly equal, so the
-    padding is small, but their weights are not adjacent and the kernel gathers them.
+    first, ties by index; the copies then go in :func:`batch_order`), up to :data:`PAD_MAX_ROWS_BY_LOAD`
+    rows: their loads are nearly equal, so the padding is small, but their weights are not adjacent and the
+    kernel gathers them.
 
     Args:
         counts: Copies per expert.
@@ -147,24 +150,24 @@ def padded_counts(counts: list[int], align: int = 1, group: int = 1, by_load: bo
         by_load: Form the runs in order of the counts rather than of the expert indices.
     """
     padded = [-(-count // align) * align for count in counts]
+    max_rows = PAD_MAX_ROWS_BY_LOAD if by_load else PAD_MAX_ROWS
     if group > 1:
         in_order = sorted(range(len(padded)), key=padded.__getitem__) if by_load else range(len(padded))
         for first in range(0, len(padded), group):
             run = in_order[first : first + group]
             top, rows = max(padded[e] for e in run), sum(padded[e] for e in run)
-            if len(run) > 1 and 0 < top <= PAD_MAX_ROWS and len(run) * top - rows <= PAD_MAX_WASTE * rows:
+            if len(run) > 1 and 0 < top <= max_rows and len(run) * top - rows <= PAD_MAX_WASTE * rows:
                 for expert in run:
                     padded[expert] = top
     return padded
 
 
 def batch_order(padded: list[int]) -> list[int] | None:
-    """The expert order in which to sort the copies so that the padded runs of :func:`padded_counts` are adjacent.
+    """The order of the experts' blocks that makes the runs of ``padded_counts(by_load=True)`` adjacent.
 
-    Experts with blocks of at most :data:`PAD_MAX_ROWS` rows come first, by row count (ties by index), the
-    larger ones after them in index order. ``None`` when that is the index order itself.
+    By row count, ties by index; ``None`` when that is the index order itself.
     """
-    order = sorted(range(len(padded)), key=lambda e: padded[e] if padded[e] <= PAD_MAX_ROWS else PAD_MAX_ROWS + 1)
+    order = sorted(range(len(padded)), key=padded.__getitem__)
     return None if order == sorted(order) else order
 
 

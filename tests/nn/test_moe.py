@@ -530,23 +530,27 @@ def test_padded_counts_by_hand():
 
 
 def test_padded_counts_by_load_and_batch_order_by_hand():
-    from lightning_moe.nn.experts import PAD_MAX_ROWS, batch_order, padded_counts
+    from lightning_moe.nn.experts import PAD_MAX_ROWS, PAD_MAX_ROWS_BY_LOAD, batch_order, padded_counts
 
     counts = [60, 3, 70, 100, 0, 64, 600, 5]
     # By index, pairs (60, 3) (70, 100) (0, 64) (600, 5): only 70/100 pads (30 rows on 170).
     assert padded_counts(counts, group=2) == [60, 3, 100, 100, 0, 64, 600, 5]
-    # By load, pairs of experts 4/1 (0, 3), 7/0 (5, 60), 5/2 (64, 70), 3/6 (100, 600): 3 on 3 and 55 on 65 rows
-    # are too much padding, 600 is above PAD_MAX_ROWS; 64/70 pads 6 rows on 134.
+    # By load, pairs of experts 4/1 (0, 3), 7/0 (5, 60), 5/2 (64, 70), 3/6 (100, 600): 3 on 3, 55 on 65 and 500
+    # on 700 rows are too much padding; 64/70 pads 6 rows on 134.
     assert PAD_MAX_ROWS < 600
     padded = padded_counts(counts, group=2, by_load=True)
     assert padded == [60, 3, 70, 100, 0, 70, 600, 5]
-    # Small blocks by count, ties by index, then the large ones: the padded pair 2/5 is adjacent.
+    # By count, ties by index: the padded pair 2/5 is adjacent.
     assert batch_order(padded) == [4, 1, 7, 0, 2, 5, 3, 6]
-    assert batch_order([1, 2, 2, 700, 600]) is None  # already in that order
+    assert batch_order([1, 2, 2, 600, 700]) is None  # already in that order
     # Runs of 4 by load: 8..11 pads to 11 (6 rows on 38), 29..32 to 32 (6 on 122).
     assert padded_counts([8, 30, 9, 31, 10, 29, 11, 32], group=4, by_load=True) == [11, 32] * 4
     # By index the runs mix both loads: 46 rows on 78 and on 82, too much, so nothing pads.
     assert padded_counts([8, 30, 9, 31, 10, 29, 11, 32], group=4) == [8, 30, 9, 31, 10, 29, 11, 32]
+    # Large blocks pad in runs by load up to PAD_MAX_ROWS_BY_LOAD rows, by index only up to PAD_MAX_ROWS.
+    assert PAD_MAX_ROWS < 1000 <= PAD_MAX_ROWS_BY_LOAD
+    assert padded_counts([1000, 990], group=2, by_load=True) == [1000, 1000]
+    assert padded_counts([1000, 990], group=2) == [1000, 990]
 
 
 def test_expert_batches_by_hand():
