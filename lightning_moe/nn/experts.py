@@ -228,9 +228,10 @@ class _GroupedExpertMLP(torch.autograd.Function):
         master_dtype = w1_EDF.dtype
         identity = order is None
         order = list(range(len(counts))) if order is None else order
-        max_experts = None  # with casts, bound the block of weight gradients converted at once
-        if cast_dtype is not None:
-            max_experts = max(1, BATCH_MAX_WEIGHT_BYTES // (w1_EDF[0].numel() * cast_dtype.itemsize))
+        max_experts = None  # with casts or gathers, bound the weight blocks copied at once
+        if cast_dtype is not None or not identity:
+            itemsize = (w1_EDF.dtype if cast_dtype is None else cast_dtype).itemsize
+            max_experts = max(1, BATCH_MAX_WEIGHT_BYTES // (w1_EDF[0].numel() * itemsize))
         batches = expert_batches([counts[e] for e in order], max_batch_rows, max_experts)
         # Where each batch's experts are: in the master weights and gradients, and in the weights the matmuls read.
         selectors = _expert_selectors(order, batches, w1_EDF.device)
@@ -586,7 +587,7 @@ class GroupedExperts(nn.Module):
         """
         if x.device.type != "cpu" or not self.needs_host_counts(x):
             return counts
-        by_load = _casts_on_kept_memory(x, self.w1, self.grad_buffers)
+        by_load = self.runs_by_load(x)
         group = max(PAD_GROUP if by_load else 2, torch.get_num_threads()) if self.config.batch_experts else 1
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
@@ -600,7 +601,11 @@ class GroupedExperts(nn.Module):
         """
         if not self.config.batch_experts or x.device.type != "cpu":
             return None
-        return batch_order(padded) if _casts_on_kept_memory(x, self.w1, self.grad_buffers) else None
+        return batch_order(padded) if self.runs_by_load(x) else None
+
+    def runs_by_load(self, x: Tensor) -> bool:
+        """Whether :meth:`padded_counts` forms its runs by load for input ``x``."""
+        return _casts_on_kept_memory(x, self.w1, self.grad_buffers)
 
     def forward(self, x_ND: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         """Run every expert on its contiguous block of expert-sorted rows.
