@@ -152,8 +152,9 @@ class ExpertsConfig:
             bfloat16 on an SM80+ GPU and ``D``, ``F`` multiples of 8 on CUDA) or ``"auto"`` (``grouped_mm``
             where it applies, else ``fused``).
         batch_experts: Let the fused kernel run neighbouring experts with equal row counts as one batched
-            matmul (on the CPU also padding pairs of small neighbouring blocks to one count); ``False`` runs
-            one expert at a time (the same results up to float rounding).
+            matmul (on the CPU also padding pairs of small neighbouring blocks to one count, or, under bf16
+            autocast with kept memory, runs of experts of nearly equal load); ``False`` runs one expert at a
+            time (the same results up to float rounding).
     """
 
     hidden_dim: int = 1024
