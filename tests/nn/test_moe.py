@@ -575,30 +575,35 @@ def test_expert_batches_by_hand():
     ]
 
 
-def test_expert_batches_and_their_padding_change_no_output_or_gradient():
-    # The batched (bmm) kernel on padded runs against the same kernel expert by expert, in float64.
-    from lightning_moe.nn.dispatch import pad_expert_blocks
-    from lightning_moe.nn.experts import grouped_expert_mlp, padded_counts
-
+def _six_experts_case(expert_ids):
+    """Float64 experts (6, dim 6, hidden 5), 12 tokens, and the copies of ``expert_ids`` (24) with their tokens
+    and weights; plus the experts' output computed one by one with plain tensor ops."""
     torch.manual_seed(0)
     experts = MoELayer(
         MoEConfig(dim=6, router=RouterConfig(num_experts=6, top_k=2), experts=ExpertsConfig(hidden_dim=5))
     ).experts.double()
     x = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
-    expert_ids = torch.tensor([0] * 4 + [1] * 5 + [2] * 3 + [3] * 3 + [5] * 9)  # expert 4 gets nothing
     token_ids = torch.randint(0, 12, (24,))
     weights = torch.rand(24, dtype=torch.float64, requires_grad=True)
+    y = torch.zeros_like(x)
+    for e, w in enumerate(experts.unbind_experts()):
+        mine = expert_ids == e
+        y = y.index_add(0, token_ids[mine], experts.expert_forward(x[token_ids[mine]], w) * weights[mine, None])
+    return experts, x, token_ids, weights, y
+
+
+def test_expert_batches_and_their_padding_change_no_output_or_gradient():
+    # The batched (bmm) kernel on padded runs against the same kernel expert by expert, in float64.
+    from lightning_moe.nn.dispatch import pad_expert_blocks
+    from lightning_moe.nn.experts import grouped_expert_mlp, padded_counts
+
+    expert_ids = torch.tensor([0] * 4 + [1] * 5 + [2] * 3 + [3] * 3 + [5] * 9)  # expert 4 gets nothing
+    experts, x, token_ids, weights, y = _six_experts_case(expert_ids)
     counts = torch.bincount(expert_ids, minlength=6)
     counts_p = torch.tensor(padded_counts(counts.tolist(), group=2))
     assert counts_p.tolist() == [5, 5, 3, 3, 0, 9]
     rows_p, weights_p = pad_expert_blocks(token_ids, weights, expert_ids, counts, counts_p)
     args = (experts.w1, experts.w3, experts.w2, "silu")
-    one_by_one = [
-        experts.expert_forward(x[token_ids[expert_ids == e]], w) for e, w in enumerate(experts.unbind_experts())
-    ]
-    y = torch.zeros_like(x)
-    for e, y_e in enumerate(one_by_one):
-        y = y.index_add(0, token_ids[expert_ids == e], y_e * weights[expert_ids == e].unsqueeze(-1))
     y_p = grouped_expert_mlp(x, counts_p, *args, rows_p, weights_p)
     _assert_same_values_and_grads(y_p, y, (x, weights, experts.w1, experts.w3, experts.w2))
 
@@ -609,14 +614,8 @@ def test_copies_in_batch_order_change_no_output_or_gradient():
     from lightning_moe.nn.dispatch import pad_expert_blocks
     from lightning_moe.nn.experts import batch_order, grouped_expert_mlp, padded_counts
 
-    torch.manual_seed(0)
-    experts = MoELayer(
-        MoEConfig(dim=6, router=RouterConfig(num_experts=6, top_k=2), experts=ExpertsConfig(hidden_dim=5))
-    ).experts.double()
-    x = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
     expert_ids = torch.tensor([0] * 4 + [1] * 9 + [2] * 3 + [3] * 5 + [5] * 3)  # expert 4 gets nothing
-    token_ids = torch.randint(0, 12, (24,))
-    weights = torch.rand(24, dtype=torch.float64, requires_grad=True)
+    experts, x, token_ids, weights, y = _six_experts_case(expert_ids)
     counts = torch.bincount(expert_ids, minlength=6).tolist()
     padded = padded_counts(counts, group=2, by_load=True)
     # Pairs by load: experts 4/2 (0, 3), 5/0 (3, 4), 3/1 (5, 9): only 5/0 pads (1 row on 7), a run whose
@@ -632,10 +631,6 @@ def test_copies_in_batch_order_change_no_output_or_gradient():
     rows_p, weights_p = pad_expert_blocks(token_ids[sort], weights[sort], slots[sort], *in_order)
     args = (experts.w1, experts.w3, experts.w2, "silu")
     y_p = grouped_expert_mlp(x, padded, *args, rows_p, weights_p, expert_order=order)
-    y = torch.zeros_like(x)
-    for e, w in enumerate(experts.unbind_experts()):
-        mine = expert_ids == e
-        y = y.index_add(0, token_ids[mine], experts.expert_forward(x[token_ids[mine]], w) * weights[mine, None])
     _assert_same_values_and_grads(y_p, y, (x, weights, experts.w1, experts.w3, experts.w2))
     with pytest.raises(ValueError, match="expert_order"):
         grouped_expert_mlp(x, padded, *args, rows_p, weights_p, expert_order=[0, 1, 2, 3, 4, 4])
