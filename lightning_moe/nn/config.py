@@ -56,13 +56,15 @@ class RouterConfig:
             probability ``min(1, top_k * w_k / sum_j w_j)`` (``2 * g_2`` for top-2, as in GShard).
         init_std: Standard deviation of the router weight initialisation.
         gate_precision: Precision of the gate matmul (the router logits). ``"float32"`` (default): in float32
-            whatever the input and under mixed precision, as Hugging Face's DeepSeek-V2/V3 routers do.
+            whatever the input and under mixed precision: the Switch Transformer paper's selective precision
+            (the router in float32 for stable bf16 training).
             ``"compute"``: in the compute dtype (autocast's under mixed precision, else the input's), as
-            Hugging Face's Mixtral and Qwen-MoE routers, torchtitan and Megatron-Core (without
-            ``moe_router_dtype``) do; the logits are then cast to
-            float32 and everything after them (scores, top-k, weights, losses) runs in float32 either way.
-            Cheaper in bf16 with many experts (the 256-expert gate is a ``D x 256`` matmul per token), at the
-            cost of bf16-rounded logits.
+            torchtitan and Megatron-Core (without ``moe_router_dtype``) do, and as every Hugging Face router
+            does under autocast (``F.linear`` runs in bf16 there whatever its inputs' dtype, so DeepSeek's
+            ``.type(torch.float32)`` takes effect only for bf16 weights without autocast). The logits are
+            then cast to float32 and everything after them (scores, top-k, weights, losses) runs in float32
+            either way. Cheaper in bf16 with many experts (the 256-expert gate is a ``D x 256`` matmul per
+            token), at the cost of bf16-rounded logits.
     """
 
     num_experts: int = 8

@@ -1,5 +1,6 @@
 """Hugging Face interop: every family converts logits-exact, routes alike, round-trips, and fails loudly."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -195,6 +196,33 @@ CAUSAL = {
 def test_causal_families_match_hugging_face_logits_and_routing(case):
     hf = CAUSAL[case]()
     assert_causal_matches(hf, from_hf(hf), hf.config.vocab_size)
+
+
+@pytest.mark.parametrize(
+    "case", ["mixtral-e4-k2-h4-kv2", "qwen2-shared-dense0", "qwen3-kv2", "deepseek-v2-groups", "deepseek-v3-g4-tg2"]
+)
+def test_router_gate_precision_against_hugging_face_under_bf16_autocast(case):
+    # Under CPU autocast every family's router computes its logits in bf16, DeepSeek's `.type(torch.float32)`
+    # included (autocast casts F.linear's inputs whatever their dtype): gate_precision="compute" gives those
+    # logits bit for bit. The float32 default gives the logits Hugging Face computes without autocast.
+    hf = CAUSAL[case]()
+    ours = from_hf(hf)
+    pairs = list(zip(_routers(hf), [m.router for m in ours.modules() if isinstance(m, MoELayer)], strict=True))
+    assert pairs
+    torch.manual_seed(2)
+    x = torch.randn(24, hf.config.hidden_size)
+    for theirs, router in pairs:
+        with torch.no_grad():
+            theirs_fp32 = theirs(x)[0]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                theirs_bf16 = theirs(x)[0]
+                default = router.logits(x)
+                router.config = dataclasses.replace(router.config, gate_precision="compute")
+                compute = router.logits(x)
+        assert theirs_bf16.dtype == torch.bfloat16 and default.dtype == compute.dtype == torch.float32
+        torch.testing.assert_close(compute, theirs_bf16.float(), rtol=0, atol=0)
+        torch.testing.assert_close(default, theirs_fp32, rtol=0, atol=0)
+        assert not torch.equal(default, compute)  # bf16 rounding shows: the two precisions differ
 
 
 def switch(capacity=1000, tied=True, sparse=2, experts=4):
