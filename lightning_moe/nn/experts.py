@@ -108,31 +108,38 @@ def _counts_list(counts_E: Tensor | list[int]) -> list[int]:
 
 
 def expert_batches(
-    counts: list[int], max_rows: int = BATCH_MAX_ROWS, max_experts: int | None = None
+    counts: list[int], max_rows: int = BATCH_MAX_ROWS, max_experts: int | None = None, experts: list[int] | None = None
 ) -> list[tuple[int, int, int, int]]:
     """Split the experts into batches the fused kernel runs with one ``bmm`` per matmul.
 
     A batch is a run of consecutive experts with the same non-zero row count (their rows are adjacent in
     the expert-sorted copies), of at most ``max_rows`` rows and ``max_experts`` experts; an expert whose count
-    differs from its neighbours' is a batch of one.
+    differs from its neighbours' is a batch of one. With ``experts`` (the expert index at each position), a
+    batch's indices must also increase in equal steps, so that its stacked weights are one strided view.
 
     Returns:
-        ``(first expert, number of experts, rows per expert, first row)`` per batch; empty experts are in none.
+        ``(first position, number of experts, rows per expert, first row)`` per batch; empty experts are in none.
     """
     batches: list[tuple[int, int, int, int]] = []
     row = 0
-    for expert, count in enumerate(counts):
+    for place, count in enumerate(counts):
         last = batches[-1] if batches else None
-        fits = last and (last[1] + 1) * count <= max_rows and (max_experts is None or last[1] < max_experts)
-        if count and fits and last[2] == count and last[0] + last[1] == expert:
+        joins = bool(count and last and last[2] == count and last[0] + last[1] == place)
+        joins = joins and (last[1] + 1) * count <= max_rows and (max_experts is None or last[1] < max_experts)
+        if joins and experts is not None:
+            step = experts[place] - experts[place - 1]
+            joins = step > 0 and (last[1] == 1 or step == experts[last[0] + 1] - experts[last[0]])
+        if joins:
             batches[-1] = (last[0], last[1] + 1, count, last[3])
         elif count:
-            batches.append((expert, 1, count, row))
+            batches.append((place, 1, count, row))
         row += count
     return batches
 
 
-def padded_counts(counts: list[int], align: int = 1, group: int = 1, by_load: bool = False) -> list[int]:
+def padded_counts(
+    counts: list[int], align: int = 1, group: int = 1, by_load: bool = False, max_rows: int | None = None
+) -> list[int]:
     """Per-expert row counts after padding blocks with weight-zero copies (see ``pad_expert_blocks``).
 
     Every count is rounded up to a multiple of ``align``; then, with ``group > 1``, each run of ``group``
@@ -140,17 +147,20 @@ def padded_counts(counts: list[int], align: int = 1, group: int = 1, by_load: bo
     adds at most :data:`PAD_MAX_WASTE` of the run's rows, so the kernel runs the run as one batch. The runs
     are of neighbouring experts, or with ``by_load`` of experts taken in order of their counts (smallest
     first, ties by index; the copies then go in :func:`batch_order`), up to :data:`PAD_MAX_ROWS_BY_LOAD`
-    rows: their loads are nearly equal, so the padding is small, but their weights are not adjacent and the
-    kernel gathers them.
+    rows: their loads are nearly equal, so the padding is small, but their weights are not adjacent (the
+    kernel casts them in that order, or reads a pair as one strided view).
 
     Args:
         counts: Copies per expert.
         align: Row multiple (1: none).
         group: Experts per padded run (1: no runs).
         by_load: Form the runs in order of the counts rather than of the expert indices.
+        max_rows: Largest count a run pads to (``None``: :data:`PAD_MAX_ROWS_BY_LOAD` by load, else
+            :data:`PAD_MAX_ROWS`).
     """
     padded = [-(-count // align) * align for count in counts]
-    max_rows = PAD_MAX_ROWS_BY_LOAD if by_load else PAD_MAX_ROWS
+    if max_rows is None:
+        max_rows = PAD_MAX_ROWS_BY_LOAD if by_load else PAD_MAX_ROWS
     if group > 1:
         in_order = sorted(range(len(padded)), key=padded.__getitem__) if by_load else range(len(padded))
         for first in range(0, len(padded), group):
@@ -174,12 +184,16 @@ def batch_order(padded: list[int]) -> list[int] | None:
 def _expert_selectors(
     order: list[int], batches: list[tuple[int, int, int, int]], device: torch.device
 ) -> list[slice | Tensor]:
-    """Per batch, its experts' rows in the stacked weights: a slice where they are consecutive, else an index."""
+    """Per batch, its experts' rows in the stacked weights: a slice (a view), else an index.
+
+    A slice where the batch's experts are evenly spaced in increasing order, consecutive or not.
+    """
     selectors: list[slice | Tensor] = []
     for first, size, _, _ in batches:
         experts = order[first : first + size]
-        if experts == list(range(experts[0], experts[0] + size)):
-            selectors.append(slice(experts[0], experts[0] + size))
+        step = experts[1] - experts[0] if size > 1 else 1
+        if step > 0 and experts == list(range(experts[0], experts[-1] + 1, step)):
+            selectors.append(slice(experts[0], experts[-1] + 1, step))
         else:
             selectors.append(torch.tensor(experts, device=device))
     return selectors
@@ -193,19 +207,14 @@ def _casts_on_kept_memory(x: Tensor, weight: Tensor, grad_buffers: GradBuffers |
     return weight.dtype != torch.get_autocast_dtype(device_type)
 
 
-def _take(weight_EAB: Tensor, experts: slice | Tensor) -> Tensor:
-    """The stacked weights of some experts: a view for a slice, a copy for an index tensor."""
-    return weight_EAB[experts] if isinstance(experts, slice) else weight_EAB.index_select(0, experts)
-
-
 class _GroupedExpertMLP(torch.autograd.Function):
     """``out[rows[n]] += weights[n] * expert_e(x[rows[n]])`` for copies ``n`` of expert ``e``, sorted by expert.
 
     With ``rows=None`` row ``n`` of ``x`` is copy ``n`` and the output is ``(N, D)`` in the same order.
     The copies are sorted by expert in ``order`` (default: by index). Experts run in the batches of
     :func:`expert_batches` over that order: ``G`` experts of ``M`` rows each as ``(G, M, .)`` views and one
-    ``bmm`` per matmul (a single expert is a batch of one); the weights of a batch whose experts are not
-    consecutive in the stacked tensors are gathered for it.
+    ``bmm`` per matmul (a single expert is a batch of one). A batch's weights are read in place, a strided view
+    of evenly spaced experts; with ``cast_dtype`` the kernel casts them in batch order onto kept memory.
     """
 
     @staticmethod
@@ -228,11 +237,12 @@ class _GroupedExpertMLP(torch.autograd.Function):
         master_dtype = w1_EDF.dtype
         identity = order is None
         order = list(range(len(counts))) if order is None else order
-        max_experts = None  # with casts or gathers, bound the weight blocks copied at once
-        if cast_dtype is not None or not identity:
-            itemsize = (w1_EDF.dtype if cast_dtype is None else cast_dtype).itemsize
-            max_experts = max(1, BATCH_MAX_WEIGHT_BYTES // (w1_EDF[0].numel() * itemsize))
-        batches = expert_batches([counts[e] for e in order], max_batch_rows, max_experts)
+        max_experts = None  # with casts, bound the weight blocks copied at once
+        if cast_dtype is not None:
+            max_experts = max(1, BATCH_MAX_WEIGHT_BYTES // (w1_EDF[0].numel() * cast_dtype.itemsize))
+        # Without casts a batch's weights are read in place: its experts must be evenly spaced (a strided view).
+        spaced = None if cast_dtype is not None or identity else order
+        batches = expert_batches([counts[e] for e in order], max_batch_rows, max_experts, spaced)
         # Where each batch's experts are: in the master weights and gradients, and in the weights the matmuls read.
         selectors = _expert_selectors(order, batches, w1_EDF.device)
         weight_selectors = selectors
@@ -256,15 +266,15 @@ class _GroupedExpertMLP(torch.autograd.Function):
         for (_, size, rows, start), experts in zip(batches, weight_selectors, strict=True):
             block = slice(start, start + size * rows)
             x_GMD = (x[block] if rows_N is None else x.index_select(0, rows_N[block])).view(size, rows, dim)
-            g_GMF = act(torch.bmm(x_GMD, _take(w1_EDF, experts), out=h1_NF[block].view(size, rows, hidden)))
+            g_GMF = act(torch.bmm(x_GMD, w1_EDF[experts], out=h1_NF[block].view(size, rows, hidden)))
             if h3_NF is not None:
-                g_GMF = g_GMF.mul_(torch.bmm(x_GMD, _take(w3_EDF, experts), out=h3_NF[block].view(size, rows, hidden)))
+                g_GMF = g_GMF.mul_(torch.bmm(x_GMD, w3_EDF[experts], out=h3_NF[block].view(size, rows, hidden)))
             if weights_N is not None:
                 g_GMF = g_GMF.mul_(weights_N[block].view(size, rows, 1))
             if rows_N is None:
-                torch.bmm(g_GMF, _take(w2_EFD, experts), out=out[block].view(size, rows, dim))
+                torch.bmm(g_GMF, w2_EFD[experts], out=out[block].view(size, rows, dim))
             else:
-                out.index_add_(0, rows_N[block], torch.bmm(g_GMF, _take(w2_EFD, experts)).view(-1, dim))
+                out.index_add_(0, rows_N[block], torch.bmm(g_GMF, w2_EFD[experts]).view(-1, dim))
         ctx.save_for_backward(x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, h1_NF, h3_NF)
         ctx.counts, ctx.batches, ctx.activation, ctx.grad_buffers = counts, batches, activation, grad_buffers
         ctx.selectors, ctx.weight_selectors = selectors, weight_selectors
@@ -295,9 +305,9 @@ class _GroupedExpertMLP(torch.autograd.Function):
             if isinstance(experts, Tensor):  # expert by expert: no temporary in dw's dtype
                 for dw_DF, expert in zip(torch.bmm(a, b), experts.tolist(), strict=True):
                     dw[expert].copy_(dw_DF)
-            elif dw.dtype == a.dtype:
+            elif dw.dtype == a.dtype and (experts.step or 1) == 1:
                 torch.bmm(a, b, out=dw[experts])
-            else:
+            else:  # a cast; or spaced experts, where a bmm into the strided view ran 1.5x slower than this copy
                 dw[experts].copy_(torch.bmm(a, b))
 
         dw1 = empty_like("w1", w1_EDF) if need_w1 else None
@@ -319,7 +329,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
             # Fresh (M, F) temporaries are overwritten in place once their last reader is done.
             a_GMF = act(h1_GMF)
             g_GMF = a_GMF * h3_GMF if h3_GMF is not None else a_GMF
-            dg_GMF = torch.bmm(dout_GMD, _take(w2_EFD, weight_experts).transpose(1, 2))
+            dg_GMF = torch.bmm(dout_GMD, w2_EFD[weight_experts].transpose(1, 2))
             if weights_N is not None:
                 w_GM1 = weights_N[block].view(size, rows, 1)
                 if dweights_N is not None:
@@ -342,9 +352,9 @@ class _GroupedExpertMLP(torch.autograd.Function):
             if dw3 is not None:
                 weight_grad(x_GDM, dh3_GMF, dw3, experts)
             if dx is not None:
-                dx_GMD = torch.bmm(dh1_GMF, _take(w1_EDF, weight_experts).transpose(1, 2))
+                dx_GMD = torch.bmm(dh1_GMF, w1_EDF[weight_experts].transpose(1, 2))
                 if dh3_GMF is not None:
-                    dx_GMD.baddbmm_(dh3_GMF, _take(w3_EDF, weight_experts).transpose(1, 2))
+                    dx_GMD.baddbmm_(dh3_GMF, w3_EDF[weight_experts].transpose(1, 2))
                 if rows_N is None:
                     dx[block] = dx_GMD.view(-1, dim)
                 else:
@@ -582,17 +592,21 @@ class GroupedExperts(nn.Module):
         experts with small blocks are padded in runs to one row count where that is cheap (:func:`padded_counts`),
         so the kernel runs each run as one ``bmm`` batch, one expert per thread, instead of splitting each small
         matmul over the threads. The runs are of ``max(2, threads)`` neighbouring experts, whose weights are
-        adjacent; or, when the kernel casts the weights itself (autocast with kept memory: it can write the
-        cast in any order for free), of :data:`PAD_GROUP` experts of nearly equal load (see :meth:`block_order`).
+        adjacent; or of experts of nearly equal load (see :meth:`runs_by_load`, :meth:`block_order`): pairs, up
+        to :data:`PAD_MAX_ROWS` rows, when the matmuls read the weights in their own dtype on two threads or
+        fewer (any two experts' weights are one strided view), or :data:`PAD_GROUP` experts, up to
+        :data:`PAD_MAX_ROWS_BY_LOAD` rows, when the kernel casts the weights itself (autocast with kept memory:
+        it can write the cast in any order for free).
         """
         if x.device.type != "cpu" or not self.needs_host_counts(x):
             return counts
-        by_load = self.runs_by_load(x)
-        group = max(PAD_GROUP if by_load else 2, torch.get_num_threads()) if self.config.batch_experts else 1
+        casts = _casts_on_kept_memory(x, self.w1, self.grad_buffers)
+        group = max(PAD_GROUP if casts else 2, torch.get_num_threads()) if self.config.batch_experts else 1
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         align = ROW_ALIGNMENT if dtype in (torch.bfloat16, torch.float16) else 1
-        return padded_counts(counts, align, group, by_load)
+        max_rows = PAD_MAX_ROWS_BY_LOAD if casts else PAD_MAX_ROWS
+        return padded_counts(counts, align, group, self.runs_by_load(x), max_rows)
 
     def block_order(self, x: Tensor, padded: list[int]) -> list[int] | None:
         """The order of the experts' blocks for the copies padded to ``padded`` (``None``: by index).
@@ -604,8 +618,19 @@ class GroupedExperts(nn.Module):
         return batch_order(padded) if self.runs_by_load(x) else None
 
     def runs_by_load(self, x: Tensor) -> bool:
-        """Whether :meth:`padded_counts` forms its runs by load for input ``x``."""
-        return _casts_on_kept_memory(x, self.w1, self.grad_buffers)
+        """Whether :meth:`padded_counts` forms its runs by load for input ``x``.
+
+        When the kernel casts the weights itself (it writes the cast in run order), and when the matmuls read
+        the weights in their own dtype and the runs are pairs (two threads or fewer): any two experts' weights
+        are one strided view, read in place. Not under autocast with autograd's casts (the 256-expert scaling
+        layer ran 6% slower that way), nor for longer runs in the weights' own dtype, whose experts are rarely
+        evenly spaced (the kernel would split them).
+        """
+        if _casts_on_kept_memory(x, self.w1, self.grad_buffers):
+            return True
+        autocast = torch.is_autocast_enabled(x.device.type)
+        own_dtype = not autocast or torch.get_autocast_dtype(x.device.type) == self.w1.dtype
+        return own_dtype and max(2, torch.get_num_threads()) == 2
 
     def forward(self, x_ND: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         """Run every expert on its contiguous block of expert-sorted rows.

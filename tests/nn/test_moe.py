@@ -10,6 +10,14 @@ from torch.func import functional_call
 from lightning_moe.nn import ExpertsConfig, FeedForward, MoEConfig, MoELayer, RouterConfig, bias_update
 
 
+@pytest.fixture
+def threads():
+    """Set torch's intra-op thread count for one test (the CPU padding runs depend on it), then restore it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 def _pair(cfg: MoEConfig, dtype=torch.float64, router_std=1.0):
     grouped = MoELayer(cfg).to(dtype)
     grouped.router.gate.weight.data.normal_(std=router_std)
@@ -490,9 +498,10 @@ def _assert_same_values_and_grads(y_p, y, inputs):
         torch.testing.assert_close(g_p, g, rtol=1e-12, atol=1e-12)
 
 
-def test_bfloat16_on_cpu_pads_expert_blocks_to_the_row_alignment(monkeypatch):
+def test_bfloat16_on_cpu_pads_expert_blocks_to_the_row_alignment(monkeypatch, threads):
     import lightning_moe.nn.experts as experts_module
 
+    threads(2)
     seen = []
     original = experts_module.grouped_expert_mlp
     monkeypatch.setattr(
@@ -509,9 +518,10 @@ def test_bfloat16_on_cpu_pads_expert_blocks_to_the_row_alignment(monkeypatch):
         layer(x)
     routed = stats.tokens_per_expert.long().tolist()
     assert sum(routed) == 74
-    group = max(2, torch.get_num_threads())  # runs of neighbours: nothing keeps memory here (see by_load)
-    assert seen[0] == experts_module.padded_counts(routed, align=1, group=group)  # float32: runs only
-    assert seen[1] == experts_module.padded_counts(routed, align=16, group=group)
+    # Float32 on two threads: pairs by load, no row alignment. bf16 with autograd's casts (nothing keeps memory
+    # here): pairs of neighbours, rounded to the row alignment.
+    assert seen[0] == experts_module.padded_counts(routed, group=2, by_load=True, max_rows=experts_module.PAD_MAX_ROWS)
+    assert seen[1] == experts_module.padded_counts(routed, align=16, group=2)
     assert all(c % experts_module.ROW_ALIGNMENT == 0 for c in seen[1]) and sum(seen[1]) >= 74
 
 
@@ -571,6 +581,24 @@ def test_expert_batches_by_hand():
     assert expert_batches(counts, max_experts=1) == singles
 
 
+def test_expert_batches_of_spaced_experts_and_their_selectors_by_hand():
+    from lightning_moe.nn.experts import _expert_selectors, expert_batches
+
+    # Positions hold experts 1, 4, 7, 9, 2, 0 (an order by load), all with 4 rows: a batch continues only while
+    # the indices rise in equal steps: 1, 4, 7 (step 3), then 9 (step 2) starts one, 2 (falls) another, 0 too.
+    order = [1, 4, 7, 9, 2, 0]
+    batches = expert_batches([4] * 6, experts=order)
+    assert batches == [(0, 3, 4, 0), (3, 1, 4, 12), (4, 1, 4, 16), (5, 1, 4, 20)]
+    assert expert_batches([4] * 6) == [(0, 6, 4, 0)]  # by position only: one batch
+    selectors = _expert_selectors(order, batches, torch.device("cpu"))
+    assert selectors == [slice(1, 8, 3), slice(9, 10, 1), slice(2, 3, 1), slice(0, 1, 1)]
+    weights = torch.arange(10.0).view(10, 1, 1).expand(10, 2, 3)
+    assert weights[selectors[0]][:, 0, 0].tolist() == [1.0, 4.0, 7.0]  # a view of the spaced experts
+    # Without the spacing rule (the kernel casting into run order) a batch may hold any experts: an index.
+    (index,) = _expert_selectors([1, 4, 9], [(0, 3, 4, 0)], torch.device("cpu"))
+    assert index.tolist() == [1, 4, 9]
+
+
 def _six_experts_case(expert_ids):
     """Float64 experts (6, dim 6, hidden 5), 12 tokens, and the copies of ``expert_ids`` (24) with their tokens
     and weights; plus the experts' output computed one by one with plain tensor ops."""
@@ -605,8 +633,8 @@ def test_expert_batches_and_their_padding_change_no_output_or_gradient():
 
 
 def test_copies_in_batch_order_change_no_output_or_gradient():
-    # Copies sorted in the by-load order, padded in runs by load: the kernel gathers each run's weights and
-    # writes its weight gradients back expert by expert. Against the experts one by one, in float64.
+    # Copies sorted in the by-load order, padded in runs by load: the kernel reads the weights of the pair 0/5
+    # as one strided view and writes their gradients through a copy. Against the experts one by one, float64.
     from lightning_moe.nn.dispatch import pad_expert_blocks
     from lightning_moe.nn.experts import batch_order, grouped_expert_mlp, padded_counts
 
@@ -632,13 +660,14 @@ def test_copies_in_batch_order_change_no_output_or_gradient():
         grouped_expert_mlp(x, padded, *args, rows_p, weights_p, expert_order=[0, 1, 2, 3, 4, 4])
 
 
-def test_bfloat16_layer_with_kept_memory_batches_experts_by_load(monkeypatch):
+def test_bfloat16_layer_with_kept_memory_batches_experts_by_load(monkeypatch, threads):
     # Under autocast with kept memory the kernel casts the weights in the by-load order and converts their
     # gradients back expert by expert: the same layer without kept memory (autograd casts, runs by index) must
     # agree to bf16 rounding, output and every gradient (a misplaced expert would be off by O(1)).
     import lightning_moe.nn.experts as experts_module
     from lightning_moe.nn import reuse_expert_grad_memory
 
+    threads(2)
     orders = []
     original = experts_module.GroupedExperts.block_order
     monkeypatch.setattr(
@@ -661,9 +690,9 @@ def test_bfloat16_layer_with_kept_memory_batches_experts_by_load(monkeypatch):
         (y.float() * grad).sum().backward()
         outputs.append((y.float(), xl.grad, {n: p.grad for n, p in layer.named_parameters()}))
     assert orders[0] is not None and orders[0] != sorted(orders[0])  # the kept-memory layer sorted by load
-    assert orders[1:] == [None]
-    kept(x)  # float32 with kept memory: no cast in the kernel, so runs of neighbours, no order
-    assert orders[2:] == [None]
+    assert orders[1] is None  # autograd's casts: runs of neighbours
+    kept(x)  # float32 on two threads: pairs by load, read as strided views
+    assert orders[2] is not None and orders[2] != orders[0]
     (y_k, dx_k, grads_k), (y_f, dx_f, grads_f) = outputs
     torch.testing.assert_close(y_k, y_f, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(dx_k, dx_f, rtol=2e-2, atol=2e-2)
@@ -814,9 +843,10 @@ def test_grad_buffers_keep_only_cpu_memory():
 
 
 @pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
-def test_batched_experts_match_one_expert_at_a_time(kind):
+def test_batched_experts_match_one_expert_at_a_time(kind, threads):
     # Expert choice gives every expert the same row count (one batch of all experts); token choice gets
     # padded pairs. Both against batch_experts=False, which runs and pads nothing together.
+    threads(2)
     torch.manual_seed(0)
     cfg = MoEConfig(
         dim=8,
@@ -828,7 +858,13 @@ def test_batched_experts_match_one_expert_at_a_time(kind):
     single.experts.config = dataclasses.replace(cfg.experts, batch_experts=False)
     x = torch.randn(40, 8, dtype=torch.float64)
     assert single.experts.padded_counts(x, [3, 5, 4]) == [3, 5, 4]
-    assert batched.experts.padded_counts(x, [3, 5, 4, 0]) == [5, 5, 4, 0]
+    # Two threads: pairs by load (4/5 pads, 0/3 would add 3 rows on 3); four threads: runs of four neighbours.
+    assert batched.experts.padded_counts(x, [3, 5, 4, 0]) == [3, 5, 5, 0]
+    assert batched.experts.padded_counts(x, [4, 5, 4, 5]) == [4, 5, 4, 5]  # equal pairs by load: no padding
+    threads(4)
+    assert not batched.experts.runs_by_load(x)
+    assert batched.experts.padded_counts(x, [4, 5, 4, 5]) == [5, 5, 5, 5]
+    threads(2)
     xb, xs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     (yb, _), (ys, _) = batched(xb), single(xs)
     torch.testing.assert_close(yb, ys, rtol=1e-12, atol=1e-12)
