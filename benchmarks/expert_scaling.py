@@ -10,9 +10,12 @@ Two series, D=512, 8192 tokens, float32, forward+backward, ratios to 8 experts:
 
 For each expert count the grouped layer runs interleaved with the same layer keeping its weight-gradient
 memory between steps (:func:`~lightning_moe.nn.reuse_expert_grad_memory`, what ``CausalLMModule`` does by
-default), then with the reference loop. Run::
+default), then with the reference loop. ``--interleaved R`` instead builds the kept-memory layer of every
+count and runs them all interleaved, ``R`` rounds, so the ratios to the first count come from the same
+stretch of machine time (the time of one count alone drifts between runs). Run::
 
     python benchmarks/expert_scaling.py
+    python benchmarks/expert_scaling.py --experts 8,256 --interleaved 3
     python benchmarks/expert_scaling.py --mode fine --experts 8,32,64,128
     python benchmarks/expert_scaling.py --device cuda --bf16   # on a GPU (torch._grouped_mm experts)
 """
@@ -27,6 +30,32 @@ from moe_layer import fwd_bwd, measure  # a sibling script in benchmarks/
 from lightning_moe.nn import ExpertsConfig, MoEConfig, MoELayer, RouterConfig, reuse_expert_grad_memory
 
 
+def layer_config(num_experts: int, mode: str) -> MoEConfig:
+    """The series' layer at ``num_experts`` (see the module docstring)."""
+    top_k, hidden = (2, 512) if mode == "wide" else (num_experts // 4, 4096 // num_experts)
+    return MoEConfig(dim=512, router=RouterConfig(num_experts=num_experts, top_k=top_k),
+                     experts=ExpertsConfig(hidden_dim=hidden))  # fmt: skip
+
+
+def interleaved(args: argparse.Namespace) -> None:
+    """Every count's layer with kept gradient memory, all interleaved; one line of ratios per round."""
+    counts = [int(e) for e in args.experts.split(",")]
+    steps = {}
+    for num_experts in counts:
+        torch.manual_seed(0)
+        layer = MoELayer(layer_config(num_experts, args.mode)).to(args.device)
+        reuse_expert_grad_memory(layer)
+        x = torch.randn(args.tokens, 512, device=args.device, requires_grad=True)
+        steps[num_experts] = fwd_bwd(layer, x, torch.randn(args.tokens, 512, device=args.device), args.bf16)
+    print("| round | " + " | ".join(f"{e} experts (s)" for e in counts) + " | " +
+          " | ".join(f"{e} vs {counts[0]}" for e in counts[1:]) + " |")  # fmt: skip
+    print("|---" * (2 * len(counts)) + "|")
+    for round_ in range(args.interleaved):
+        t = measure(steps, args.repeats, 1)
+        print(f"| {round_ + 1} | " + " | ".join(f"{t[e]:.3f}" for e in counts) + " | " +
+              " | ".join(f"{t[e] / t[counts[0]]:.2f}x" for e in counts[1:]) + " |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", default="8,32,128,256")
@@ -36,6 +65,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("wide", "fine"), default="wide")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--bf16", action="store_true", help="forward under autocast to bfloat16")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="R", help="R rounds of all counts interleaved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -43,15 +73,16 @@ def main() -> None:
     shape = "top-2, expert hidden 512" if args.mode == "wide" else "top E/4, expert hidden 4096/E"
     precision = "bf16-mixed" if args.bf16 else "float32"
     print(f"{shape}, D=512, {args.tokens} tokens, {precision}, {args.device}, fwd+bwd, median of {args.repeats}")
+    if args.interleaved:
+        interleaved(args)
+        return
     print("| experts | grouped (s) | grouped, reused grad memory (s) | loop (s) | grouped vs 8 experts | "
           "reused vs 8 experts | loop vs 8 experts |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     base: dict[str, float] = {}
     for num_experts in (int(e) for e in args.experts.split(",")):
         torch.manual_seed(0)
-        top_k, hidden = (2, 512) if args.mode == "wide" else (num_experts // 4, 4096 // num_experts)
-        cfg = MoEConfig(dim=512, router=RouterConfig(num_experts=num_experts, top_k=top_k),
-                        experts=ExpertsConfig(hidden_dim=hidden))  # fmt: skip
+        cfg = layer_config(num_experts, args.mode)
         grouped = MoELayer(cfg).to(args.device)
         reused = MoELayer(cfg).to(args.device)
         reuse_expert_grad_memory(reused)
