@@ -593,8 +593,8 @@ class GroupedExperts(nn.Module):
         so the kernel runs each run as one ``bmm`` batch, one expert per thread, instead of splitting each small
         matmul over the threads. The runs are of ``max(2, threads)`` neighbouring experts, whose weights are
         adjacent; or of experts of nearly equal load (see :meth:`runs_by_load`, :meth:`block_order`): pairs, up
-        to :data:`PAD_MAX_ROWS` rows, when the matmuls read the weights in their own dtype on two threads or
-        fewer (any two experts' weights are one strided view), or :data:`PAD_GROUP` experts, up to
+        to :data:`PAD_MAX_ROWS` rows, when the matmuls read float32 weights as they are on two threads or fewer
+        (any two experts' weights are one strided view), or :data:`PAD_GROUP` experts, up to
         :data:`PAD_MAX_ROWS_BY_LOAD` rows, when the kernel casts the weights itself (autocast with kept memory:
         it can write the cast in any order for free).
         """
@@ -621,16 +621,18 @@ class GroupedExperts(nn.Module):
         """Whether :meth:`padded_counts` forms its runs by load for input ``x``.
 
         When the kernel casts the weights itself (it writes the cast in run order), and when the matmuls read
-        the weights in their own dtype and the runs are pairs (two threads or fewer): any two experts' weights
-        are one strided view, read in place. Not under autocast with autograd's casts (the 256-expert scaling
-        layer ran 6% slower that way), nor for longer runs in the weights' own dtype, whose experts are rarely
-        evenly spaced (the kernel would split them).
+        float32 (or float64) weights as they are and the runs are pairs (two threads or fewer): any two experts'
+        weights are one strided view, read in place. Not under autocast with autograd's casts (the 256-expert
+        scaling layer ran 6% slower that way), nor for bf16 weights (a bf16 ``bmm`` over a strided view ran
+        1.3x slower than over neighbours), nor for longer runs, whose experts are rarely evenly spaced (the
+        kernel would split them).
         """
         if _casts_on_kept_memory(x, self.w1, self.grad_buffers):
             return True
         autocast = torch.is_autocast_enabled(x.device.type)
-        own_dtype = not autocast or torch.get_autocast_dtype(x.device.type) == self.w1.dtype
-        return own_dtype and max(2, torch.get_num_threads()) == 2
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.w1.dtype
+        full_precision = dtype == self.w1.dtype and dtype in (torch.float32, torch.float64)
+        return full_precision and max(2, torch.get_num_threads()) == 2
 
     def forward(self, x_ND: Tensor, counts_E: Tensor | list[int]) -> Tensor:
         """Run every expert on its contiguous block of expert-sorted rows.

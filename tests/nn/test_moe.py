@@ -861,6 +861,8 @@ def test_batched_experts_match_one_expert_at_a_time(kind, threads):
     # Two threads: pairs by load (4/5 pads, 0/3 would add 3 rows on 3); four threads: runs of four neighbours.
     assert batched.experts.padded_counts(x, [3, 5, 4, 0]) == [3, 5, 5, 0]
     assert batched.experts.padded_counts(x, [4, 5, 4, 5]) == [4, 5, 4, 5]  # equal pairs by load: no padding
+    assert batched.experts.runs_by_load(x)
+    assert not copy.deepcopy(batched).bfloat16().experts.runs_by_load(x.bfloat16())  # bf16 weights: neighbours
     threads(4)
     assert not batched.experts.runs_by_load(x)
     assert batched.experts.padded_counts(x, [4, 5, 4, 5]) == [5, 5, 5, 5]
