@@ -115,11 +115,18 @@ class MoELayer(nn.Module):
             The ``x``-shaped output and the layer's statistics.
 
         Raises:
-            ValueError: If ``x`` or ``mask`` has the wrong shape.
+            ValueError: If ``x`` or ``mask`` has the wrong shape, or ``x`` a dtype other than the weights' outside
+                autocast.
         """
         cfg = self.config
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.dim:
             raise ValueError(f"x.shape={tuple(x.shape)} is invalid: expected (B, S, {cfg.dim}) or (T, {cfg.dim})")
+        weight_dtype = self.experts.w1.dtype
+        if x.dtype != weight_dtype and not (torch.is_autocast_enabled(x.device.type) and x.is_floating_point()):
+            raise ValueError(
+                f"x.dtype={x.dtype} is invalid: the layer's weights are {weight_dtype}; pass {weight_dtype} input, "
+                "convert the layer with .to(dtype), or run the forward under torch.autocast"
+            )
         if mask is not None and mask.shape != x.shape[:-1]:
             raise ValueError(f"mask.shape={tuple(mask.shape)} is invalid: expected {tuple(x.shape[:-1])}")
         x_TD = x.reshape(-1, cfg.dim)

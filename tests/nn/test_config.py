@@ -89,6 +89,19 @@ def test_input_rank_mismatch_raises():
         _layer()(torch.randn(8))
 
 
+def test_input_dtype_other_than_the_weights_raises_outside_autocast():
+    layer = _layer()
+    with pytest.raises(ValueError, match=r"x.dtype=torch.float64 is invalid: the layer's weights are torch.float32"):
+        layer(torch.randn(2, 3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x.dtype=torch.int64 is invalid"):
+        layer(torch.ones(2, 3, 8, dtype=torch.long))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs any floating input in its dtype
+        y, _ = layer(torch.randn(2, 3, 8, dtype=torch.float64))
+    assert y.dtype == torch.bfloat16
+    y, _ = layer.to(torch.float64)(torch.randn(2, 3, 8, dtype=torch.float64))
+    assert y.dtype == torch.float64
+
+
 def test_mask_shape_mismatch_raises():
     with pytest.raises(ValueError, match=r"mask.shape=\(2, 4\) is invalid: expected \(2, 3\)"):
         _layer()(torch.randn(2, 3, 8), mask=torch.ones(2, 4, dtype=torch.bool))
