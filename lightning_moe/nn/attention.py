@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_moe.nn.config import check_token_mask
 from lightning_moe.nn.norm import RMSNorm
 from lightning_moe.nn.rope import apply_rope
 
@@ -33,8 +34,9 @@ class AttentionConfig:
         qk_norm: RMSNorm on each head's queries and keys before RoPE (Qwen3).
         rope: Apply rotary embeddings (the model passes cos/sin).
         scale: Softmax scale (``None``: ``head_dim ** -0.5``; T5 uses 1.0).
-        sliding_window: Attend only to the last ``sliding_window`` positions (``None``: full causal).
         norm_eps: Epsilon of the q/k norms.
+
+    A sliding window is the model's (``DecoderLM(sliding_window=...)``): it shapes the mask every layer gets.
     """
 
     num_heads: int = 8
@@ -45,7 +47,6 @@ class AttentionConfig:
     qk_norm: bool = False
     rope: bool = True
     scale: float | None = None
-    sliding_window: int | None = None
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -55,8 +56,8 @@ class AttentionConfig:
             raise ValueError(
                 f"num_kv_heads={self.num_kv_heads!r} is invalid: must be >= 1 and divide num_heads ({self.num_heads})"
             )
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window={self.sliding_window!r} is invalid: must be >= 1 or None")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"head_dim={self.head_dim!r} is invalid: must be >= 1 or None (dim // num_heads)")
 
 
 class KVCache:
@@ -131,6 +132,7 @@ def attention_bias(
         dtype: Mask dtype.
         device: Mask device.
     """
+    check_token_mask("padding_mask_BS", padding_mask_BS)
     plain = sliding_window is None and padding_mask_BS is None and position_bias_HTS is None
     if causal and plain and past == 0:
         return None
@@ -161,7 +163,13 @@ class Attention(nn.Module):
     def __init__(self, dim: int, config: AttentionConfig) -> None:
         super().__init__()
         self.config = config
-        self.head_dim = config.head_dim or dim // config.num_heads
+        if config.head_dim is None and dim % config.num_heads:
+            raise ValueError(
+                f"dim={dim} is invalid for num_heads={config.num_heads}: must be a multiple of it, or set head_dim"
+            )
+        self.head_dim = config.head_dim if config.head_dim is not None else dim // config.num_heads
+        if config.rope and self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} is invalid with rope=True: rotary embeddings need an even one")
         heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, self.head_dim
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=config.qkv_bias)
@@ -182,7 +190,8 @@ class Attention(nn.Module):
         Args:
             x_BTD: Input.
             rope: ``(cos, sin)`` tables ``(B or 1, T, Dh)`` when the config uses RoPE.
-            mask: Additive mask from :func:`attention_bias`; ``None`` means plain causal.
+            mask: Additive mask from :func:`attention_bias`, or a boolean one (True: may attend), as
+                ``F.scaled_dot_product_attention`` takes them; ``None`` means plain causal.
             cache: This layer's key/value cache for incremental decoding, or ``None``.
 
         Returns:
@@ -211,7 +220,7 @@ def sdpa(q_BHTDh: Tensor, k_BGSDh: Tensor, v_BGSDh: Tensor, mask: Tensor | None,
     if groups > 1:
         k_BGSDh = k_BGSDh.repeat_interleave(groups, dim=1)
         v_BGSDh = v_BGSDh.repeat_interleave(groups, dim=1)
-    if mask is not None:
+    if mask is not None and mask.dtype != torch.bool:  # SDPA reads a boolean mask as "may attend"
         mask = mask.to(q_BHTDh.dtype)
     return F.scaled_dot_product_attention(
         q_BHTDh, k_BGSDh, v_BGSDh, attn_mask=mask, is_causal=mask is None, scale=scale

@@ -2,12 +2,17 @@
 
 Only strings, ints, floats, bools, ``None`` and nested dataclasses appear here, so LightningCLI and
 ``save_hyperparameters`` can serialise them. Every invalid value raises a ``ValueError`` that names the
-field, the value and what is allowed.
+field, the value and what is allowed. :func:`check_token_mask` checks, the same way, the token masks the
+blocks take at run time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -23,6 +28,22 @@ GATE_PRECISIONS = ("float32", "compute")
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def check_token_mask(name: str, mask: Tensor | None) -> None:
+    """Raise unless ``mask`` is ``None`` or a bool/integer token mask (True or 1: a real token, else padding).
+
+    A floating mask is refused: an additive attention mask (0 for real tokens, -inf for padding) read as a
+    token mask would turn every real token into padding and the padding into real tokens.
+
+    Raises:
+        ValueError: If ``mask`` is floating point or complex.
+    """
+    if mask is not None and (mask.is_floating_point() or mask.is_complex()):
+        raise ValueError(
+            f"{name}.dtype={mask.dtype} is invalid: expected a bool or integer mask, True/1 for real tokens and "
+            "False/0 for padding (an additive 0/-inf attention mask is not a token mask)"
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

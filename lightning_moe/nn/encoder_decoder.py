@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.nn.attention import Attention, attention_bias, sdpa
+from lightning_moe.nn.config import check_token_mask
 from lightning_moe.nn.moe import MoELayer, MoEStats
 from lightning_moe.nn.transformer import DecoderLayer, ModelOutput, check_targets, head_output
 
@@ -159,6 +160,7 @@ class EncoderDecoderLM(nn.Module):
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, list[MoEStats]]:
         """Encoder output ``(B, S, D)`` (after the final encoder norm) and the encoder's router statistics."""
+        check_token_mask("attention_mask", attention_mask)
         batch, seq = input_ids.shape
         x_BSD = self.embed(input_ids)
         token_mask_BS = None if attention_mask is None else attention_mask.bool()
@@ -205,10 +207,11 @@ class EncoderDecoderLM(nn.Module):
         Raises:
             ValueError: If the shapes are wrong.
         """
-        for name, ids, mask in (
-            ("input_ids", input_ids, attention_mask),
-            ("decoder_input_ids", decoder_input_ids, decoder_attention_mask),
+        for name, ids, mask, mask_name in (
+            ("input_ids", input_ids, attention_mask, "attention_mask"),
+            ("decoder_input_ids", decoder_input_ids, decoder_attention_mask, "decoder_attention_mask"),
         ):
+            check_token_mask(mask_name, mask)
             if ids.dim() != 2:
                 raise ValueError(f"{name}.shape={tuple(ids.shape)} is invalid: expected (B, length)")
             if mask is not None and mask.shape != ids.shape:

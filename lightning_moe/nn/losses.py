@@ -13,8 +13,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_moe.nn.config import check_token_mask
+
 
 def _mask_or_ones(mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
+    check_token_mask("mask", mask)
     return torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask.reshape(shape)
 
 

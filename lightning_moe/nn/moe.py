@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_moe.nn import losses
 from lightning_moe.nn.capacity import capacity_keep_mask, expert_capacity, priority_order
-from lightning_moe.nn.config import MoEConfig
+from lightning_moe.nn.config import MoEConfig, check_token_mask
 from lightning_moe.nn.dispatch import Dispatcher, GroupedDispatcher, LoopDispatcher
 from lightning_moe.nn.experts import GroupedExperts
 from lightning_moe.nn.ffn import FeedForward
@@ -127,6 +127,7 @@ class MoELayer(nn.Module):
                 f"x.dtype={x.dtype} is invalid: the layer's weights are {weight_dtype}; pass {weight_dtype} input, "
                 "convert the layer with .to(dtype), or run the forward under torch.autocast"
             )
+        check_token_mask("mask", mask)
         if mask is not None and mask.shape != x.shape[:-1]:
             raise ValueError(f"mask.shape={tuple(mask.shape)} is invalid: expected {tuple(x.shape[:-1])}")
         x_TD = x.reshape(-1, cfg.dim)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.nn.attention import KVCache, LayerKVCache, attention_bias
+from lightning_moe.nn.config import check_token_mask
 from lightning_moe.nn.cross_entropy import linear_cross_entropy
 from lightning_moe.nn.moe import MoELayer, MoEStats
 from lightning_moe.nn.rope import RopeConfig, rope_cos_sin
@@ -124,6 +125,8 @@ class DecoderLM(nn.Module):
         embed_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window={sliding_window!r} is invalid: must be >= 1 or None (full causal)")
         self.embed = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -186,6 +189,7 @@ class DecoderLM(nn.Module):
             raise ValueError(f"input_ids.shape={tuple(input_ids.shape)} is invalid: expected (B, T)")
         batch, seq = input_ids.shape
         past = cache.length if cache is not None else 0
+        check_token_mask("attention_mask", attention_mask)
         if attention_mask is not None and attention_mask.shape != (batch, past + seq):
             raise ValueError(
                 f"attention_mask.shape={tuple(attention_mask.shape)} is invalid: expected {(batch, past + seq)}"
