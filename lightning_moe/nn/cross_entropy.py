@@ -52,7 +52,8 @@ def linear_cross_entropy(
         The scalar mean loss, in float32 (float64 for float64 inputs).
 
     Raises:
-        ValueError: If the shapes do not match or ``chunk_size`` is not positive.
+        ValueError: If the shapes do not match, ``chunk_size`` is not positive, or ``targets_N`` are not integers or
+            (on the CPU) hold an id outside the vocabulary other than ``ignore_index``.
 
     Example::
 
@@ -70,6 +71,16 @@ def linear_cross_entropy(
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} is invalid: expected a positive number of positions or None")
+    if targets_N.is_floating_point() or targets_N.is_complex() or targets_N.dtype == torch.bool:
+        raise ValueError(f"targets_N.dtype={targets_N.dtype} is invalid: expected integer token ids")
+    if targets_N.device.type == "cpu":  # reading the values back would wait for a GPU: checked on the CPU only
+        vocab = weight_VD.shape[0]
+        outside = (targets_N != ignore_index) & ((targets_N < 0) | (targets_N >= vocab))
+        if outside.any():
+            raise ValueError(
+                f"targets_N holds {int(targets_N[outside][0])}, which is invalid: expected token ids in [0, {vocab}) "
+                f"or ignore_index={ignore_index}"
+            )
     device_type = x_ND.device.type
     autocast = torch.is_autocast_enabled(device_type) and x_ND.dtype != torch.float64
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x_ND.dtype

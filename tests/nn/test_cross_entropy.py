@@ -142,3 +142,16 @@ def test_bad_shapes_and_chunk_size_name_the_field():
         linear_cross_entropy(x, weight, targets[:3])
     with pytest.raises(ValueError, match="chunk_size=0 is invalid"):
         linear_cross_entropy(x, weight, targets, chunk_size=0)
+
+
+def test_targets_must_be_token_ids_or_the_ignore_index():
+    x, weight = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"targets_N.dtype=torch.float32 is invalid: expected integer token ids"):
+        linear_cross_entropy(x, weight, torch.zeros(4))
+    for bad in (-1, 5):  # -1 is a common padding value; here ignore_index is -100
+        targets = torch.tensor([0, bad, 4, -100])
+        with pytest.raises(ValueError, match=rf"targets_N holds {bad}, which is invalid: expected token ids in \[0, 5"):
+            linear_cross_entropy(x, weight, targets)
+    targets = torch.tensor([0, -1, 4, -1])
+    loss = linear_cross_entropy(x, weight, targets, ignore_index=-1)  # -1 as the ignore index is fine
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x @ weight.T, targets, ignore_index=-1))
