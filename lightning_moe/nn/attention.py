@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe.nn.config import check_token_mask
+from lightning_moe.nn.config import check_field_types, check_token_mask
 from lightning_moe.nn.norm import RMSNorm
 from lightning_moe.nn.rope import apply_rope
 
@@ -50,6 +50,7 @@ class AttentionConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.num_heads < 1:
             raise ValueError(f"num_heads={self.num_heads!r} is invalid: must be >= 1")
         if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:

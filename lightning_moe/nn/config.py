@@ -8,6 +8,8 @@ blocks take at run time.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +30,37 @@ GATE_PRECISIONS = ("float32", "compute")
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+_SCALAR_KINDS = {"int": "an int", "float": "a finite number", "bool": "a bool", "str": "a string"}
+
+
+def check_field_types(config: object) -> None:
+    """Raise unless every ``int``/``float``/``bool``/``str`` field of a dataclass (``| None`` too) holds that type.
+
+    Configs built from YAML, a CLI or an overrides dict can carry ``2.0`` for an int, ``"false"`` for a bool or
+    ``inf`` for a float, which the range checks would pass or which would fail deep inside the model. An int is
+    a valid float; a bool is not a number; a float must be finite. Other annotations are not checked here.
+
+    Raises:
+        ValueError: Naming the first field of the wrong type, its value and the type allowed.
+    """
+    for spec in dataclasses.fields(config):
+        parts = [part.strip() for part in str(spec.type).split("|")]
+        kinds = [part for part in parts if part != "None"]
+        if len(kinds) != 1 or kinds[0] not in _SCALAR_KINDS:
+            continue
+        kind, optional, value = kinds[0], "None" in parts, getattr(config, spec.name)
+        if value is None and optional:
+            continue
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, int if kind == "int" else (int, float)) and not isinstance(value, bool)
+            ok = ok and (kind == "int" or math.isfinite(value))
+        _check(ok, spec.name, value, f"must be {_SCALAR_KINDS[kind]}{' or None' if optional else ''}")
 
 
 def check_token_mask(name: str, mask: Tensor | None) -> None:
@@ -105,6 +138,7 @@ class RouterConfig:
     gate_precision: str = "float32"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check(self.num_experts >= 1, "num_experts", self.num_experts, "must be >= 1")
         _check_choice("gate_precision", self.gate_precision, GATE_PRECISIONS)
         _check(self.top_k >= 1, "top_k", self.top_k, "must be >= 1")
@@ -189,6 +223,7 @@ class ExpertsConfig:
     batch_experts: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check(self.hidden_dim >= 1, "hidden_dim", self.hidden_dim, "must be >= 1")
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check(self.init_std >= 0, "init_std", self.init_std, "must be >= 0")
@@ -240,6 +275,7 @@ class MoEConfig:
             self.router = RouterConfig(**self.router)
         if isinstance(self.experts, dict):
             self.experts = ExpertsConfig(**self.experts)
+        check_field_types(self)
         _check(self.dim >= 1, "dim", self.dim, "must be >= 1")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.nn.attention import LayerKVCache, sdpa
+from lightning_moe.nn.config import check_field_types
 from lightning_moe.nn.norm import RMSNorm
 from lightning_moe.nn.rope import RopeConfig, apply_rope_interleaved, yarn_mscale
 
@@ -51,6 +52,7 @@ class MLAConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_moe.nn.config import check_field_types
+
 ROPE_SCALINGS = ("none", "yarn")
 
 
@@ -43,6 +45,7 @@ class RopeConfig:
     mscale_all_dim: float = 0.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.scaling not in ROPE_SCALINGS:
             allowed = ", ".join(map(repr, ROPE_SCALINGS))
             raise ValueError(f"scaling={self.scaling!r} is invalid: must be one of {allowed}")
@@ -50,6 +53,16 @@ class RopeConfig:
             raise ValueError(f"theta={self.theta!r} is invalid: must be > 0")
         if self.factor < 1.0:
             raise ValueError(f"factor={self.factor!r} is invalid: must be >= 1")
+        if self.scaling == "yarn":
+            if self.theta <= 1:
+                raise ValueError(f"theta={self.theta!r} is invalid with scaling='yarn': must be > 1")
+            if self.original_max_position < 1:
+                raise ValueError(f"original_max_position={self.original_max_position!r} is invalid: must be >= 1")
+            if not self.beta_fast > self.beta_slow > 0:
+                raise ValueError(
+                    f"beta_fast={self.beta_fast!r} is invalid with beta_slow={self.beta_slow!r}: YaRN needs "
+                    "beta_fast > beta_slow > 0"
+                )
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_moe.nn.config import EXPERT_KERNELS, GATE_PRECISIONS
+from lightning_moe.nn.config import EXPERT_KERNELS, GATE_PRECISIONS, check_field_types
 from lightning_moe.nn.ffn import FeedForward
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.nn.transformer import init_weights
@@ -63,6 +63,7 @@ class ModelConfig:
     router_gate_precision: str = "float32"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("vocab_size", "dim", "num_layers", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")

@@ -118,3 +118,48 @@ def test_grouped_experts_counts_mismatch_raises():
         layer.experts(torch.randn(6, 8), [1, 1, 1, 2])
     with pytest.raises(ValueError, match=r"counts_E has 3 entries, expected num_experts=4"):
         layer.experts(torch.randn(6, 8), [2, 2, 2])
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: RouterConfig(top_k=1.5), r"top_k=1.5 is invalid: must be an int"),
+        (lambda: RouterConfig(num_experts=8.0), r"num_experts=8.0 is invalid: must be an int"),
+        (lambda: RouterConfig(top_k=True), r"top_k=True is invalid: must be an int"),
+        (lambda: RouterConfig(normalize_topk="false"), r"normalize_topk='false' is invalid: must be a bool"),
+        (lambda: RouterConfig(routed_scaling_factor=float("inf")), r"routed_scaling_factor=inf is invalid: must be a"),
+        (lambda: ExpertsConfig(gated="false"), r"gated='false' is invalid: must be a bool"),
+        (lambda: ExpertsConfig(activation=None), r"activation=None is invalid: must be a string"),
+        (lambda: MoEConfig(dim="16"), r"dim='16' is invalid: must be an int"),
+        (lambda: MoEConfig(capacity_factor=float("inf")), r"capacity_factor=inf is invalid: must be a finite"),
+        (lambda: MoEConfig(expert_capacity=2.5), r"expert_capacity=2.5 is invalid: must be an int or None"),
+        (lambda: MoEConfig(router={"top_k": 2.0}), r"top_k=2.0 is invalid: must be an int"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_name_the_field(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_config_fields_take_ints_for_floats_and_none_where_optional():
+    cfg = MoEConfig(dim=8, router=RouterConfig(routed_scaling_factor=2, init_std=0), capacity_factor=1)
+    assert cfg.router.routed_scaling_factor == 2 and cfg.capacity_factor == 1
+    assert MoEConfig(capacity_factor=None, expert_capacity=None).dropless
+
+
+def test_other_configs_check_their_field_types_and_yarn_fields():
+    from lightning_moe import zoo
+    from lightning_moe.nn.attention import AttentionConfig
+    from lightning_moe.nn.rope import RopeConfig
+
+    with pytest.raises(ValueError, match=r"num_heads=2.0 is invalid: must be an int"):
+        AttentionConfig(num_heads=2.0)
+    with pytest.raises(ValueError, match=r"num_layers=2.0 is invalid: must be an int"):
+        zoo.build("mixtral-tiny", num_layers=2.0)
+    with pytest.raises(ValueError, match=r"original_max_position=0 is invalid: must be >= 1"):
+        RopeConfig(scaling="yarn", factor=4.0, original_max_position=0)
+    with pytest.raises(ValueError, match=r"beta_fast=0.0 is invalid with beta_slow=1.0"):
+        RopeConfig(scaling="yarn", factor=4.0, beta_fast=0.0)
+    with pytest.raises(ValueError, match=r"theta=1.0 is invalid with scaling='yarn'"):
+        RopeConfig(scaling="yarn", factor=4.0, theta=1.0)
+    assert RopeConfig(theta=1.0).theta == 1.0  # without YaRN a base of 1 divides by nothing
