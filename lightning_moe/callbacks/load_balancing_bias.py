@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -50,7 +51,7 @@ class LoadBalancingBias(Callback):
     """
 
     def __init__(self, gamma: float | None = None) -> None:
-        if gamma is not None and gamma <= 0:
+        if gamma is not None and not 0 < gamma < math.inf:
             raise ValueError(f"gamma={gamma!r} is invalid: must be > 0, or None for the model's bias_update_speed")
         self.gamma = gamma
         self.updates = 0

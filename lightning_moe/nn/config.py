@@ -303,6 +303,12 @@ class MoEConfig:
                 self.capacity_factor,
                 "expert-choice routing needs a capacity_factor or expert_capacity",
             )
+            _check(
+                self.capacity_scope == "batch",
+                "capacity_scope",
+                self.capacity_scope,
+                "expert-choice routing picks tokens over the whole batch: only 'batch'",
+            )
 
     @property
     def num_experts(self) -> int:

@@ -18,7 +18,20 @@ from lightning_moe.nn.config import check_token_mask
 
 def _mask_or_ones(mask: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
     check_token_mask("mask", mask)
+    if mask is not None and mask.numel() != shape.numel():
+        raise ValueError(f"mask.shape={tuple(mask.shape)} is invalid: expected {tuple(shape)}, one entry per token")
     return torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask.reshape(shape)
+
+
+def _check_choices(probs: Tensor, expert_ids: Tensor, shapes: str) -> None:
+    """Raise unless ``expert_ids`` are the choices of ``probs``' tokens: ``shapes`` ``(T, K)``/``(B, S, K)``."""
+    dims = 2 if shapes == "TK" else 3
+    if probs.dim() != dims or expert_ids.dim() != dims or expert_ids.shape[:-1] != probs.shape[:-1]:
+        expected = "(T, K) for probs (T, E)" if dims == 2 else "(B, S, K) for probs (B, S, E)"
+        raise ValueError(
+            f"expert_ids.shape={tuple(expert_ids.shape)} is invalid with probs.shape={tuple(probs.shape)}: expected "
+            f"{expected}"
+        )
 
 
 def expert_counts(expert_ids_TK: Tensor, num_experts: int, mask_T: Tensor | None = None) -> Tensor:
@@ -54,6 +67,7 @@ def load_balancing_loss(
     Returns:
         Scalar loss.
     """
+    _check_choices(probs_TE, expert_ids_TK, "TK")
     num_experts = probs_TE.shape[-1]
     mask_T = _mask_or_ones(mask_T, probs_TE.shape[:1], probs_TE.device)
     num_tokens = mask_T.sum().clamp_min(1)
@@ -82,6 +96,7 @@ def sequence_balance_loss(probs_BSE: Tensor, expert_ids_BSK: Tensor, mask_BS: Te
     Returns:
         Scalar loss.
     """
+    _check_choices(probs_BSE, expert_ids_BSK, "BSK")
     batch, seq, num_experts = probs_BSE.shape
     top_k = expert_ids_BSK.shape[-1]
     mask_BS = _mask_or_ones(mask_BS, probs_BSE.shape[:2], probs_BSE.device)

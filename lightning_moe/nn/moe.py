@@ -11,6 +11,7 @@ forwards leave it alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -218,9 +219,12 @@ class MoELayer(nn.Module):
             gamma: Bias update speed.
 
         Raises:
-            ValueError: If the router has no score bias (``RouterConfig.score_bias`` is False).
+            ValueError: If the router has no score bias (``RouterConfig.score_bias`` is False) or ``gamma`` is not
+                a positive number.
         """
         if self.router.score_bias is None:
             raise ValueError("router.score_bias=False is invalid for update_bias: enable RouterConfig.score_bias")
+        if not (isinstance(gamma, (int, float)) and 0 < gamma < math.inf):
+            raise ValueError(f"gamma={gamma!r} is invalid: must be a finite number > 0")
         self.router.score_bias.copy_(losses.bias_update(self.router.score_bias, self.tokens_per_expert, gamma))
         self.tokens_per_expert.zero_()

@@ -161,7 +161,14 @@ class Router(nn.Module):
 
         Returns:
             The routing of every token copy.
+
+        Raises:
+            ValueError: If ``x_TD`` is not ``(T, D)`` or ``mask_T`` not ``(T,)``.
         """
+        if x_TD.dim() != 2 or x_TD.shape[1] != self.gate.in_features:
+            raise ValueError(f"x_TD.shape={tuple(x_TD.shape)} is invalid: expected (T, {self.gate.in_features})")
+        if mask_T is not None and mask_T.shape != x_TD.shape[:1]:
+            raise ValueError(f"mask_T.shape={tuple(mask_T.shape)} is invalid: expected ({x_TD.shape[0]},)")
         logits_TE = self.logits(x_TD)
         if self.config.kind == "expert_choice":
             if capacity is None:

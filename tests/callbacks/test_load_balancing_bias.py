@@ -105,8 +105,9 @@ def test_routers_without_a_score_bias_are_rejected(tmp_path):
 
 
 def test_invalid_gamma():
-    with pytest.raises(ValueError, match=r"gamma=0.0 is invalid: must be > 0"):
-        LoadBalancingBias(gamma=0.0)
+    for gamma in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"gamma=.* is invalid: must be > 0"):
+            LoadBalancingBias(gamma=gamma)
 
 
 def test_bias_and_update_count_survive_a_checkpoint_round_trip(tmp_path):

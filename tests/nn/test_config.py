@@ -112,6 +112,24 @@ def test_update_bias_without_score_bias_raises():
         _layer().update_bias(0.01)
 
 
+def test_update_bias_needs_a_positive_finite_gamma():
+    layer = MoELayer(
+        MoEConfig(dim=8, router=RouterConfig(num_experts=4, score_bias=True), experts=ExpertsConfig(hidden_dim=8))
+    )
+    layer.tokens_per_expert.copy_(torch.tensor([4.0, 0.0, 2.0, 2.0]))
+    for gamma in (-0.01, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"gamma=.* is invalid: must be a finite number > 0"):
+            layer.update_bias(gamma)
+    layer.update_bias(0.01)  # the over-loaded expert's bias goes down, the under-loaded one's up
+    assert layer.router.score_bias.tolist() == pytest.approx([-0.01, 0.01, 0.0, 0.0])
+
+
+def test_expert_choice_refuses_sequence_capacity_scope():
+    router = RouterConfig(num_experts=4, top_k=2, kind="expert_choice")
+    with pytest.raises(ValueError, match=r"capacity_scope='sequence' is invalid: expert-choice routing picks"):
+        MoEConfig(dim=8, router=router, capacity_factor=1.0, capacity_scope="sequence")
+
+
 def test_grouped_experts_counts_mismatch_raises():
     layer = _layer()
     with pytest.raises(ValueError, match=r"counts_E sums to 5, but there are 6 copies"):

@@ -117,3 +117,21 @@ def test_layer_losses_match_the_pure_functions():
     torch.testing.assert_close(
         stats.losses["seq_balance"], sequence_balance_loss(probs.view(3, 4, 4), ids.view(3, 4, 2))
     )
+
+
+def test_losses_name_mismatched_choices_and_masks():
+    import pytest
+
+    probs = torch.rand(6, 4).softmax(-1)
+    ids = torch.zeros(6, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"expert_ids.shape=\(12,\) is invalid with probs.shape=\(6, 4\)"):
+        load_balancing_loss(probs, ids.view(-1))
+    with pytest.raises(ValueError, match=r"expert_ids.shape=\(5, 2\) is invalid"):
+        load_balancing_loss(probs, ids[:5])
+    with pytest.raises(ValueError, match=r"mask.shape=\(5,\) is invalid: expected \(6,\), one entry per token"):
+        load_balancing_loss(probs, ids, torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"expert_ids.shape=\(6, 2\) is invalid with probs.shape=\(2, 3, 4\)"):
+        sequence_balance_loss(probs.view(2, 3, 4), ids)
+    # A (B, S) mask for flattened (T,) tokens is the same tokens: still accepted.
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    assert torch.equal(load_balancing_loss(probs, ids, mask), load_balancing_loss(probs, ids, mask.view(-1)))

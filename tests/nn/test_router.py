@@ -230,3 +230,15 @@ def test_expert_choice_never_picks_padding():
     mask = torch.tensor([True, True, False, True, False, True])
     r = router(torch.randn(6, 6), mask, capacity=4)
     assert mask[r.token_ids_N].all() and r.keep_N.all()
+
+
+def test_router_takes_flat_tokens_only():
+    import pytest
+
+    router = Router(8, RouterConfig(num_experts=4, top_k=2))
+    with pytest.raises(ValueError, match=r"x_TD.shape=\(2, 3, 8\) is invalid: expected \(T, 8\)"):
+        router(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match=r"x_TD.shape=\(3, 6\) is invalid: expected \(T, 8\)"):
+        router(torch.randn(3, 6))
+    with pytest.raises(ValueError, match=r"mask_T.shape=\(2,\) is invalid: expected \(3,\)"):
+        router(torch.randn(3, 8), torch.ones(2, dtype=torch.bool))
