@@ -9,7 +9,9 @@ configs/compare/mixtral-tiny.yaml`` trains an MoE preset against its dense basel
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +23,22 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_moe.data import TextDataModule, unigram_entropy
 from lightning_moe.module import CausalLMModule, MoELanguageModule
 
+# Model arguments that define the network. `fit --ckpt_path FILE` takes these from the checkpoint (the weights
+# must fit them) and everything else (learning rate, schedule, loss coefficients, ...) from this run's settings.
+ARCHITECTURE_ARGS = ("arch", "overrides", "init_from", "upcycle")
+
 
 class MoECLI(LightningCLI):
-    """LightningCLI with the omegaconf parser and an end-of-fit summary."""
+    """LightningCLI with the omegaconf parser, run-named checkpoint folders and an end-of-fit summary.
+
+    * A ``ModelCheckpoint`` without a ``dirpath`` writes to ``<logger save_dir>/<logger name>/checkpoints``, from
+      the final settings (command-line overrides included): one folder per run name, where ``fit --ckpt_path
+      last`` finds that run's ``last.ckpt``.
+    * ``fit --ckpt_path FILE`` rebuilds the network the checkpoint was trained with (``ARCHITECTURE_ARGS``) but
+      keeps this run's other model arguments, so a resume can change the learning rate or the loss coefficients
+      (LightningCLI alone replaces every model argument with the checkpoint's). ``validate``, ``test`` and
+      ``predict`` take all of them from the checkpoint.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
         parser.set_defaults(
@@ -34,6 +49,35 @@ class MoECLI(LightningCLI):
                 },
             }
         )
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand != "fit" or not (ckpt_path and Path(ckpt_path).is_file()):
+            super()._parse_ckpt_path()
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        model = {key: hparams[key] for key in ARCHITECTURE_ARGS if key in hparams}
+        if "_class_path" in hparams:
+            model = {"class_path": hparams["_class_path"], "init_args": model}
+        if model:
+            self.config = self.parser.parse_object({"fit": {"model": model}}, self.config)
+
+    def before_instantiate_classes(self) -> None:
+        """Give every ``ModelCheckpoint`` without a ``dirpath`` the run's folder (see the class docstring)."""
+        if self.subcommand is None:
+            return
+        trainer = self.config[self.subcommand].trainer
+        logger = trainer.logger[0] if isinstance(trainer.logger, list) and trainer.logger else trainer.logger
+        init_args = getattr(logger, "init_args", None)
+        save_dir = getattr(init_args, "save_dir", None)
+        if save_dir is None:
+            return
+        folder = os.path.join(str(save_dir), str(getattr(init_args, "name", None) or ""), "checkpoints")
+        for callback in trainer.callbacks or []:
+            args = getattr(callback, "init_args", None)
+            if args is not None and getattr(args, "dirpath", None) is None and _is_checkpoint(callback.class_path):
+                args.dirpath = folder
 
     def after_fit(self) -> None:
         """Print validation loss against the unigram entropy, and where the logs and checkpoint are."""
@@ -53,9 +97,19 @@ class MoECLI(LightningCLI):
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.last_model_path:
             lines.append(f"last checkpoint: {checkpoint.last_model_path}")
-            lines.append(f"generate: lightning-moe generate --ckpt_path {checkpoint.last_model_path} --prompt 'def '")
+            if isinstance(self.model, CausalLMModule):  # generate continues prompts with decoder models
+                lines.append(
+                    f"generate: lightning-moe generate --ckpt_path {checkpoint.last_model_path} --prompt 'def '"
+                )
         lines.append("=" * 72)
         print("\n".join(lines))
+
+
+def _is_checkpoint(class_path: str) -> bool:
+    """Whether ``class_path`` names a ``ModelCheckpoint`` (or a subclass)."""
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None) if module else None
+    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
 
 
 def generate_main(argv: Sequence[str]) -> str:
@@ -70,6 +124,14 @@ def generate_main(argv: Sequence[str]) -> str:
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(list(argv))
+    if not args.prompt:
+        raise ValueError("prompt='' is invalid: generate continues a prompt of at least one character")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={args.max_new_tokens} is invalid: must be >= 1")
+    if args.temperature < 0:
+        raise ValueError(f"temperature={args.temperature} is invalid: must be >= 0 (0: greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"top_k={args.top_k} is invalid: must be >= 1, or unset for the whole vocabulary")
     path = Path(args.ckpt_path)
     if path.is_dir():  # expert-parallel runs write one shard per rank: gather the full weights in memory
         from lightning_moe.strategies import full_checkpoint
@@ -83,6 +145,15 @@ def generate_main(argv: Sequence[str]) -> str:
         raise ValueError(f"ckpt_path={args.ckpt_path!r} is invalid: no such file or checkpoint directory")
     from tokenizers import Tokenizer
 
+    in_memory = isinstance(source, io.BytesIO)  # a file is only mapped here: its tensors are read once, below
+    hparams = torch.load(source, weights_only=True, map_location="cpu", mmap=not in_memory).get("hyper_parameters", {})
+    if in_memory:
+        source.seek(0)
+    if str(hparams.get("_class_path", "")).endswith("Seq2SeqLMModule"):
+        raise ValueError(
+            f"ckpt_path={args.ckpt_path!r} is invalid: it is a Seq2SeqLMModule (encoder-decoder) run, and generate "
+            "continues prompts with decoder models (CausalLMModule runs)"
+        )
     module = CausalLMModule.load_from_checkpoint(source, map_location="cpu")
     if module.tokenizer_json is None:
         raise ValueError(f"ckpt_path={args.ckpt_path!r} is invalid: the checkpoint holds no tokenizer")

@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 from lightning_moe import zoo
 from lightning_moe.data.span_corruption import span_corruption, span_counts
 from lightning_moe.data.tokenizer import PAD_TOKEN
+from lightning_moe.nn.encoder_decoder import EncoderDecoderLM
 from lightning_moe.nn.experts import FRESH_PAGES_MIN_BYTES
 from lightning_moe.nn.experts import reuse_expert_grad_memory as _reuse_expert_grad_memory
 from lightning_moe.nn.moe import MoELayer, MoEStats
@@ -36,6 +37,10 @@ class NonFiniteLossError(RuntimeError):
 
 class MoELanguageModule(L.LightningModule):
     """What the causal and seq2seq modules share.
+
+    Attributes:
+        seq2seq: Whether the subclass trains encoder-decoder models (the zoo's Switch family) rather than
+            decoder-only ones; a preset of the other kind is refused.
 
     The training and validation losses come from the model given its targets: the LM head and the
     cross-entropy run chunk by chunk (:func:`lightning_moe.nn.cross_entropy.linear_cross_entropy`), so no step
@@ -81,6 +86,8 @@ class MoELanguageModule(L.LightningModule):
         ValueError: For an unknown preset (with close matches), an unknown override or a bad argument.
     """
 
+    seq2seq = False
+
     def __init__(
         self,
         arch: str = "mixtral-tiny",
@@ -106,8 +113,21 @@ class MoELanguageModule(L.LightningModule):
             raise ValueError(
                 f"nan_policy={nan_policy!r} is invalid: must be one of {', '.join(map(repr, NAN_POLICIES))}"
             )
-        if lr <= 0:
-            raise ValueError(f"lr={lr!r} is invalid: must be > 0")
+        if not 0 < lr < math.inf:
+            raise ValueError(f"lr={lr!r} is invalid: must be a finite number > 0")
+        if not 0 <= weight_decay < math.inf:
+            raise ValueError(f"weight_decay={weight_decay!r} is invalid: must be a finite number >= 0")
+        if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"betas={betas!r} is invalid: must be two numbers in [0, 1)")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={min_lr_ratio!r} is invalid: must be in [0, 1]")
+        for name, coef in (
+            ("load_balance_coef", load_balance_coef),
+            ("z_loss_coef", z_loss_coef),
+            ("seq_balance_coef", seq_balance_coef),
+        ):
+            if coef is not None and not 0 <= coef < math.inf:
+                raise ValueError(f"{name}={coef!r} is invalid: must be a finite number >= 0, or None for the preset's")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
         if mtp_loss_coef is not None and mtp_loss_coef < 0:
@@ -143,6 +163,13 @@ class MoELanguageModule(L.LightningModule):
                 upcycle = _upcycle_args(self.config, upcycle or {})
                 self.hparams.upcycle = upcycle
                 self.model = zoo.upcycle(self.model, **upcycle)
+        seq2seq = isinstance(self.model, EncoderDecoderLM)
+        if seq2seq != self.seq2seq:
+            kind, module = ("an encoder-decoder", "Seq2SeqLMModule") if seq2seq else ("a decoder", "CausalLMModule")
+            raise ValueError(
+                f"arch={arch!r} is invalid for {type(self).__name__}: it is {kind} model; train it with {module} "
+                "(configs/switch-tiny.yaml shows the encoder-decoder setup)"
+            )
         self.coefs = {
             term: (getattr(self.config, field) if value is None else value)
             for (term, field), value in zip(
@@ -219,8 +246,30 @@ class MoELanguageModule(L.LightningModule):
             checkpoint["tokenizer_json"] = self.tokenizer_json
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the tokenizer saved with the weights."""
+        """Restore the tokenizer saved with the weights; resume with this run's optimizer settings.
+
+        The optimizer and scheduler states restored after this hook carry the saved run's learning rate, weight
+        decay and betas; a resume that changes them (``--model.init_args.lr``, ...) would otherwise keep the
+        old ones. The saved learning rates (the scheduler's base rates and every group's current and initial
+        rate) are scaled by ``lr / saved lr``, which keeps the schedule's position; the decayed group takes this
+        run's ``weight_decay``, every group its ``betas``.
+        """
         self.tokenizer_json = checkpoint.get("tokenizer_json")
+        hp, saved = self.hparams, checkpoint.get("hyper_parameters", {})
+        ratio = hp.lr / saved["lr"] if saved.get("lr") else 1.0
+        for state in checkpoint.get("optimizer_states", []):
+            for index, group in enumerate(state.get("param_groups", [])):
+                for key in ("lr", "initial_lr"):
+                    if key in group:
+                        group[key] = group[key] * ratio
+                if "betas" in group:
+                    group["betas"] = tuple(hp.betas)
+                if index == 0 and "weight_decay" in group:  # configure_optimizers: the decayed parameters first
+                    group["weight_decay"] = hp.weight_decay
+        for state in checkpoint.get("lr_schedulers", []):
+            for key in ("base_lrs", "_last_lr"):
+                if key in state:
+                    state[key] = [lr * ratio for lr in state[key]]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Start the tokens-per-second clock."""
@@ -457,6 +506,8 @@ class Seq2SeqLMModule(MoELanguageModule):
         mean_span_length: Mean masked-span length.
         **kwargs: See :class:`MoELanguageModule`.
     """
+
+    seq2seq = True
 
     def __init__(self, *args: Any, noise_density: float = 0.15, mean_span_length: float = 3.0, **kwargs: Any):
         super().__init__(*args, **kwargs)

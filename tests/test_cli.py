@@ -150,3 +150,84 @@ def test_block_size_beyond_the_model_fails_before_training(tmp_path):
 def test_missing_checkpoint_for_generate():
     with pytest.raises(ValueError, match=r"ckpt_path='nope.ckpt' is invalid: no such file or checkpoint directory"):
         generate_main(["--ckpt_path", "nope.ckpt"])
+
+
+class LrRecorder(Callback):
+    """Keeps the learning rate each training step ran with (used through --trainer.callbacks+)."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _recorded_lrs(cli):
+    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, LrRecorder)).lrs
+
+
+def test_checkpoints_go_to_the_folder_of_the_final_run_name(tmp_path):
+    # The run name given on the command line names the checkpoint folder too, so `--ckpt_path last` of one
+    # run name never picks another run's last.ckpt.
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    common = ["--config", config, *_small(tmp_path), "--trainer.limit_val_batches", "1"]
+    named = run_cli(["fit", *common, "--trainer.max_steps", "2", "--trainer.logger.init_args.name", "myexp"])
+    assert Path(named.trainer.checkpoint_callback.dirpath) == tmp_path / "lightning_logs/myexp/checkpoints"
+    other = run_cli(["fit", *common, "--trainer.max_steps", "3", "--model.init_args.overrides", "{num_layers: 1}",
+                     "--trainer.logger.init_args.name", "other"])  # fmt: skip
+    other_folder = Path(other.trainer.checkpoint_callback.last_model_path).parent
+    assert other_folder == tmp_path / "lightning_logs/other/checkpoints"
+    resumed = run_cli(["fit", *common, "--trainer.max_steps", "3", "--ckpt_path", "last",
+                       "--trainer.logger.init_args.name", "myexp"])  # fmt: skip
+    assert resumed.trainer.global_step == 3  # myexp's 2-layer run went on from step 2 (the other has 1 layer)
+
+
+@pytest.mark.parametrize("how", ["last", "file"])
+def test_resume_takes_this_runs_learning_rate_and_keeps_the_schedule(tmp_path, how):
+    # README: resume with a lower learning rate. The saved optimizer and scheduler carry the old rate; the
+    # resumed steps must run at new_lr * schedule(step), exactly the rates a run started with new_lr has there.
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    recorder = ["--trainer.callbacks+", "tests.test_cli.LrRecorder"]
+    # Inside the warmup the schedule does not depend on max_steps, so a 3-step run can stand for the first half.
+    common = ["--config", config, *_small(tmp_path), "--trainer.limit_val_batches", "1",
+              "--model.init_args.warmup_steps", "10"]  # fmt: skip
+    first = run_cli(["fit", *common, "--trainer.max_steps", "3"])
+    assert first.trainer.global_step == 3
+    ckpt = "last" if how == "last" else first.trainer.checkpoint_callback.last_model_path
+    resumed = run_cli(["fit", *common, "--trainer.max_steps", "6", "--ckpt_path", ckpt, "--model.init_args.lr",
+                       "1e-4", "--model.init_args.weight_decay", "0.05", *recorder])  # fmt: skip
+    fresh = run_cli(["fit", *common, "--trainer.max_steps", "6", "--model.init_args.lr", "1e-4",
+                     "--trainer.logger.init_args.name", "fresh", *recorder])  # fmt: skip
+    assert resumed.model.hparams.lr == 1e-4 and resumed.trainer.global_step == 6
+    assert _recorded_lrs(resumed) == pytest.approx(_recorded_lrs(fresh)[3:], rel=1e-12)
+    assert resumed.trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.05
+
+
+def test_a_preset_of_the_other_kind_is_refused_before_training(tmp_path):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    with pytest.raises(ValueError, match=r"arch='switch-tiny' is invalid for CausalLMModule: it is an encoder-decoder"):
+        run_cli(["fit", "--config", config, *_small(tmp_path), "--model.init_args.arch", "switch-tiny"])
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--prompt", ""], r"prompt='' is invalid"),
+        (["--max_new_tokens", "0"], r"max_new_tokens=0 is invalid: must be >= 1"),
+        (["--temperature", "-1"], r"temperature=-1.0 is invalid: must be >= 0"),
+        (["--top_k", "0"], r"top_k=0 is invalid: must be >= 1"),
+    ],
+)
+def test_generate_arguments_are_checked_before_loading(args, match):
+    with pytest.raises(ValueError, match=match):
+        generate_main(["--ckpt_path", "nope.ckpt", *args])
+
+
+def test_generate_refuses_an_encoder_decoder_checkpoint(tmp_path, capsys):
+    config = str(Path(__file__).resolve().parents[1] / "configs/switch-tiny.yaml")
+    cli = run_cli(["fit", "--config", config, *_small(tmp_path), "--trainer.max_steps", "1",
+                   "--trainer.limit_val_batches", "1"])  # fmt: skip
+    cli.after_fit()
+    assert "last checkpoint" in capsys.readouterr().out and "generate:" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"it is a Seq2SeqLMModule \(encoder-decoder\) run"):
+        generate_main(["--ckpt_path", cli.trainer.checkpoint_callback.last_model_path])

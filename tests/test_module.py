@@ -224,3 +224,19 @@ def test_mtp_loss_is_added_with_its_coefficient_and_trains_the_mtp_modules():
     assert off.model.mtp[0].eh_proj.weight.grad is None  # no term reaches the MTP block
     with pytest.raises(ValueError, match=r"mtp_loss_coef=-0.1 is invalid: must be >= 0"):
         CausalLMModule(arch="deepseek-tiny", mtp_loss_coef=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(lr=float("inf")), r"lr=inf is invalid: must be a finite number > 0"),
+        (dict(weight_decay=-0.1), r"weight_decay=-0.1 is invalid: must be a finite number >= 0"),
+        (dict(betas=(1.5, 0.9)), r"betas=\(1.5, 0.9\) is invalid: must be two numbers in \[0, 1\)"),
+        (dict(min_lr_ratio=-1.0), r"min_lr_ratio=-1.0 is invalid: must be in \[0, 1\]"),
+        (dict(load_balance_coef=-1.0), r"load_balance_coef=-1.0 is invalid: must be a finite number >= 0"),
+        (dict(z_loss_coef=float("nan")), r"z_loss_coef=nan is invalid"),
+    ],
+)
+def test_optimizer_and_loss_arguments_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CausalLMModule(arch="mixtral-tiny", **kwargs)
