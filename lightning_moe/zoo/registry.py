@@ -67,6 +67,11 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "num_layers", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
+        for name in ("init_std", "load_balance_coef", "z_loss_coef", "seq_balance_coef", "bias_update_speed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 0")
+        if getattr(self, "norm_eps", 1.0) <= 0:  # every family's norms have one
+            raise ValueError(f"norm_eps={self.norm_eps!r} is invalid: must be > 0")
         if self.dense is not None and self.dense not in DENSE_MODES:
             raise ValueError(f"dense={self.dense!r} is invalid: must be None, 'active' or 'total'")
         if self.expert_kernel not in EXPERT_KERNELS:

@@ -28,6 +28,21 @@ def test_unknown_override_names_key_and_valid_keys():
         zoo.config("mixtral-tiny", num_expert=4)
 
 
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ({"norm_eps": -1.0}, r"norm_eps=-1.0 is invalid: must be > 0"),
+        ({"load_balance_coef": -1.0}, r"load_balance_coef=-1.0 is invalid: must be >= 0"),
+        ({"num_layers": 2.0}, r"num_layers=2.0 is invalid: must be an int"),
+        ({"dim": 130}, r"dim=130 is invalid for num_heads=4: must be a multiple of it"),
+        ({"sliding_window": 0}, r"sliding_window=0 is invalid: must be >= 1"),
+    ],
+)
+def test_bad_override_values_name_the_field(override, match):
+    with pytest.raises(ValueError, match=match):
+        zoo.build("mixtral-tiny", **override)
+
+
 def test_overrides_apply_and_presets_stay_untouched():
     cfg = zoo.config("mixtral-tiny", num_experts=4, top_k=1)
     assert (cfg.num_experts, cfg.top_k) == (4, 1)
