@@ -53,7 +53,8 @@ def read_documents(files: list[Path], text_field: str = "text", max_bytes: int |
         max_bytes: Stop once this many bytes of text have been yielded (the last document is cut).
 
     Raises:
-        ValueError: For a file that is not UTF-8 text, or a JSON-lines record without ``text_field``.
+        ValueError: For a file that is not UTF-8 text, or a JSON-lines line that is not JSON or not an object
+            with a string ``text_field`` (the file and its 1-based line number are named).
     """
     remaining = max_bytes if max_bytes is not None else float("inf")
     for path in files:
@@ -68,7 +69,13 @@ def read_documents(files: list[Path], text_field: str = "text", max_bytes: int |
             for line_no, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"{path}:{line_no} is invalid: not JSON ({err.msg} at column {err.colno}); expected one JSON "
+                        f"object per line with a string field {text_field!r}"
+                    ) from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise ValueError(
                         f"{path}:{line_no} is invalid: expected a JSON object with a string field {text_field!r}"

@@ -121,8 +121,9 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: Where tokenizers and token files are cached (``None``: :func:`default_cache_dir`).
 
     Raises:
-        ValueError: For invalid arguments (checked here), and from :meth:`prepare_data` for a missing or
-            empty corpus or a non-text file.
+        ValueError: For invalid arguments (checked here), from :meth:`prepare_data` for a missing or empty
+            corpus, a non-text file or a bad tokenizer file, and from :meth:`setup` for a corpus too small for
+            ``block_size`` or (when fitting) for one full training batch of ``batch_size``.
 
     Example::
 
@@ -221,9 +222,19 @@ class TextDataModule(L.LightningDataModule):
     # -- datasets -------------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the cached tokens and split the blocks into train and validation sets."""
-        if self.train_set is not None:
-            return
+        """Open the cached tokens and split the blocks into train and validation sets.
+
+        Raises:
+            ValueError: If the corpus makes fewer than 2 blocks, or, for ``stage`` ``"fit"`` (or ``None``), if the
+                training blocks fill no full batch (the training loader drops the last partial batch, so training
+                would run no step at all).
+        """
+        if self.train_set is None:
+            self._split()
+        if stage in (None, "fit"):
+            self._check_train_batches()
+
+    def _split(self) -> None:
         docs = self._documents()
         tokenizer_file, tokens_file = self._paths(docs)
         if not tokens_file.exists():
@@ -241,6 +252,18 @@ class TextDataModule(L.LightningDataModule):
         num_val = max(1, math.ceil(self.val_fraction * num_blocks))
         self.val_set = PackedBlocks(tokens_file, dtype, self.block_size, np.sort(order[:num_val]))
         self.train_set = PackedBlocks(tokens_file, dtype, self.block_size, order[num_val:])
+
+    def _check_train_batches(self) -> None:
+        num_train, num_val = len(self.train_set), len(self.val_set)
+        if num_train >= self.batch_size:
+            return
+        smaller_batch = f"batch_size <= {num_train}, " if num_train else ""
+        raise ValueError(
+            f"batch_size={self.batch_size} is invalid for this corpus: it makes only {num_train} training blocks of "
+            f"block_size={self.block_size} tokens (besides {num_val} validation blocks), fewer than one full "
+            "batch, and the training loader drops partial batches, so there would be no training batches; use "
+            f"{smaller_batch}a smaller block_size or val_fraction, or more text"
+        )
 
     @property
     def vocab_size(self) -> int:

@@ -49,8 +49,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a ``tokenizer.json``.
 
     Raises:
-        ValueError: If the file does not exist.
+        ValueError: If the file does not exist or is not a ``tokenizers`` JSON file.
     """
     if not Path(path).is_file():
         raise ValueError(f"tokenizer_path={str(path)!r} is invalid: no such file")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the tokenizers library raises a bare Exception ("Model missing", ...)
+        raise ValueError(
+            f"tokenizer_path={str(path)!r} is invalid: not a tokenizers JSON file such as Tokenizer.save() "
+            f"writes ({err})"
+        ) from None

@@ -80,6 +80,42 @@ def test_jsonl_records_with_a_text_field(tmp_path):
         list(read_documents([path]))
 
 
+def test_malformed_jsonl_line_names_the_file_and_its_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": TEXT}), "", json.dumps({"text": "ok"}), '{"text": "abc" "more"}']
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        ValueError,
+        match=r"docs\.jsonl:4 is invalid: not JSON \(Expecting ',' delimiter at column 16\); expected one JSON "
+        r"object per line with a string field 'text'",
+    ):
+        list(read_documents([path]))
+    path.write_text("\n".join(lines[:3]) + "\n")
+    assert list(read_documents([path])) == [TEXT, "ok"]
+
+
+def test_too_few_training_blocks_for_one_batch_fail_at_setup(corpus, tmp_path):
+    probe = _data(corpus, tmp_path, batch_size=1)
+    probe.setup("fit")
+    num_train = len(probe.train_set)
+    with pytest.raises(
+        ValueError,
+        match=rf"batch_size={num_train + 1} is invalid for this corpus: it makes only {num_train} training blocks of "
+        r"block_size=16 tokens \(besides \d+ validation blocks\), fewer than one full batch, .* use "
+        rf"batch_size <= {num_train}, a smaller block_size or val_fraction, or more text",
+    ):
+        _data(corpus, tmp_path, batch_size=num_train + 1).setup("fit")
+    # Validation alone needs no full training batch.
+    _data(corpus, tmp_path, batch_size=num_train + 1).setup("validate")
+    # Exactly one full batch still trains.
+    data = _data(corpus, tmp_path, batch_size=num_train)
+    data.setup("fit")
+    assert len(list(data.train_dataloader())) == 1
+    # A validation share that leaves no training block at all.
+    with pytest.raises(ValueError, match=r"only 0 training blocks .* use a smaller block_size or val_fraction"):
+        _data(corpus, tmp_path, val_fraction=0.999).setup()
+
+
 def test_max_bytes_caps_the_text(corpus):
     docs = list(read_documents([corpus / "a.txt", corpus / "b.txt"], max_bytes=100))
     assert sum(len(d.encode()) for d in docs) == 100
@@ -106,6 +142,10 @@ def test_errors_before_any_work(corpus, tmp_path):
         _data(corpus, tmp_path, sources=[str(tmp_path / "blob.bin")]).prepare_data()
     with pytest.raises(ValueError, match=r"tokenizer_path='.*missing.json' is invalid: no such file"):
         _data(corpus, tmp_path, tokenizer_path=str(tmp_path / "missing.json")).prepare_data()
+    (tmp_path / "not-a-tokenizer.json").write_text("{}")
+    bad_tokenizer = r"tokenizer_path='.*not-a-tokenizer\.json' is invalid: not a tokenizers JSON file .*Model missing"
+    with pytest.raises(ValueError, match=bad_tokenizer):
+        _data(corpus, tmp_path, tokenizer_path=str(tmp_path / "not-a-tokenizer.json")).prepare_data()
     with pytest.raises(ValueError, match=r"block_size=0 is invalid: must be >= 1"):
         _data(corpus, tmp_path, block_size=0)
     with pytest.raises(ValueError, match=r"sources=\[\] is invalid"):
