@@ -65,8 +65,8 @@ class ExpertSpecialization(Callback):
         top_n: Tokens listed per expert.
 
     Raises:
-        ValueError: If ``top_n < 1`` or ``layers`` is empty.
-        IndexError: At the first validation batch, if a layer index is out of range.
+        ValueError: If ``top_n < 1`` or ``layers`` is empty; and when fitting or validating starts (before the
+            first training step), if a layer index is out of range for the model's MoE layers.
 
     Example::
 
@@ -95,9 +95,26 @@ class ExpertSpecialization(Callback):
         selected = []
         for index in wanted:
             if not -num_layers <= index < num_layers:
-                raise IndexError(f"layers contains {index}, but the model has {num_layers} MoE layers")
+                valid = f"from {-num_layers} to {num_layers - 1}" if num_layers else "none: it has no MoE layer"
+                raise ValueError(
+                    f"layers={self.layers!r} is invalid: index {index} is out of range for the model's {num_layers} "
+                    f"MoE layers (valid indices: {valid})"
+                )
             selected.append(index % num_layers)
         return sorted(set(selected))
+
+    def _check_layers(self, pl_module: pl.LightningModule) -> None:
+        """Fail before any work if a requested layer index does not exist (``layers=None`` fits any model)."""
+        if self.layers is not None:
+            self._selected(len(moe_layers(pl_module)))
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_layers(pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_layers(pl_module)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

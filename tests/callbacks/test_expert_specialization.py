@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -6,6 +8,7 @@ from tokenizers.models import WordLevel
 
 from lightning_moe.callbacks import ExpertSpecialization
 from lightning_moe.callbacks.expert_specialization import TOKEN_CLASSES, token_class
+from lightning_moe.module import CausalLMModule
 from tests.callbacks._helpers import VOCAB, loader, read_events, tiny_mixtral, trainer
 
 E = 8
@@ -78,10 +81,43 @@ def test_sanity_check_is_not_reported_and_bad_layers_fail(tmp_path):
     )
     assert list(spec.results) == ["model.layers.0.ffn", "model.layers.1.ffn"]
     assert spec.results["model.layers.0.ffn"][0]["top_tokens"][0][0].startswith("<")  # no tokenizer: raw ids
-    with pytest.raises(IndexError, match="layers contains 5, but the model has 2 MoE layers"):
+    with pytest.raises(ValueError, match=r"layers=\[5\] is invalid: index 5 is out of range for the model's 2 MoE"):
         trainer(tmp_path, [ExpertSpecialization(layers=[5])], max_steps=1, limit_val_batches=1.0).validate(
             tiny_mixtral(), loader(1)
         )
+
+
+class TrainBatchCounter(Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches += 1
+
+
+@pytest.mark.parametrize("layers", [[5], [0, -3]])
+def test_bad_layer_index_fails_when_fit_starts_before_any_training_step(tmp_path, layers):
+    counter = TrainBatchCounter()
+    spec = ExpertSpecialization(layers=layers)
+    message = f"layers={layers!r} is invalid: index {layers[-1]} is out of range for the model's 2 MoE layers"
+    with pytest.raises(ValueError, match=re.escape(message + " (valid indices: from -2 to 1)")):
+        trainer(tmp_path, [spec, counter], max_steps=3, val_check_interval=3, limit_val_batches=1).fit(
+            tiny_mixtral(), loader(3), loader(1)
+        )
+    assert counter.batches == 0
+    # Every index in range (negative ones included) trains and reports.
+    spec = ExpertSpecialization(layers=[1, -2])
+    trainer(tmp_path, [spec], max_steps=1, limit_val_batches=1).fit(tiny_mixtral(), loader(1), loader(1))
+    assert list(spec.results) == ["model.layers.0.ffn", "model.layers.1.ffn"]
+
+
+def test_bad_layer_index_on_a_model_without_moe_layers(tmp_path):
+    dense = CausalLMModule(arch="mixtral-tiny-dense", overrides={"vocab_size": VOCAB, "dim": 32, "num_layers": 2})
+    with pytest.raises(ValueError, match=r"index 0 is out of range for the model's 0 MoE layers \(valid indices: none"):
+        trainer(tmp_path, [ExpertSpecialization(layers=[0])], max_steps=1).fit(dense, loader(1))
+    spec = ExpertSpecialization()  # the default (first and last) fits any model: nothing to report
+    trainer(tmp_path, [spec], max_steps=1, limit_val_batches=1).fit(dense, loader(1), loader(1))
+    assert spec.results == {}
 
 
 @pytest.mark.parametrize(
