@@ -807,6 +807,12 @@ def _family_of(cfg: ModelConfig) -> str:
         if not ok:
             raise UnsupportedConfigError(f"{field}={getattr(cfg, field)!r} cannot be exported to Hugging Face: {why}")
 
+    require(
+        cfg.dense is None,
+        "dense",
+        "a dense baseline has plain FFNs where every Hugging Face MoE family expects routers and experts; only "
+        "dense=None (the MoE model) can be exported",
+    )
     if isinstance(cfg, MixtralConfig):
         require(cfg.capacity_factor is None, "capacity_factor", "Mixtral is dropless")
         return "mixtral"
@@ -839,12 +845,32 @@ def _family_of(cfg: ModelConfig) -> str:
     raise UnsupportedConfigError(f"config of type {type(cfg).__name__} has no Hugging Face counterpart")
 
 
+_SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
+
+
+def _remove_stale_shards(out: Path) -> None:
+    """Delete a previous sharded checkpoint's index and shards, which readers would prefer to ``model.safetensors``.
+
+    Only ``model.safetensors.index.json`` and files named like Hugging Face's shards
+    (``model-00001-of-00003.safetensors``) are removed, as ``save_pretrained`` does; nothing else is touched.
+    """
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        index.unlink()
+    for path in out.glob("model-*-of-*.safetensors"):
+        if _SHARD_NAME.fullmatch(path.name) and path.is_file():
+            path.unlink()
+
+
 def to_hf(model: nn.Module, out_dir: str | os.PathLike, config: ModelConfig | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` that ``transformers`` loads into the same model.
 
     Args:
         model: Our zoo model (or a LightningModule holding it as ``.model`` with its ``.config``).
-        out_dir: Output directory (created).
+        out_dir: Output directory (created). Each file is written under a temporary name and renamed into
+            place; a sharded checkpoint already there (``model.safetensors.index.json`` and
+            ``model-*-of-*.safetensors`` shards) is then removed, as it would shadow the new single file. Other
+            files are left alone.
         config: The model's zoo config (default: ``model.zoo_config``, set by :func:`from_hf`, or
             ``model.config`` of a :class:`~lightning_moe.module.MoELanguageModule`).
 
@@ -852,7 +878,8 @@ def to_hf(model: nn.Module, out_dir: str | os.PathLike, config: ModelConfig | No
         ``out_dir``.
 
     Raises:
-        UnsupportedConfigError: If the config has no Hugging Face counterpart (the field is named).
+        UnsupportedConfigError: If the config has no Hugging Face counterpart (the field is named), e.g. a dense
+            baseline (``dense`` not ``None``).
     """
     from safetensors.torch import save_file
 
@@ -875,6 +902,10 @@ def to_hf(model: nn.Module, out_dir: str | os.PathLike, config: ModelConfig | No
             tensors[key] = tensor
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(_hf_config(config, family), indent=2) + "\n")
+    # Each file is written under a temporary name and renamed: an export that fails leaves the folder as it was.
+    save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
+    (out / "config.json.tmp").write_text(json.dumps(_hf_config(config, family), indent=2) + "\n")
+    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    os.replace(out / "config.json.tmp", out / "config.json")
+    _remove_stale_shards(out)
     return out

@@ -355,7 +355,44 @@ def test_directory_loads_without_transformers(shard, tmp_path):
     assert result.stdout.strip() == "ok"
 
 
+def test_export_replaces_a_sharded_checkpoint_in_the_same_directory(tmp_path):
+    hf_a = mixtral()
+    hf_a.save_pretrained(tmp_path, max_shard_size="20KB")  # model A: index + model-0000k-of-0000n shards
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(shards) > 1
+    unrelated = ["tokenizer.json", "model-notes.txt", "adapter.safetensors"]
+    for name in unrelated:
+        (tmp_path / name).write_text("keep me")
+    model_b = from_hf(mixtral())
+    with torch.no_grad():
+        for param in model_b.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    to_hf(model_b, tmp_path)
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert not any(path.exists() for path in shards)
+    assert all((tmp_path / name).read_text() == "keep me" for name in unrelated)
+    reloaded = from_hf(tmp_path)
+    _assert_same_logits(reloaded, model_b)  # B's weights, not the stale shards of A
+    with pytest.raises(AssertionError):
+        _assert_same_logits(reloaded, from_hf(hf_a))
+    _assert_same_logits(from_hf(to_hf(from_hf(hf_a), tmp_path)), from_hf(hf_a))  # a second export replaces B
+
+
 # ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    ("preset", "dense"),
+    [("mixtral-tiny-dense", "active"), ("qwen-moe-tiny-dense", "active"), ("deepseek-tiny-dense-total", "total")],
+)
+def test_dense_baseline_export_is_refused(preset, dense, tmp_path):
+    from lightning_moe import zoo
+
+    with pytest.raises(UnsupportedConfigError, match=rf"dense='{dense}' cannot be exported to Hugging Face: a dense"):
+        to_hf(zoo.build(preset), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    moe = zoo.build(preset.split("-dense")[0])
+    assert (to_hf(moe, tmp_path / "moe") / "model.safetensors").is_file()  # the MoE preset still exports
 
 
 def _edit_checkpoint(path: Path, edit) -> None:
