@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_moe.data import TextDataModule, unigram_entropy
 from lightning_moe.module import CausalLMModule, MoELanguageModule
@@ -64,10 +65,21 @@ class MoECLI(LightningCLI):
             self.config = self.parser.parse_object({"fit": {"model": model}}, self.config)
 
     def before_instantiate_classes(self) -> None:
-        """Give every ``ModelCheckpoint`` without a ``dirpath`` the run's folder (see the class docstring)."""
+        """Give every ``ModelCheckpoint`` without a ``dirpath`` the run's folder (see the class docstring).
+
+        Also warns when ``validate``, ``test`` or ``predict`` would run a freshly initialised model.
+        """
         if self.subcommand is None:
             return
-        trainer = self.config[self.subcommand].trainer
+        config = self.config[self.subcommand]
+        if self.subcommand != "fit" and not config.get("ckpt_path"):
+            init_args = getattr(config.model, "init_args", config.model)
+            if not getattr(init_args, "init_from", None):
+                rank_zero_warn(
+                    f"`{self.subcommand}` without --ckpt_path (or model.init_args.init_from) runs a freshly "
+                    "initialised model: pass the checkpoint of a fit run"
+                )
+        trainer = config.trainer
         logger = trainer.logger[0] if isinstance(trainer.logger, list) and trainer.logger else trainer.logger
         init_args = getattr(logger, "init_args", None)
         save_dir = getattr(init_args, "save_dir", None)

@@ -231,3 +231,9 @@ def test_generate_refuses_an_encoder_decoder_checkpoint(tmp_path, capsys):
     assert "last checkpoint" in capsys.readouterr().out and "generate:" not in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"it is a Seq2SeqLMModule \(encoder-decoder\) run"):
         generate_main(["--ckpt_path", cli.trainer.checkpoint_callback.last_model_path])
+
+
+def test_validate_without_a_checkpoint_warns_that_the_model_is_untrained(tmp_path):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    with pytest.warns(UserWarning, match=r"`validate` without --ckpt_path .* runs a freshly initialised model"):
+        run_cli(["validate", "--config", config, *_small(tmp_path), "--trainer.limit_val_batches", "1"])

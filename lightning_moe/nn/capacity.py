@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_moe.nn.config import DROP_PRIORITIES
+
 
 def expert_capacity(
     num_tokens: int | Tensor,
@@ -38,6 +40,12 @@ def expert_capacity(
     """
     if absolute is None and capacity_factor is None:
         return None
+    if capacity_factor is not None and not 0 < capacity_factor < math.inf:
+        raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: must be a finite number > 0, or None")
+    if absolute is not None and absolute < 1:
+        raise ValueError(f"absolute={absolute!r} is invalid: must be >= 1, or None")
+    if top_k < 1 or num_experts < 1:
+        raise ValueError(f"top_k={top_k} and num_experts={num_experts} are invalid: both must be >= 1")
     if isinstance(num_tokens, Tensor):
         tokens = num_tokens.to(torch.int64)
         if absolute is not None:
@@ -63,6 +71,8 @@ def priority_order(weights_N: Tensor, top_k: int | None, by: str) -> Tensor:
     Returns:
         Indices into the copies, highest priority first.
     """
+    if by not in DROP_PRIORITIES:
+        raise ValueError(f"by={by!r} is invalid: must be one of {', '.join(map(repr, DROP_PRIORITIES))}")
     num_copies = weights_N.shape[0]
     order_N = torch.arange(num_copies, device=weights_N.device)
     if top_k is not None:

@@ -317,5 +317,5 @@ class MoEConfig:
 
     @property
     def dropless(self) -> bool:
-        """Whether no token copy is ever dropped (no capacity set)."""
-        return self.capacity_factor is None and self.expert_capacity is None
+        """Whether no token copy is ever dropped, in training or in eval (no capacity set)."""
+        return self.capacity_factor is None and self.eval_capacity_factor is None and self.expert_capacity is None

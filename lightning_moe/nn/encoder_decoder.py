@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lightning_moe.nn.attention import Attention, attention_bias, sdpa
 from lightning_moe.nn.config import check_token_mask
 from lightning_moe.nn.moe import MoELayer, MoEStats
-from lightning_moe.nn.transformer import DecoderLayer, ModelOutput, check_targets, head_output
+from lightning_moe.nn.transformer import DecoderLayer, ModelOutput, check_targets, check_token_ids, head_output
 
 
 class CrossAttention(Attention):
@@ -214,6 +214,7 @@ class EncoderDecoderLM(nn.Module):
             check_token_mask(mask_name, mask)
             if ids.dim() != 2:
                 raise ValueError(f"{name}.shape={tuple(ids.shape)} is invalid: expected (B, length)")
+            check_token_ids(ids, self.embed.num_embeddings, name)
             if mask is not None and mask.shape != ids.shape:
                 raise ValueError(f"the mask of {name} has shape {tuple(mask.shape)}: expected {tuple(ids.shape)}")
         if decoder_input_ids.shape[0] != input_ids.shape[0]:

@@ -39,6 +39,22 @@ class ModelOutput:
     loss: Tensor | None = None
 
 
+def check_token_ids(input_ids: Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Raise a ``ValueError`` unless ``input_ids`` are integer ids in ``[0, vocab_size)``.
+
+    The range is checked on the CPU only: on a GPU it would wait for the device (the embedding's own index
+    check still fails there, less clearly).
+    """
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"{name}.dtype={input_ids.dtype} is invalid: expected integer token ids")
+    if input_ids.device.type == "cpu" and input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"{name} holds {low if low < 0 else high}, which is invalid: expected token ids in [0, {vocab_size})"
+            )
+
+
 def check_targets(targets: Tensor | None, input_ids: Tensor, name: str = "input_ids") -> None:
     """Raise a ``ValueError`` unless ``targets`` is ``None`` or has the shape of ``input_ids``."""
     if targets is not None and targets.shape != input_ids.shape:
@@ -189,6 +205,12 @@ class DecoderLM(nn.Module):
             raise ValueError(f"input_ids.shape={tuple(input_ids.shape)} is invalid: expected (B, T)")
         batch, seq = input_ids.shape
         past = cache.length if cache is not None else 0
+        check_token_ids(input_ids, self.embed.num_embeddings)
+        if past and cache.keys[0].shape[0] != batch:
+            raise ValueError(
+                f"input_ids.shape={tuple(input_ids.shape)} is invalid with this cache: it holds "
+                f"{cache.keys[0].shape[0]} sequences; start a new one (model.new_cache()) for another batch size"
+            )
         check_token_mask("attention_mask", attention_mask)
         if attention_mask is not None and attention_mask.shape != (batch, past + seq):
             raise ValueError(

@@ -64,3 +64,22 @@ def test_floating_token_masks_are_refused_everywhere_they_are_taken():
     y_int, stats = layer(torch.ones(1, 3, 8), tokens)
     y_bool, _ = layer(torch.ones(1, 3, 8), tokens.bool())
     assert torch.equal(y_int, y_bool) and int(stats.num_tokens) == 2 and y_int[0, 2].abs().sum() == 0
+
+
+def test_token_ids_outside_the_vocabulary_and_a_cache_of_another_batch_are_refused():
+    model = zoo.build("mixtral-tiny", num_layers=1).eval()
+    vocab = model.embed.num_embeddings
+    message = rf"input_ids holds {vocab}, which is invalid: expected token ids in \[0, {vocab}\)"
+    with pytest.raises(ValueError, match=message):
+        model(torch.tensor([[1, vocab]]))
+    with pytest.raises(ValueError, match=r"input_ids holds -1, which is invalid"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match=r"input_ids.dtype=torch.float32 is invalid: expected integer token ids"):
+        model(torch.zeros(1, 2))
+    switch = zoo.build("switch-tiny", num_layers=2)
+    with pytest.raises(ValueError, match=r"decoder_input_ids holds -1, which is invalid"):
+        switch(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[0, -1]]))
+    cache = model.new_cache()
+    model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"input_ids.shape=\(1, 1\) is invalid with this cache: it holds 2 sequences"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)

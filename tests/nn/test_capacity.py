@@ -244,3 +244,18 @@ def test_capacity_dropping_traces_without_graph_breaks():
         explanation = torch._dynamo.explain(keep_mask)(*args)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     torch._dynamo.reset()
+
+
+def test_capacity_helpers_refuse_bad_arguments():
+    import pytest
+
+    from lightning_moe.nn.capacity import priority_order
+
+    with pytest.raises(ValueError, match=r"by='weights' is invalid: must be one of 'position', 'weight'"):
+        priority_order(torch.rand(6), 2, "weights")
+    with pytest.raises(ValueError, match=r"capacity_factor=-1.0 is invalid: must be a finite number > 0"):
+        expert_capacity(10, 2, 4, -1.0)
+    with pytest.raises(ValueError, match=r"absolute=0 is invalid"):
+        expert_capacity(10, 2, 4, None, 0)
+    with pytest.raises(ValueError, match=r"top_k=2 and num_experts=0 are invalid"):
+        expert_capacity(10, 2, 0, 1.0)

@@ -163,6 +163,7 @@ def test_config_fields_take_ints_for_floats_and_none_where_optional():
     cfg = MoEConfig(dim=8, router=RouterConfig(routed_scaling_factor=2, init_std=0), capacity_factor=1)
     assert cfg.router.routed_scaling_factor == 2 and cfg.capacity_factor == 1
     assert MoEConfig(capacity_factor=None, expert_capacity=None).dropless
+    assert not MoEConfig(eval_capacity_factor=0.25).dropless  # drops in eval
 
 
 def test_other_configs_check_their_field_types_and_yarn_fields():
