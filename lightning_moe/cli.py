@@ -178,20 +178,26 @@ def generate_main(argv: Sequence[str]) -> str:
     return text
 
 
-def run_cli(argv: Sequence[str]) -> MoECLI:
-    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) and return the CLI."""
+def run_cli(argv: Sequence[str] | None) -> MoECLI:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) and return the CLI.
+
+    Args:
+        argv: The arguments after the program name; ``None`` reads the command line (``sys.argv``) itself, so
+            LightningCLI does not warn about arguments given twice.
+    """
     return MoECLI(
         MoELanguageModule,
         TextDataModule,
         subclass_mode_model=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
-        args=list(argv),
+        args=None if argv is None else list(argv),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-moe`` and ``python -m lightning_moe``."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "generate":
         generate_main(argv[1:])
@@ -204,4 +210,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         demo_main(argv[1:])
     else:
-        run_cli(argv)
+        run_cli(None if from_command_line else argv)

@@ -237,3 +237,13 @@ def test_validate_without_a_checkpoint_warns_that_the_model_is_untrained(tmp_pat
     config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
     with pytest.warns(UserWarning, match=r"`validate` without --ckpt_path .* runs a freshly initialised model"):
         run_cli(["validate", "--config", config, *_small(tmp_path), "--trainer.limit_val_batches", "1"])
+
+
+def test_the_console_entry_reads_the_command_line_itself(tmp_path, monkeypatch, recwarn):
+    # LightningCLI warns when it gets the arguments both from `args` and from sys.argv: the console entry
+    # leaves sys.argv to it.
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    argv = ["lightning-moe", "fit", "--config", config, *_small(tmp_path), "--trainer.fast_dev_run", "1"]
+    monkeypatch.setattr("sys.argv", argv)
+    main()
+    assert not [w for w in recwarn if "provide both args and command line arguments" in str(w.message)]

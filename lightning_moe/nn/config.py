@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -182,6 +183,14 @@ class RouterConfig:
         )
         _check(0.0 <= self.jitter_eps < 1.0, "jitter_eps", self.jitter_eps, "must be in [0, 1)")
         _check(self.init_std >= 0, "init_std", self.init_std, "must be >= 0")
+        if self.kind == "token_choice" and self.top_k == 1 and (self.softmax_after_topk or self.normalize_topk):
+            warnings.warn(
+                "RouterConfig(top_k=1) with softmax_after_topk or normalize_topk gives every token the weight 1: the "
+                "router then gets no gradient from the model's loss, only from the auxiliary losses (Switch's top-1 "
+                "weights by the softmax over all experts: leave both off)",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.kind == "expert_choice":
             _check(
                 self.n_group == 1 and not self.random_routing and not self.score_bias,

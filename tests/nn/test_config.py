@@ -182,3 +182,18 @@ def test_other_configs_check_their_field_types_and_yarn_fields():
     with pytest.raises(ValueError, match=r"theta=1.0 is invalid with scaling='yarn'"):
         RopeConfig(scaling="yarn", factor=4.0, theta=1.0)
     assert RopeConfig(theta=1.0).theta == 1.0  # without YaRN a base of 1 divides by nothing
+
+
+def test_top1_with_weights_normalised_to_one_warns_that_the_router_gets_no_task_gradient():
+    for flags in (dict(softmax_after_topk=True), dict(normalize_topk=True)):
+        with pytest.warns(UserWarning, match=r"top_k=1\) with softmax_after_topk or normalize_topk"):
+            router = RouterConfig(num_experts=4, top_k=1, **flags)
+        layer = MoELayer(MoEConfig(dim=8, router=router, experts=ExpertsConfig(hidden_dim=8)))
+        y, _ = layer(torch.randn(5, 8))
+        y.sum().backward()
+        assert torch.count_nonzero(layer.router.gate.weight.grad) == 0  # what the warning says
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RouterConfig(num_experts=4, top_k=1)  # Switch: softmax over all experts, no warning
