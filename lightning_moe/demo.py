@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="router training steps (default 60)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name in ("tokens", "steps"):  # the layer's own config checks the rest
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}={getattr(args, name)} is invalid: must be >= 1")
 
     torch.manual_seed(args.seed)
     config = MoEConfig(

@@ -1,5 +1,7 @@
 import re
 
+import pytest
+
 from lightning_moe.demo import main
 
 
@@ -11,3 +13,10 @@ def test_demo_prints_loads_and_balancing_lowers_the_loss(capsys):
     copies = [int(v) for v in re.findall(r"(\d+) copies", out)]
     assert len(copies) == 8 and sum(copies[:4]) == sum(copies[4:]) == 256 * 2
     assert "grouped" in out and "reference loop" in out
+
+
+def test_demo_arguments_name_the_field():
+    with pytest.raises(ValueError, match=r"tokens=-5 is invalid: must be >= 1"):
+        main(["--tokens", "-5"])
+    with pytest.raises(ValueError, match=r"num_experts=0 is invalid"):
+        main(["--experts", "0"])
