@@ -223,7 +223,16 @@ class MoELanguageModule(L.LightningModule):
         """Nothing to build lazily; ``ExpertParallelStrategy`` shards ``self.model`` after this hook."""
 
     def setup(self, stage: str) -> None:
-        """Check the data against the model before any work: vocabulary and block size."""
+        """Check the data against the model before any work: vocabulary and block size.
+
+        Also warns when fitting in ``16-true`` precision (float16 weights, no loss scaling).
+        """
+        if stage == "fit" and self._trainer is not None and str(self.trainer.precision) == "16-true":
+            rank_zero_warn(
+                "precision='16-true' trains float16 weights without loss scaling: small updates round away and "
+                "the loss can diverge (mixtral-tiny on the CPU: 7.05 -> 95.9 in 10 steps); use 'bf16-mixed', "
+                "'bf16-true' or '16-mixed'"
+            )
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if data is None or getattr(data, "tokenizer", None) is None:
             return

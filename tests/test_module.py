@@ -240,3 +240,18 @@ def test_mtp_loss_is_added_with_its_coefficient_and_trains_the_mtp_modules():
 def test_optimizer_and_loss_arguments_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CausalLMModule(arch="mixtral-tiny", **kwargs)
+
+
+def test_fitting_in_float16_without_loss_scaling_warns():
+    import lightning as L
+
+    module = CausalLMModule(arch="mixtral-tiny")
+    module.trainer = L.Trainer(precision="16-true", accelerator="cpu", logger=False, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match=r"precision='16-true' trains float16 weights without loss scaling"):
+        module.setup("fit")
+    module.trainer = L.Trainer(precision="bf16-mixed", accelerator="cpu", logger=False, enable_checkpointing=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        module.setup("fit")
