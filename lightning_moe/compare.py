@@ -35,6 +35,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_moe import zoo
 from lightning_moe.data import TextDataModule
 from lightning_moe.module import CausalLMModule
+from lightning_moe.nn.config import check_field_types
+from lightning_moe.nn.encoder_decoder import EncoderDecoderLM
 
 VARIANTS = {None: "moe", "active": "dense-equal-active", "total": "dense-equal-total"}
 
@@ -78,6 +80,11 @@ class CompareConfig:
     out_dir: str = "compare"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        for name, kind in (("dense", str), ("seeds", int)):
+            values = getattr(self, name)
+            if not isinstance(values, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"{name}={values!r} is invalid: expected a list of {kind.__name__}s")
         bad = [d for d in self.dense if d not in ("active", "total")]
         if bad:
             raise ValueError(f"dense={self.dense!r} is invalid: entries must be 'active' or 'total'")
@@ -85,9 +92,19 @@ class CompareConfig:
             raise ValueError("upcycle_steps > 0 is invalid without 'active' in dense: upcycling continues that model")
         if not self.seeds:
             raise ValueError("seeds=[] is invalid: give at least one seed")
-        for name in ("max_steps", "val_every", "val_batches", "block_size", "batch_size"):
+        for name in ("max_steps", "val_every", "val_batches", "block_size", "batch_size", "max_bytes", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
+        for name in ("warmup_steps", "upcycle_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr!r} is invalid: must be > 0")
+        if zoo.config(self.arch).dense is not None:  # an unknown preset raises here, with close matches
+            raise ValueError(f"arch={self.arch!r} is invalid: give the MoE preset, not a dense baseline")
+        with torch.device("meta"):  # nothing allocated
+            if isinstance(zoo.build(self.arch), EncoderDecoderLM):
+                raise ValueError(f"arch={self.arch!r} is invalid: compare trains decoder-only presets")
 
 
 class CurveRecorder(Callback):
@@ -250,9 +267,6 @@ def run(cfg: CompareConfig) -> dict[str, Path]:
     """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    arch_family_cfg = zoo.config(cfg.arch)
-    if arch_family_cfg.dense is not None:
-        raise ValueError(f"arch={cfg.arch!r} is invalid: give the MoE preset, not a dense baseline")
     variants = [None, *[d for d in ("active", "total") if d in cfg.dense]]
     labels = [VARIANTS[v] for v in variants]
     runs, upcycle_runs = [], []
@@ -325,6 +339,15 @@ def load_config(argv: Sequence[str]) -> CompareConfig:
         if unknown:
             raise ValueError(f"config={args.config!r} is invalid: unknown keys {sorted(unknown)}")
     values |= {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    for f in dataclasses.fields(CompareConfig):
+        value = values.get(f.name)
+        if f.type == "float" and isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                values[f.name] = float(value)
+            except ValueError:
+                pass  # CompareConfig names the field
+        elif f.type.startswith("list") and isinstance(value, (int, str)):  # --seeds 3: a list of one
+            values[f.name] = [value]
     return CompareConfig(**values)
 
 

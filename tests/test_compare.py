@@ -49,3 +49,26 @@ def test_compare_config_errors(tmp_path):
     bad.write_text("arch: mixtral-tiny\nsteps: 3\n")
     with pytest.raises(ValueError, match="unknown keys \\['steps'\\]"):
         load_config(["--config", str(bad)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--seeds", "[0.5]"], r"seeds=\[0.5\] is invalid: expected a list of ints"),
+        (["--max_steps", "abc"], r"max_steps='abc' is invalid: must be an int"),
+        (["--upcycle_steps", "-5"], r"upcycle_steps=-5 is invalid: must be >= 0"),
+        (["--lr", "0"], r"lr=0 is invalid: must be > 0"),
+        (["--lr", "fast"], r"lr='fast' is invalid: must be a finite number"),
+        (["--arch", "mixtral-tiny-dense"], r"arch='mixtral-tiny-dense' is invalid: give the MoE preset"),
+        (["--arch", "switch-tiny"], r"arch='switch-tiny' is invalid: compare trains decoder-only presets"),
+    ],
+)
+def test_compare_options_are_checked_before_any_run(tmp_path, argv, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(["--out_dir", str(tmp_path / "out"), *argv])
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_compare_reads_numbers_and_single_seeds_as_meant():
+    cfg = load_config(["--lr", "3e-3", "--seeds", "3", "--dense", "active"])  # YAML 1.1: 3e-3 is a string
+    assert cfg.lr == 3e-3 and cfg.seeds == [3] and cfg.dense == ["active"]
