@@ -28,10 +28,13 @@ the experts. Every rank reads its own slice of the global batch.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -339,6 +342,37 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         plugin = self.precision_plugin
         plugin.clip_grad_by_norm = lambda optimizer, clip_val: clip_grad_norm_(plugin.main_params(optimizer), clip_val)
 
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        """Save as ``ModelParallelStrategy`` does, a sharded checkpoint into a staging folder swapped in at the end.
+
+        Lightning writes the shards and the metadata straight into ``filepath``, so a save that fails or is
+        killed halfway leaves a folder mixing two steps (``last.ckpt`` is rewritten every time). Here every rank
+        writes into ``.<name>.tmp`` next to it; once all are done, rank 0 renames the previous checkpoint away,
+        the staging folder into its place, and deletes the previous one. A failed save leaves the previous
+        checkpoint as it was (and its staging folder, removed by the next save).
+        """
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        path = Path(self.broadcast(filepath))
+        staging = path.with_name(f".{path.name}.tmp")
+        if self.global_rank == 0:
+            _remove(staging)
+        self.barrier("staging")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("saved")
+        if self.global_rank == 0:
+            previous = path.with_name(f".{path.name}.old")
+            _remove(previous)
+            if path.exists() or path.is_symlink():
+                os.replace(path, previous)
+            os.replace(staging, path)
+            _remove(previous)
+        self.barrier("swapped")
+
     def parallelize(self, module: nn.Module) -> None:
         """Expert parallelism, activation checkpointing if asked, then FSDP2 on ``module.model``; idempotent.
 
@@ -360,6 +394,14 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             if self.activation_checkpointing:
                 apply_activation_checkpointing(target)
             apply_fsdp(target, world_mesh, self.expert_data_parallel_mesh, self.reshard_after_forward, mp_policy)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder at ``path`` if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 if ExpertParallelStrategy.strategy_name not in StrategyRegistry:

@@ -181,3 +181,42 @@ def _as_file(checkpoint: dict) -> io.BytesIO:
     torch.save(checkpoint, buffer)
     buffer.seek(0)
     return buffer
+
+
+def _save_with_a_failure_in_between(rank: int, world: int, ckpt: str) -> None:
+    import lightning.pytorch.strategies.model_parallel as model_parallel
+
+    module = _module(seed=0)
+    trainer = _trainer(world, ep=world, max_steps=1)
+    trainer.fit(module, train_dataloaders=_data(rank, world))
+    trainer.save_checkpoint(ckpt)
+    first = consolidate_checkpoint(ckpt) if rank == 0 else None
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(1.0)  # what a second save would write, distinguishable from the first
+    save = model_parallel._distributed_checkpoint_save
+
+    def save_then_fail(state: dict, path: Path) -> None:  # every rank writes its shard, then the disk is full
+        save(state, path)
+        raise OSError(28, "No space left on device (simulated)")
+
+    model_parallel._distributed_checkpoint_save = save_then_fail
+    with pytest.raises(OSError, match="simulated"):
+        trainer.save_checkpoint(ckpt)
+    model_parallel._distributed_checkpoint_save = save
+    trainer.strategy.barrier()
+    if rank == 0:  # the failed save left the previous checkpoint as it was
+        again = consolidate_checkpoint(ckpt)
+        assert all(torch.equal(again[name], first[name]) for name in first)
+    trainer.strategy.barrier()
+    trainer.save_checkpoint(ckpt)  # the next save replaces it and clears the failed one's staging folder
+    if rank == 0:
+        last = consolidate_checkpoint(ckpt)
+        name = "model.embed.weight"
+        torch.testing.assert_close(last[name], first[name] + 1.0)
+        assert sorted(p.name for p in Path(ckpt).parent.iterdir()) == [Path(ckpt).name]
+
+
+def test_a_failed_sharded_save_leaves_the_previous_checkpoint_intact(tmp_path: Path) -> None:
+    # Lightning writes a sharded checkpoint in place: a save that fails halfway left last.ckpt mixing two steps.
+    run_distributed(_save_with_a_failure_in_between, 2, str(tmp_path / "last.ckpt"))
