@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -23,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_moe.data import TextDataModule, unigram_entropy
 from lightning_moe.module import CausalLMModule, MoELanguageModule
+from lightning_moe.strategies.checkpoint import METADATA_FILE
 
 # Model arguments that define the network. `fit --ckpt_path FILE` takes these from the checkpoint (the weights
 # must fit them) and everything else (learning rate, schedule, loss coefficients, ...) from this run's settings.
@@ -54,11 +56,18 @@ class MoECLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if subcommand != "fit" or not (ckpt_path and Path(ckpt_path).is_file()):
+        # A sharded checkpoint (a folder, written by ExpertParallelStrategy) keeps its hyperparameters in meta.pt.
+        meta = Path(ckpt_path) / METADATA_FILE if ckpt_path and Path(ckpt_path).is_dir() else None
+        if meta is not None and meta.is_file():
+            _check_sharded_checkpoint_strategy(ckpt_path, self.config[subcommand].trainer.strategy)
+        elif subcommand != "fit" or not (ckpt_path and Path(ckpt_path).is_file()):
             super()._parse_ckpt_path()
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-        model = {key: hparams[key] for key in ARCHITECTURE_ARGS if key in hparams}
+        source = meta if meta is not None else ckpt_path
+        hparams = torch.load(source, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        keys = ARCHITECTURE_ARGS if subcommand == "fit" else [key for key in hparams if key != "_class_path"]
+        model = {key: hparams[key] for key in keys if key in hparams}
         if "_class_path" in hparams:
             model = {"class_path": hparams["_class_path"], "init_args": model}
         if model:
@@ -115,6 +124,26 @@ class MoECLI(LightningCLI):
                 )
         lines.append("=" * 72)
         print("\n".join(lines))
+
+
+def _check_sharded_checkpoint_strategy(ckpt_path: str, strategy: Any) -> None:
+    """Raise unless ``strategy`` (a trainer config value) can read the sharded checkpoint at ``ckpt_path``."""
+    from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+
+    if isinstance(strategy, str):
+        cls = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
+    elif isinstance(strategy, ModelParallelStrategy):
+        return
+    else:
+        class_path = getattr(strategy, "class_path", "")
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+    if not (isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)):
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r} is invalid with trainer.strategy={strategy!r}: it is a sharded checkpoint (a "
+            "folder written by ExpertParallelStrategy); read it with that strategy (--config "
+            "configs/expert-parallel.yaml) or convert it into one file with lightning_moe.strategies.full_checkpoint"
+        )
 
 
 def _is_checkpoint(class_path: str) -> bool:

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_moe.callbacks._utils import (
@@ -115,6 +116,14 @@ class ExpertCollapseDetector(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        layers = moe_layers(pl_module)
+        if not layers:
+            rank_zero_warn("ExpertCollapseDetector: the model has no MoE layer; nothing to watch")
+        if self.action == "revive" and any(isinstance(layer.experts.w1, DTensor) for _, layer in layers):
+            raise ValueError(
+                "action='revive' is invalid with sharded experts (ExpertParallelStrategy): reviving copies whole "
+                "expert weights between ranks' shards, which is not supported; use 'warn' or 'stop'"
+            )
         self._steps.start(trainer)  # windows close when the step count moves on from here
 
     @override

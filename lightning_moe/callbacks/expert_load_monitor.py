@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -119,6 +120,8 @@ class ExpertLoadMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not moe_layers(pl_module):
+            rank_zero_warn("ExpertLoadMonitor: the model has no MoE layer; nothing to log")
         self._steps.start(trainer)  # windows close when the step count moves on from here
 
     @override

@@ -41,6 +41,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
@@ -385,6 +386,11 @@ class ExpertParallelStrategy(ModelParallelStrategy):
                 param_dtype=_DTYPES.get(self.param_dtype or ""), reduce_dtype=_DTYPES.get(self.reduce_dtype or "")
             )
         world_mesh = self.device_mesh._flatten("world")
+        if self.expert_parallel_mesh.size() > 1 and not any(moe_layers(target) for target in targets):
+            rank_zero_warn(
+                f"expert_parallel_size={self.expert_parallel_mesh.size()} has no effect: the model has no MoE layer "
+                "(a dense model trains with plain FSDP2 here)"
+            )
         for target in targets:
             if isinstance(target, FSDPModule) or not any(True for _ in target.parameters()):
                 continue

@@ -106,3 +106,14 @@ def test_state_survives_a_checkpoint_round_trip(tmp_path):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ExpertCollapseDetector(**kwargs)
+
+
+def test_watching_a_model_without_moe_layers_warns(tmp_path):
+    from lightning_moe.callbacks import ExpertLoadMonitor
+
+    dense = tiny_mixtral(dense="active")
+    with pytest.warns(UserWarning) as record:
+        trainer(tmp_path, [ExpertCollapseDetector(), ExpertLoadMonitor()], max_steps=1).fit(dense, loader(1))
+    messages = [str(w.message) for w in record]
+    assert any("ExpertCollapseDetector: the model has no MoE layer" in m for m in messages)
+    assert any("ExpertLoadMonitor: the model has no MoE layer" in m for m in messages)

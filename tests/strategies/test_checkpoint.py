@@ -220,3 +220,44 @@ def _save_with_a_failure_in_between(rank: int, world: int, ckpt: str) -> None:
 def test_a_failed_sharded_save_leaves_the_previous_checkpoint_intact(tmp_path: Path) -> None:
     # Lightning writes a sharded checkpoint in place: a save that fails halfway left last.ckpt mixing two steps.
     run_distributed(_save_with_a_failure_in_between, 2, str(tmp_path / "last.ckpt"))
+
+
+def _revive_and_dense_under_expert_parallelism(rank: int, world: int) -> None:
+    import contextlib
+
+    from lightning_moe.callbacks import ExpertCollapseDetector
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=ExpertParallelStrategy(expert_parallel_size=world),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[ExpertCollapseDetector(action="revive")],
+    )
+    with pytest.raises(ValueError, match=r"action='revive' is invalid with sharded experts"):
+        trainer.fit(_module(seed=0), train_dataloaders=_data(rank, world))
+    dense = CausalLMModule(arch=ARCH, overrides={**OVERRIDES, "dense": "active"}, lr=1e-2, warmup_steps=0)
+    warns = pytest.warns(UserWarning, match=r"expert_parallel_size=2 has no effect: the model has no MoE layer")
+    with warns if rank == 0 else contextlib.nullcontext():  # rank_zero_warn
+        _trainer(world, ep=world, max_steps=1).fit(dense, train_dataloaders=_data(rank, world))
+
+
+def test_revive_is_refused_and_a_dense_model_warns_under_expert_parallelism() -> None:
+    run_distributed(_revive_and_dense_under_expert_parallelism, 2)
+
+
+def test_a_sharded_checkpoint_with_a_single_device_strategy_is_refused_up_front(
+    saved_at_ep2: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_moe.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[2] / "configs/mixtral-tiny.yaml")
+    for subcommand in ("fit", "validate"):
+        with pytest.raises(ValueError, match=r"is invalid with trainer.strategy='auto': it is a sharded checkpoint"):
+            run_cli([subcommand, "--config", config, "--ckpt_path", str(saved_at_ep2[0])])
