@@ -68,10 +68,11 @@ class MoECLI(LightningCLI):
         hparams.pop("_instantiator", None)
         keys = ARCHITECTURE_ARGS if subcommand == "fit" else [key for key in hparams if key != "_class_path"]
         model = {key: hparams[key] for key in keys if key in hparams}
-        if "_class_path" in hparams:
-            model = {"class_path": hparams["_class_path"], "init_args": model}
+        # Without a class path (a checkpoint saved outside this CLI) the configured module class stays.
+        class_path = hparams.get("_class_path") or getattr(self.config[subcommand].model, "class_path", None)
         if model:
-            self.config = self.parser.parse_object({"fit": {"model": model}}, self.config)
+            model = {"class_path": class_path, "init_args": model} if class_path else model
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         """Give every ``ModelCheckpoint`` without a ``dirpath`` the run's folder (see the class docstring).
@@ -135,9 +136,7 @@ def _check_sharded_checkpoint_strategy(ckpt_path: str, strategy: Any) -> None:
     elif isinstance(strategy, ModelParallelStrategy):
         return
     else:
-        class_path = getattr(strategy, "class_path", "")
-        module, _, name = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name, None) if module else None
+        cls = _import_class(getattr(strategy, "class_path", ""))
     if not (isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)):
         raise ValueError(
             f"ckpt_path={ckpt_path!r} is invalid with trainer.strategy={strategy!r}: it is a sharded checkpoint (a "
@@ -146,11 +145,17 @@ def _check_sharded_checkpoint_strategy(ckpt_path: str, strategy: Any) -> None:
         )
 
 
-def _is_checkpoint(class_path: str) -> bool:
-    """Whether ``class_path`` names a ``ModelCheckpoint`` (or a subclass)."""
+def _import_class(class_path: str) -> type | None:
+    """The class a config's ``class_path`` names (``None`` if it names none)."""
     module, _, name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module), name, None) if module else None
-    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
+    return cls if isinstance(cls, type) else None
+
+
+def _is_checkpoint(class_path: str) -> bool:
+    """Whether ``class_path`` names a ``ModelCheckpoint`` (or a subclass)."""
+    cls = _import_class(class_path)
+    return cls is not None and issubclass(cls, ModelCheckpoint)
 
 
 def generate_main(argv: Sequence[str]) -> str:

@@ -261,3 +261,27 @@ def test_a_sharded_checkpoint_with_a_single_device_strategy_is_refused_up_front(
     for subcommand in ("fit", "validate"):
         with pytest.raises(ValueError, match=r"is invalid with trainer.strategy='auto': it is a sharded checkpoint"):
             run_cli([subcommand, "--config", config, "--ckpt_path", str(saved_at_ep2[0])])
+
+
+def _validate_through_the_cli(rank: int, world: int, ckpt: str, cache: str) -> None:
+    import os
+
+    from lightning_moe.cli import run_cli
+
+    os.environ["LIGHTNING_MOE_CACHE"] = cache
+    os.chdir(Path(ckpt).parent)
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    args = ["validate", "--config", str(configs / "mixtral-tiny.yaml"), "--config",
+            str(configs / "expert-parallel.yaml"), "--ckpt_path", ckpt, "--data.max_bytes", "100000",
+            "--data.block_size", "16"]  # fmt: skip
+    # The model comes from the folder's meta.pt (vocab_size 64), not from the config (1024): the data's tokenizer
+    # is then too large for it, which setup says before any work.
+    with pytest.raises(ValueError, match=r"the model's vocab_size=64 \(mixtral-tiny\)"):
+        run_cli(args)
+
+
+def test_validate_reads_the_architecture_of_a_sharded_checkpoint(
+    saved_at_ep2: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    cache = str(tmp_path_factory.getbasetemp() / "lightning-moe-cache")
+    run_distributed(_validate_through_the_cli, 2, str(saved_at_ep2[0]), cache)
