@@ -48,7 +48,7 @@ def _logits(module: CausalLMModule) -> torch.Tensor:
     return module(_probe()).logits
 
 
-def _trainer(world: int, ep: int, max_steps: int) -> pl.Trainer:
+def _trainer(world: int, ep: int, max_steps: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=world,
@@ -59,6 +59,7 @@ def _trainer(world: int, ep: int, max_steps: int) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
+        callbacks=callbacks,
     )
 
 
@@ -227,18 +228,7 @@ def _revive_and_dense_under_expert_parallelism(rank: int, world: int) -> None:
 
     from lightning_moe.callbacks import ExpertCollapseDetector
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=ExpertParallelStrategy(expert_parallel_size=world),
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[ExpertCollapseDetector(action="revive")],
-    )
+    trainer = _trainer(world, ep=world, max_steps=1, callbacks=[ExpertCollapseDetector(action="revive")])
     with pytest.raises(ValueError, match=r"action='revive' is invalid with sharded experts"):
         trainer.fit(_module(seed=0), train_dataloaders=_data(rank, world))
     dense = CausalLMModule(arch=ARCH, overrides={**OVERRIDES, "dense": "active"}, lr=1e-2, warmup_steps=0)
