@@ -9,7 +9,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
-from lightning_moe.module import CausalLMModule
+from lightning_moe.callbacks import LoadBalancingBias
+from lightning_moe.data.span_corruption import span_corruption
+from lightning_moe.module import CausalLMModule, Seq2SeqLMModule
+from lightning_moe.nn.losses import bias_update
+from lightning_moe.nn.moe import MoELayer
 from lightning_moe.strategies import AllToAllDispatcher, ExpertParallelStrategy
 from tests.strategies._distributed import run_distributed
 
@@ -33,7 +37,14 @@ OVERRIDES = {
         "num_experts": 4,
     },
     "deepseek-tiny": {"vocab_size": 64, "num_layers": 2, "num_experts": 8},
-}
+    # Random routing draws its second expert per rank, so it cannot match one process draw for draw.
+    "glam-tiny": {"vocab_size": 64, "dim": 32, "num_heads": 2, "ffn_hidden": 32, "num_experts": 4,
+                  "random_routing": False},
+    # Capacity counted on each rank's tokens drops other copies than one process would: dropless. Router
+    # jitter draws per rank too.
+    "switch-tiny": {"vocab_size": 64, "dim": 32, "num_heads": 2, "head_dim": 16, "ffn_hidden": 32,
+                    "num_experts": 4, "capacity_factor": None, "router_jitter": 0.0},
+}  # fmt: skip
 VOCAB = 64
 ROWS_PER_RANK, SEQ = 2, 17
 
@@ -45,24 +56,42 @@ class _SGDModule(CausalLMModule):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
+class _Seq2SeqSGDModule(Seq2SeqLMModule):
+    """SGD with lr 1, and span corruption seeded by each row's content, so a row is corrupted the same way
+    on whichever rank it lands (the module's own corruption draws from each process's global generator)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def _loss(self, batch: torch.Tensor, generator: torch.Generator | None = None):
+        pairs = [span_corruption(row[None], self.config.vocab_size - 1, generator=torch.Generator().manual_seed(
+            int(row.sum()))) for row in batch]  # fmt: skip
+        inputs, targets = (torch.cat(parts) for parts in zip(*pairs, strict=True))
+        start = torch.full_like(targets[:, :1], self.decoder_start_id)
+        out = self.model(inputs, torch.cat([start, targets[:, :-1]], dim=1), targets=targets)
+        return out.loss, out.router_stats, targets.numel()
+
+
 class _LossCapture(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.loss = outputs["loss"].detach().clone()
 
 
-def _module(arch: str) -> _SGDModule:
+def _module(arch: str) -> _SGDModule | _Seq2SeqSGDModule:
     # The strategy sums the expert counts over ranks for the load-balancing loss, so the per-rank losses
     # average to the global batch's loss: a large coefficient makes any mismatch visible.
     torch.manual_seed(0)
-    return _SGDModule(arch=arch, overrides=OVERRIDES[arch], load_balance_coef=0.5, z_loss_coef=1e-3)
+    cls = _Seq2SeqSGDModule if arch.startswith("switch") else _SGDModule
+    return cls(arch=arch, overrides=OVERRIDES[arch], load_balance_coef=0.5, z_loss_coef=1e-3)
 
 
 def _reference_step(
     arch: str, batch: torch.Tensor, bf16: bool = False, clip: float | None = None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[float]]:
     ref = _module(arch)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        ce, _, stats, _ = ref._loss(batch)
+        out = ref._loss(batch)
+        ce, stats = out[0], out[-2]
         aux, _ = ref.aux_loss(stats)
     loss = ce + aux
     loss.backward()
@@ -72,7 +101,8 @@ def _reference_step(
         for p in ref.parameters():
             if p.grad is not None:
                 p -= p.grad
-    return loss.detach(), {name: p.detach() for name, p in ref.model.named_parameters()}
+    counts = [float(layer.tokens_per_expert.sum()) for layer in ref.modules() if isinstance(layer, MoELayer)]
+    return loss.detach(), {name: p.detach() for name, p in ref.model.named_parameters()}, counts
 
 
 def _one_step_matches_single_process(
@@ -85,7 +115,7 @@ def _one_step_matches_single_process(
     clip: float | None = None,
 ) -> None:
     batch = torch.randint(0, VOCAB, (world * ROWS_PER_RANK, SEQ), generator=torch.Generator().manual_seed(5))
-    ref_loss, ref_params = _reference_step(arch, batch, bf16, clip)
+    ref_loss, ref_params, ref_counts = _reference_step(arch, batch, bf16, clip)
     # bf16-mixed: the same autocast math, summed in another order over the ranks (bf16 rounding).
     tol = 2e-3 if bf16 else 1e-5
 
@@ -108,7 +138,7 @@ def _one_step_matches_single_process(
     local = batch[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
     trainer.fit(module, train_dataloaders=DataLoader(local, batch_size=ROWS_PER_RANK))
 
-    layers = [m for m in module.modules() if hasattr(m, "dispatcher")]
+    layers = [m for m in module.modules() if isinstance(m, MoELayer)]
     assert layers and all(isinstance(m.dispatcher, AllToAllDispatcher) for m in layers)
     w1 = layers[0].experts.w1
     assert isinstance(w1, DTensor) and w1.to_local().shape[0] == OVERRIDES[arch]["num_experts"] // world
@@ -122,15 +152,22 @@ def _one_step_matches_single_process(
         torch.testing.assert_close(
             full.detach(), ref_params[name], atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}"
         )
-    # Every layer counted this rank's tokens once, recomputed forwards included.
-    top_k = layers[0].config.router.top_k
-    for layer in layers:
-        assert float(layer.tokens_per_expert.sum()) == ROWS_PER_RANK * (SEQ - 1) * top_k
+    # Every layer counted this rank's tokens once (its share of the global batch's), recomputed forwards included.
+    assert len(layers) == len(ref_counts)
+    for layer, count in zip(layers, ref_counts, strict=True):
+        assert float(layer.tokens_per_expert.sum()) == count / world
 
 
 @pytest.mark.parametrize(
     ("arch", "world", "ep"),
-    [("mixtral-tiny", 2, 2), ("mixtral-tiny", 4, 2), ("qwen-moe-tiny", 2, 2), ("deepseek-tiny", 2, 2)],
+    [
+        ("mixtral-tiny", 2, 2),
+        ("mixtral-tiny", 4, 2),
+        ("qwen-moe-tiny", 2, 2),
+        ("deepseek-tiny", 2, 2),
+        ("glam-tiny", 2, 2),
+        ("switch-tiny", 2, 2),
+    ],
 )
 def test_one_training_step_matches_single_process(arch: str, world: int, ep: int) -> None:
     run_distributed(_one_step_matches_single_process, world, ep, arch)
@@ -150,3 +187,75 @@ def test_one_training_step_with_gradient_clipping_matches_single_process(world: 
     # The expert weights' gradients live on the (data, expert) mesh, the others on the flat FSDP mesh: the
     # total norm spans both (torch's clip_grad_norm_ cannot stack norms from two meshes).
     run_distributed(_one_step_matches_single_process, world, 2, "mixtral-tiny", False, bf16, 0.05)
+
+
+class _LoadRecorder(pl.Callback):
+    """Keeps each bias layer's rank-local load as the step saw it, before LoadBalancingBias sums it over ranks."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.local_loads = [layer.tokens_per_expert.clone() for layer in _bias_layers(pl_module)]
+
+
+def _bias_layers(module: torch.nn.Module) -> list[MoELayer]:
+    return [m for m in module.modules() if isinstance(m, MoELayer) and m.router.score_bias is not None]
+
+
+def _bias_steps_match_single_process(rank: int, world: int, gamma: float) -> None:
+    steps = 2
+    batches = torch.randint(0, VOCAB, (steps, world * ROWS_PER_RANK, SEQ), generator=torch.Generator().manual_seed(7))
+    # One process: step on the global batch, update the biases from its loads, apply SGD; twice.
+    ref = _module("deepseek-tiny")
+    ref_biases = []
+    for batch in batches:
+        ce, _, stats, _ = ref._loss(batch)
+        (ce + ref.aux_loss(stats)[0]).backward()
+        for layer in _bias_layers(ref):
+            layer.update_bias(gamma)
+        ref_biases.append([layer.router.score_bias.clone() for layer in _bias_layers(ref)])
+        with torch.no_grad():
+            for p in ref.parameters():
+                if p.grad is not None:
+                    p -= p.grad
+                    p.grad = None
+
+    module = _module("deepseek-tiny")
+    recorder = _LoadRecorder()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=ExpertParallelStrategy(expert_parallel_size=world),
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[recorder, LoadBalancingBias(gamma=gamma)],
+    )
+    local = batches[:, rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK].reshape(-1, SEQ)
+    trainer.fit(module, train_dataloaders=DataLoader(local, batch_size=ROWS_PER_RANK))
+
+    layers = _bias_layers(module)
+    assert layers
+    for layer, expected in zip(layers, ref_biases[-1], strict=True):
+        torch.testing.assert_close(layer.router.score_bias, expected, atol=1e-6, rtol=0)
+    # The second step routed with the updated biases, so its parameters only match if the biases did.
+    for name, param in module.model.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        torch.testing.assert_close(
+            full.detach(), dict(ref.model.named_parameters())[name].detach(), atol=1e-5, rtol=1e-5,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )  # fmt: skip
+    # The test has teeth: an update from this rank's own load alone would give other biases.
+    local_only = [
+        bias_update(before, load, gamma) for before, load in zip(ref_biases[0], recorder.local_loads, strict=True)
+    ]
+    differs = torch.tensor(float(any(not torch.equal(a, b) for a, b in zip(local_only, ref_biases[-1], strict=True))))
+    dist.all_reduce(differs)
+    assert differs > 0
+
+
+def test_load_balancing_bias_under_expert_parallelism_matches_single_process() -> None:
+    # LoadBalancingBias sums the loads over the ranks before updating, so every rank applies the bias one
+    # process would from the global batch; the second step routes with it.
+    run_distributed(_bias_steps_match_single_process, 2, 0.01)
