@@ -3,7 +3,12 @@
 Importing it registers ``"expert_parallel"`` in Lightning's ``StrategyRegistry``.
 """
 
-from lightning_moe.strategies.checkpoint import consolidate_checkpoint, full_checkpoint, load_distributed_checkpoint
+from lightning_moe.strategies.checkpoint import (
+    consolidate_checkpoint,
+    full_checkpoint,
+    load_distributed_checkpoint,
+    optimizer_state_by_name,
+)
 from lightning_moe.strategies.dispatch import AllToAllDispatcher
 from lightning_moe.strategies.expert_parallel import (
     ExpertParallelStrategy,
@@ -25,4 +30,5 @@ __all__ = [
     "full_checkpoint",
     "load_distributed_checkpoint",
     "moe_layers",
+    "optimizer_state_by_name",
 ]

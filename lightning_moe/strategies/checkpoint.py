@@ -107,3 +107,48 @@ def full_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     meta = torch.load(path / METADATA_FILE, map_location="cpu", weights_only=False)
     return {**meta, STATE_DICT_KEY: state_dict}
+
+
+def optimizer_state_by_name(
+    saved: dict[str, Any], optimizer: torch.optim.Optimizer, module: nn.Module
+) -> dict[str, Any]:
+    """Key a position-keyed optimizer state dict (``Optimizer.state_dict()``) by parameter name.
+
+    Position ``i`` of the saved ``param_groups`` is matched to the parameter at the same place in ``optimizer``'s
+    groups (built the same way from the same architecture), named as in ``module`` without wrapper prefixes.
+    A state already keyed by name is returned as it is.
+
+    Raises:
+        ValueError: If the groups differ in number or size, or a saved state tensor has another shape than the
+            parameter it is matched to (the checkpoint comes from another architecture or optimizer setup).
+    """
+    state, saved_groups = saved["state"], saved["param_groups"]
+    if not all(isinstance(key, int) for key in state):
+        return saved
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    saved_sizes = [len(group["params"]) for group in saved_groups]
+    if sizes != saved_sizes:
+        raise ValueError(
+            f"the checkpoint's optimizer has parameter groups of sizes {saved_sizes} and this run's {sizes}: "
+            "they must match"
+        )
+    names = {id(param): _clean_name(name) for name, param in module.named_parameters()}
+    name_at: dict[int, str] = {}
+    for group, saved_group in zip(optimizer.param_groups, saved_groups, strict=True):
+        for param, position in zip(group["params"], saved_group["params"], strict=True):
+            name = name_at[position] = names[id(param)]
+            for field, value in state.get(position, {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(
+                        f"optimizer state {field!r} of {name} has shape {tuple(value.shape)} in the checkpoint, but "
+                        f"the parameter's is {tuple(param.shape)}"
+                    )
+    return {
+        "state": {name_at[position]: value for position, value in state.items()},
+        "param_groups": [{**group, "params": [name_at[p] for p in group["params"]]} for group in saved_groups],
+    }
+
+
+def _clean_name(name: str) -> str:
+    """A parameter name without the wrappers' prefixes (as ``torch.distributed.checkpoint`` names it)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")

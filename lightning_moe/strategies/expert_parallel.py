@@ -50,6 +50,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from typing_extensions import override
 
 from lightning_moe.nn.moe import MoELayer
+from lightning_moe.strategies.checkpoint import optimizer_state_by_name
 from lightning_moe.strategies.dispatch import AllToAllDispatcher, ExpertParallelExperts
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -373,6 +374,37 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             os.replace(staging, path)
             _remove(previous)
         self.barrier("swapped")
+
+    @override
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a sharded checkpoint folder as ``ModelParallelStrategy`` does, or a single-device checkpoint file.
+
+        A file's weights are spread onto the shards as Lightning does. Its optimizer state is keyed by parameter
+        position, which Lightning matches to the module's parameters in order; that is wrong for any optimizer
+        with several parameter groups (``CausalLMModule``'s AdamW has two), and loading failed with a size
+        mismatch. Here the positions are matched to names group by group, through this run's optimizer.
+        """
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_file():
+            return super().load_checkpoint(path, weights_only)
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        assert self.lightning_module is not None and self.model is not None
+        strict = self.lightning_module.strict_loading
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        _load_raw_module_state(checkpoint.pop("state_dict"), self.model, strict=strict)
+        options = StateDictOptions(broadcast_from_rank0=True, full_state_dict=True, strict=strict)
+        saved_states = checkpoint.get("optimizer_states", [])
+        if self.optimizers and len(saved_states) != len(self.optimizers):
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds {len(saved_states)} optimizer states, but this run has "
+                f"{len(self.optimizers)} optimizers"
+            )
+        for optimizer, saved in zip(self.optimizers, saved_states, strict=False):
+            by_name = optimizer_state_by_name(saved, optimizer, self.model)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=by_name, options=options)
+        return checkpoint
 
     def parallelize(self, module: nn.Module) -> None:
         """Expert parallelism, activation checkpointing if asked, then FSDP2 on ``module.model``; idempotent.

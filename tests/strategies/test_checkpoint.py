@@ -275,3 +275,54 @@ def test_validate_reads_the_architecture_of_a_sharded_checkpoint(
 ) -> None:
     cache = str(tmp_path_factory.getbasetemp() / "lightning-moe-cache")
     run_distributed(_validate_through_the_cli, 2, str(saved_at_ep2[0]), cache)
+
+
+def _global_batches(world: int) -> torch.Tensor:
+    """Two global batches of ``world * ROWS_PER_RANK`` rows: ``(2, world * ROWS_PER_RANK, SEQ)``."""
+    shape = (2, world * ROWS_PER_RANK, SEQ)
+    return torch.randint(0, OVERRIDES["vocab_size"], shape, generator=torch.Generator().manual_seed(3))
+
+
+def _file_data(rank: int, world: int) -> DataLoader:
+    """This rank's share of each global batch, one batch each, in order."""
+    rows = _global_batches(world)[:, rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
+    return DataLoader(rows.reshape(-1, SEQ), batch_size=ROWS_PER_RANK)
+
+
+def _resume_file_under_expert_parallelism(rank: int, world: int, ckpt: str, expected_file: str) -> None:
+    module = _module(seed=1)  # different weights: everything must come from the checkpoint
+    trainer = _trainer(world, ep=world, max_steps=3)
+    trainer.fit(module, train_dataloaders=_file_data(rank, world), ckpt_path=ckpt)
+    assert trainer.global_step == 3
+    assert isinstance(module.model.layers[0].ffn.experts.w1, DTensor)
+    expected = torch.load(expected_file)
+    for name, param in module.model.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        torch.testing.assert_close(
+            full.detach(), expected[name], atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_a_single_device_checkpoint_file_resumes_under_expert_parallelism(tmp_path: Path) -> None:
+    # Two AdamW steps on one device, saved as one file; the third step taken on one device from that file, and
+    # at EP=2 from the same file, gives the same weights: the AdamW moments (two parameter groups, keyed by
+    # position in the file) reach the right experts' and layers' shards.
+    world = 2
+
+    def single_device(max_steps: int) -> pl.Trainer:
+        return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+
+    data = DataLoader(_global_batches(world).reshape(-1, SEQ), batch_size=world * ROWS_PER_RANK)
+    module = _module(seed=0)
+    trainer = single_device(2)
+    trainer.fit(module, train_dataloaders=data)
+    ckpt = tmp_path / "single.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert len(torch.load(ckpt, weights_only=False)["optimizer_states"][0]["param_groups"]) == 2
+
+    resumed = _module(seed=1)
+    single_device(3).fit(resumed, train_dataloaders=data, ckpt_path=ckpt)
+    expected = tmp_path / "expected.pt"
+    torch.save({name: p.detach() for name, p in resumed.model.named_parameters()}, expected)
+    run_distributed(_resume_file_under_expert_parallelism, world, str(ckpt), str(expected))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_moe.strategies import ExpertParallelStrategy
+from lightning_moe.strategies import ExpertParallelStrategy, optimizer_state_by_name
 
 
 def test_strategy_is_registered_as_expert_parallel() -> None:
@@ -42,3 +42,37 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors(norm_type: float, max_nor
     torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type))
     for a, b in zip(ours, theirs, strict=False):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def _two_group_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    # Biases first, then weights: positions in the state dict are not the module's parameter order.
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    return torch.optim.AdamW([{"params": biases, "weight_decay": 0.0}, {"params": weights}], lr=0.1)
+
+
+def test_optimizer_state_by_name_follows_the_groups_not_the_module_order() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = _two_group_adamw(model)
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    by_name = optimizer_state_by_name(saved, _two_group_adamw(model), model)
+    assert [group["params"] for group in by_name["param_groups"]] == [["0.bias", "1.bias"], ["0.weight", "1.weight"]]
+    for name, param in model.named_parameters():  # each moment belongs to the parameter of that name
+        assert torch.equal(by_name["state"][name]["exp_avg"], optimizer.state[param]["exp_avg"])
+    assert optimizer_state_by_name(by_name, optimizer, model) is by_name  # already by name
+
+
+def test_optimizer_state_by_name_refuses_another_setup() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = _two_group_adamw(model)
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    one_group = torch.optim.AdamW(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"groups of sizes \[2, 2\] and this run's \[4\]"):
+        optimizer_state_by_name(optimizer.state_dict(), one_group, model)
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    with pytest.raises(ValueError, match=r"'exp_avg' of 0.bias has shape \(4,\) in the checkpoint.*\(5,\)"):
+        optimizer_state_by_name(optimizer.state_dict(), _two_group_adamw(wider), wider)
