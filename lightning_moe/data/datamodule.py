@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_moe.data.corpus import expand_sources, read_documents, stdlib_files
 from lightning_moe.data.tokenizer import EOS_TOKEN, load_tokenizer, save_atomic, train_bpe
@@ -64,22 +64,28 @@ class PackedBlocks(Dataset):
         return state
 
 
-class ResumableShuffle(Sampler[int]):
-    """Seeded per-epoch shuffling that can start part-way into an epoch.
+class ResumableShuffle(DistributedSampler):
+    """Seeded per-epoch shuffling that can start part-way into an epoch, on one process or sharded over ranks.
 
-    Each epoch ``e`` visits a permutation drawn from ``seed + e``. After a resume, :meth:`skip_to` sets the
-    epoch and how many samples of it were already consumed, so the first iteration continues exactly where
-    the interrupted run stopped; later epochs start from their beginning. Lightning calls
-    :meth:`set_epoch` at each epoch start.
+    Each epoch ``e`` visits a permutation drawn from ``seed + e``. With ``num_replicas`` ranks, rank ``r`` takes
+    every ``num_replicas``-th index of it from position ``r`` (the tail that cannot give every rank one more is
+    dropped), so the ranks' batches of one step are disjoint and together are one global batch. After a resume,
+    :meth:`skip_to` sets the epoch and how many samples of it this rank already consumed, so the first iteration
+    continues exactly where the interrupted run stopped; later epochs start from their beginning. Lightning calls
+    :meth:`set_epoch` at each epoch start; being a ``DistributedSampler``, it is not replaced by Lightning's
+    distributed wrapper, whose own reshuffling would lose the resume position.
 
     Args:
         num_samples: Dataset length.
         seed: Base seed.
+        num_replicas: Ranks sharing the data.
+        rank: This rank.
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples, self.seed = num_samples, seed
-        self.epoch, self._skip = 0, 0
+    def __init__(self, num_samples: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)  # fmt: skip
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch``."""
@@ -88,19 +94,20 @@ class ResumableShuffle(Sampler[int]):
         self.epoch = epoch
 
     def skip_to(self, epoch: int, consumed: int) -> None:
-        """Resume at ``epoch`` with ``consumed`` samples of it already seen."""
+        """Resume at ``epoch`` with ``consumed`` samples of it already seen by this rank."""
         self.epoch, self._skip = epoch, consumed
 
     def __len__(self) -> int:
-        # The full epoch: after a resume Lightning counts the batches it already saw, and the iterator
+        # This rank's full epoch: after a resume Lightning counts the batches it already saw, and the iterator
         # yields only the rest.
         return self.num_samples
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        mine = order[self.rank : self.total_size : self.num_replicas]
         skip, self._skip = self._skip, 0
-        return iter(order[skip:])
+        return iter(mine[skip:])
 
 
 class TextDataModule(L.LightningDataModule):
@@ -279,10 +286,17 @@ class TextDataModule(L.LightningDataModule):
         consumed, and the sampler continues from there, so every step after the resume sees the batch the
         uninterrupted run saw.
         """
-        sampler = ResumableShuffle(len(self.train_set), self.seed)
         trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableShuffle(len(self.train_set), self.seed, world, rank)
+        batches_per_epoch = len(sampler) // self.batch_size
+        if batches_per_epoch == 0:
+            raise ValueError(
+                f"batch_size={self.batch_size} is invalid for {world} ranks: the corpus's {len(self.train_set)} "
+                f"training blocks give each rank {len(sampler)}, fewer than one full batch; use batch_size <= "
+                f"{len(sampler)}, fewer ranks or more text"
+            )
         if trainer is not None and trainer.global_step > 0:
-            batches_per_epoch = len(self.train_set) // self.batch_size
             consumed = trainer.global_step * trainer.accumulate_grad_batches
             epoch, batch_in_epoch = divmod(consumed, batches_per_epoch)
             sampler.skip_to(epoch, batch_in_epoch * self.batch_size)

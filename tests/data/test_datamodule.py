@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_moe.data import TextDataModule, load_tokenizer, read_documents, stdlib_files, unigram_entropy
+from lightning_moe.data.datamodule import ResumableShuffle
 
 TEXT = "def add(a, b):\n    return a + b\n\n# numbers: 1 2 3 4 5 6 7 8 9 10\nclass Point:\n    x: int\n" * 40
 
@@ -182,3 +183,26 @@ def test_unigram_entropy_by_hand():
     tokens = np.array([0, 0, 1, 2])
     expected = -(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25))
     assert abs(unigram_entropy(tokens) - expected) < 1e-12
+
+
+def test_resumable_shuffle_shards_one_permutation_over_ranks_and_resumes_per_rank():
+    num_samples, seed, world = 23, 5, 3
+    for epoch in (0, 1):
+        permutation = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        single = ResumableShuffle(num_samples, seed)
+        single.set_epoch(epoch)
+        assert list(single) == permutation  # one process: the whole permutation, as before sharding existed
+        shards = []
+        for rank in range(world):
+            sampler = ResumableShuffle(num_samples, seed, world, rank)
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+            assert len(sampler) == num_samples // world == len(shards[-1])
+        # Round-robin over the permutation, the last 23 % 3 = 2 indices dropped: disjoint, and one global order.
+        assert [shards[i % world][i // world] for i in range(world * (num_samples // world))] == permutation[:21]
+    resumed = ResumableShuffle(num_samples, seed, world, 1)
+    resumed.skip_to(1, 4)  # 4 samples of epoch 1 already consumed on this rank
+    resumed.set_epoch(1)  # Lightning's call at the epoch start keeps the position
+    assert list(resumed) == shards[1][4:]
+    resumed.set_epoch(2)
+    assert len(list(resumed)) == num_samples // world  # the next epoch starts from its beginning
