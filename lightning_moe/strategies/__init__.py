@@ -4,6 +4,7 @@ Importing it registers ``"expert_parallel"`` in Lightning's ``StrategyRegistry``
 """
 
 from lightning_moe.strategies.checkpoint import (
+    check_checkpoint_files,
     consolidate_checkpoint,
     full_checkpoint,
     load_distributed_checkpoint,
@@ -25,6 +26,7 @@ __all__ = [
     "apply_activation_checkpointing",
     "apply_expert_parallel",
     "apply_fsdp",
+    "check_checkpoint_files",
     "clip_grad_norm_",
     "consolidate_checkpoint",
     "full_checkpoint",

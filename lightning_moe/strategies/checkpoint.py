@@ -28,6 +28,35 @@ STATE_DICT_KEY = "state_dict"
 METADATA_FILE = "meta.pt"  # Lightning's non-tensor checkpoint entries (hyperparameters, loops, callbacks, ...)
 
 
+def check_checkpoint_files(path: str | Path) -> None:
+    """Check that a distributed checkpoint directory holds every shard file its ``.metadata`` lists, whole.
+
+    DCP itself finds a missing or cut shard only while reading it, and reports it inside a long
+    ``CheckpointException``; this names the files before any work.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a distributed checkpoint directory, or shard files are missing.
+        ValueError: If a shard file is shorter than the bytes the metadata places in it (a cut copy).
+    """
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"path={str(path)!r} is invalid: not a distributed checkpoint directory")
+    needed: dict[str, int] = {}
+    for info in (dcp.FileSystemReader(path).read_metadata().storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    missing = sorted(name for name in needed if not (path / name).is_file())
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} is incomplete: its metadata lists shard files that are not there: "
+            f"{', '.join(missing)} (a copy that left out some ranks' files, or an interrupted save)"
+        )
+    short = sorted(name for name, size in needed.items() if (path / name).stat().st_size < size)
+    if short:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is incomplete: shard files shorter than the metadata says: {', '.join(short)}"
+        )
+
+
 def consolidate_checkpoint(path: str | Path, key: str = STATE_DICT_KEY) -> dict[str, Tensor]:
     """The full (unsharded) tensors of a distributed checkpoint's module state dict, on the CPU.
 
@@ -40,12 +69,12 @@ def consolidate_checkpoint(path: str | Path, key: str = STATE_DICT_KEY) -> dict[
         ...), ready for ``load_state_dict`` on an unwrapped module.
 
     Raises:
-        FileNotFoundError: If ``path`` is not a distributed checkpoint directory.
+        FileNotFoundError: If ``path`` is not a distributed checkpoint directory, or shard files are missing.
+        ValueError: If a shard file is cut short.
         KeyError: If the checkpoint has no tensor under ``key``.
     """
     path = Path(path)
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"path={str(path)!r} is invalid: not a distributed checkpoint directory")
+    check_checkpoint_files(path)
     reader = dcp.FileSystemReader(path)
     prefix = f"{key}."
     full = {

@@ -50,7 +50,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from typing_extensions import override
 
 from lightning_moe.nn.moe import MoELayer
-from lightning_moe.strategies.checkpoint import optimizer_state_by_name
+from lightning_moe.strategies.checkpoint import check_checkpoint_files, optimizer_state_by_name
 from lightning_moe.strategies.dispatch import AllToAllDispatcher, ExpertParallelExperts
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -382,9 +382,12 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         A file's weights are spread onto the shards as Lightning does. Its optimizer state is keyed by parameter
         position, which Lightning matches to the module's parameters in order; that is wrong for any optimizer
         with several parameter groups (``CausalLMModule``'s AdamW has two), and loading failed with a size
-        mismatch. Here the positions are matched to names group by group, through this run's optimizer.
+        mismatch. Here the positions are matched to names group by group, through this run's optimizer. A folder
+        missing some of its shard files is refused before any work (:func:`check_checkpoint_files`).
         """
         path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            check_checkpoint_files(path)
         if not path.is_file():
             return super().load_checkpoint(path, weights_only)
         from lightning.fabric.strategies.model_parallel import _load_raw_module_state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,6 +20,7 @@ from lightning_moe.cli import generate_main
 from lightning_moe.module import CausalLMModule
 from lightning_moe.strategies import (
     ExpertParallelStrategy,
+    check_checkpoint_files,
     consolidate_checkpoint,
     full_checkpoint,
     load_distributed_checkpoint,
@@ -157,6 +159,21 @@ def test_consolidate_checkpoint_rejects_a_non_checkpoint(tmp_path: Path) -> None
 def test_consolidate_checkpoint_rejects_a_missing_key(saved_at_ep2: tuple[Path, Path]) -> None:
     with pytest.raises(KeyError, match="no tensors under it"):
         consolidate_checkpoint(saved_at_ep2[0], key="nothing")
+
+
+def test_a_missing_or_cut_shard_file_is_named_before_reading(saved_at_ep2: tuple[Path, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "copy.ckpt"
+    shutil.copytree(saved_at_ep2[0], copy)
+    shards = sorted(p.name for p in copy.glob("*.distcp"))
+    assert len(shards) == 2  # one per rank
+    check_checkpoint_files(copy)  # whole: no error
+    with open(copy / shards[1], "r+b") as shard:
+        shard.truncate(10)
+    with pytest.raises(ValueError, match=f"shorter than the metadata says: {shards[1]}"):
+        consolidate_checkpoint(copy)
+    (copy / shards[1]).unlink()
+    with pytest.raises(FileNotFoundError, match=f"shard files that are not there: {shards[1]}"):
+        full_checkpoint(copy)
 
 
 def test_full_checkpoint_holds_the_metadata_and_full_weights(saved_at_ep2: tuple[Path, Path]) -> None:
