@@ -1,5 +1,7 @@
 """Resuming and checkpoint safety: `fit --ckpt_path last` continues exactly; saves are atomic."""
 
+import warnings
+
 import fsspec.implementations.local
 import lightning as L
 import pytest
@@ -69,9 +71,13 @@ def test_resume_from_last_repeats_the_uninterrupted_losses(tmp_path):
         _fit(tmp_path / "b", total, every=stop, crash_after=stop)
     last = tmp_path / "b" / "ckpt" / "last.ckpt"
     assert last.is_file()
-    _, resumed = _fit(tmp_path / "b", total, ckpt_path=str(last))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, resumed = _fit(tmp_path / "b", total, ckpt_path=str(last))
     assert len(resumed) == total - stop
     assert resumed == uninterrupted[stop:]
+    # The loader resumes mid-epoch exactly, and says so: no "dataloader is not resumable" warning.
+    assert not [w for w in caught if "not resumable" in str(w.message)]
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):

@@ -110,6 +110,22 @@ class ResumableShuffle(DistributedSampler):
         return iter(mine[skip:])
 
 
+class StepResumedLoader(DataLoader):
+    """The training loader: resumable, its position restored from the trainer's step count.
+
+    :meth:`TextDataModule.train_dataloader` starts its sampler where the restored step count says, so the
+    loader has no state of its own to save. Having ``state_dict``/``load_state_dict`` tells Lightning it
+    resumes mid-epoch correctly (Lightning warns of "unreliable results" for loaders without them).
+    """
+
+    def state_dict(self) -> dict:
+        """Nothing: the position comes from the trainer's restored step count."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to restore (see :meth:`state_dict`)."""
+
+
 class TextDataModule(L.LightningDataModule):
     """Packed-token language-modelling data from the embedded corpus or your own text.
 
@@ -300,7 +316,7 @@ class TextDataModule(L.LightningDataModule):
             consumed = trainer.global_step * trainer.accumulate_grad_batches
             epoch, batch_in_epoch = divmod(consumed, batches_per_epoch)
             sampler.skip_to(epoch, batch_in_epoch * self.batch_size)
-        return DataLoader(
+        return StepResumedLoader(
             self.train_set,
             batch_size=self.batch_size,
             sampler=sampler,
