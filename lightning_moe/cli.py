@@ -229,6 +229,14 @@ def run_cli(argv: Sequence[str] | None) -> MoECLI:
     )
 
 
+# LightningCLI's help lists its own subcommands only; main() dispatches these before it.
+MORE_SUBCOMMANDS = """
+more subcommands (each takes --help):
+  generate  text from a checkpoint: lightning-moe generate --ckpt_path CKPT --prompt 'def '
+  compare   an MoE preset against its dense baselines: lightning-moe compare --config configs/compare/mixtral-tiny.yaml
+  demo      route a batch through one MoE layer and print the per-expert load: lightning-moe demo"""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-moe`` and ``python -m lightning_moe``."""
     from_command_line = argv is None
@@ -243,5 +251,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lightning_moe.demo import main as demo_main
 
         demo_main(argv[1:])
+    elif not argv or argv[0] in ("-h", "--help"):
+        try:
+            run_cli(None if from_command_line else argv)  # LightningCLI's help (or its error), then ours
+        finally:
+            print(MORE_SUBCOMMANDS)
     else:
         run_cli(None if from_command_line else argv)

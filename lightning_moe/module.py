@@ -300,9 +300,9 @@ class MoELanguageModule(L.LightningModule):
         """Log the mean validation loss and its perplexity."""
         if self.val_loss.update_count == 0:
             return
-        loss = self.val_loss.compute()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss.clamp(max=30)))
+        loss = self.val_loss.compute()  # already the mean over all ranks: sync_dist only averages equal values
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss.clamp(max=30)), sync_dist=True)
         self.val_loss.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:

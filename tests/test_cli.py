@@ -3,7 +3,8 @@
 from pathlib import Path
 
 import pytest
-from lightning.pytorch.callbacks import Callback
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_moe.cli import generate_main, main, run_cli
 
@@ -53,6 +54,10 @@ def test_every_config_parses_and_runs_fast_dev_run(config, tmp_path):
     cli = run_cli(["fit", "--config", str(config), *_small(tmp_path), "--trainer.fast_dev_run", "2"])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 2
+    # last.ckpt is rewritten during training, not only at its end: an interrupted run has something to resume.
+    (checkpoint,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    max_steps = yaml.safe_load(config.read_text())["trainer"]["max_steps"]
+    assert checkpoint.save_last and 0 < checkpoint._every_n_train_steps < max_steps
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -247,3 +252,12 @@ def test_the_console_entry_reads_the_command_line_itself(tmp_path, monkeypatch, 
     monkeypatch.setattr("sys.argv", argv)
     main()
     assert not [w for w in recwarn if "provide both args and command line arguments" in str(w.message)]
+
+
+def test_top_level_help_lists_the_subcommands_main_dispatches_itself(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "fit" in out  # LightningCLI's part
+    for name in ("generate", "compare", "demo"):
+        assert f"  {name}  " in out

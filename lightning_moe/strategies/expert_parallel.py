@@ -108,7 +108,9 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, expert_grad_sca
         experts = layer.experts
         if experts.num_experts % ep:
             raise ValueError(
-                f"num_experts={experts.num_experts} is invalid for expert_parallel_size={ep}: must be divisible"
+                f"num_experts={experts.num_experts} is invalid for expert_parallel_size={ep}: must be divisible; "
+                "set ExpertParallelStrategy(expert_parallel_size=...) (--trainer.strategy.init_args."
+                "expert_parallel_size) to a divisor of both num_experts and the world size ('auto' is the world size)"
             )
         for name in ("w1", "w3", "w2"):
             weight = getattr(experts, name)

@@ -259,3 +259,15 @@ def test_load_balancing_bias_under_expert_parallelism_matches_single_process() -
     # LoadBalancingBias sums the loads over the ranks before updating, so every rank applies the bias one
     # process would from the global batch; the second step routes with it.
     run_distributed(_bias_steps_match_single_process, 2, 0.01)
+
+
+def _indivisible_expert_count_is_refused(rank: int, world: int) -> None:
+    module = _SGDModule(arch="mixtral-tiny", overrides={**OVERRIDES["mixtral-tiny"], "num_experts": 3})
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=ExpertParallelStrategy(), max_steps=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"num_experts=3 is invalid for expert_parallel_size=2.*'auto' is the world"):
+        trainer.fit(module, train_dataloaders=DataLoader(torch.zeros(2, SEQ, dtype=torch.long), batch_size=2))
+
+
+def test_an_expert_count_the_mesh_does_not_divide_is_refused_naming_the_setting() -> None:
+    run_distributed(_indivisible_expert_count_is_refused, 2)
