@@ -48,3 +48,31 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None
     mp.start_processes(
         _worker, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True, start_method="spawn"
     )
+
+
+def ep_trainer(
+    world: int,
+    ep: int | str,
+    max_steps: int,
+    callbacks: list | None = None,
+    strategy_kwargs: dict | None = None,
+    **kwargs,
+):
+    """A quiet CPU ``Trainer`` with ``ExpertParallelStrategy`` for the tests (each rank gets its own data)."""
+    import lightning.pytorch as pl
+
+    from lightning_moe.strategies import ExpertParallelStrategy
+
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=ExpertParallelStrategy(expert_parallel_size=ep, **(strategy_kwargs or {})),
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        **kwargs,
+    )

@@ -19,13 +19,12 @@ from torch.utils.data import DataLoader
 from lightning_moe.cli import generate_main
 from lightning_moe.module import CausalLMModule
 from lightning_moe.strategies import (
-    ExpertParallelStrategy,
     check_checkpoint_files,
     consolidate_checkpoint,
     full_checkpoint,
     load_distributed_checkpoint,
 )
-from tests.strategies._distributed import run_distributed
+from tests.strategies._distributed import ep_trainer, run_distributed
 
 pytestmark = pytest.mark.multiprocess
 
@@ -51,18 +50,7 @@ def _logits(module: CausalLMModule) -> torch.Tensor:
 
 
 def _trainer(world: int, ep: int, max_steps: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=ExpertParallelStrategy(expert_parallel_size=ep),
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=callbacks,
-    )
+    return ep_trainer(world, ep, max_steps, callbacks)
 
 
 def _data(rank: int, world: int) -> DataLoader:

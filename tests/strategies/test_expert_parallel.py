@@ -15,7 +15,7 @@ from lightning_moe.module import CausalLMModule, Seq2SeqLMModule
 from lightning_moe.nn.losses import bias_update
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.strategies import AllToAllDispatcher, ExpertParallelStrategy
-from tests.strategies._distributed import run_distributed
+from tests.strategies._distributed import ep_trainer, run_distributed
 
 pytestmark = pytest.mark.multiprocess
 
@@ -121,19 +121,14 @@ def _one_step_matches_single_process(
 
     module = _module(arch)
     capture = _LossCapture()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=ExpertParallelStrategy(expert_parallel_size=ep, activation_checkpointing=activation_checkpointing),
+    trainer = ep_trainer(
+        world,
+        ep,
+        max_steps=1,
+        callbacks=[capture],
+        strategy_kwargs={"activation_checkpointing": activation_checkpointing},
         precision="bf16-mixed" if bf16 else "32-true",
         gradient_clip_val=clip,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[capture],
     )
     local = batch[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
     trainer.fit(module, train_dataloaders=DataLoader(local, batch_size=ROWS_PER_RANK))
@@ -220,18 +215,7 @@ def _bias_steps_match_single_process(rank: int, world: int, gamma: float) -> Non
 
     module = _module("deepseek-tiny")
     recorder = _LoadRecorder()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=ExpertParallelStrategy(expert_parallel_size=world),
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[recorder, LoadBalancingBias(gamma=gamma)],
-    )
+    trainer = ep_trainer(world, world, max_steps=steps, callbacks=[recorder, LoadBalancingBias(gamma=gamma)])
     local = batches[:, rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK].reshape(-1, SEQ)
     trainer.fit(module, train_dataloaders=DataLoader(local, batch_size=ROWS_PER_RANK))
 
