@@ -24,7 +24,7 @@ from lightning_moe.nn.config import MoEConfig, check_token_mask
 from lightning_moe.nn.dispatch import Dispatcher, GroupedDispatcher, LoopDispatcher
 from lightning_moe.nn.experts import GroupedExperts
 from lightning_moe.nn.ffn import FeedForward
-from lightning_moe.nn.router import Router
+from lightning_moe.nn.router import Router, apply_keeping_float32
 
 
 @dataclass
@@ -92,6 +92,10 @@ class MoELayer(nn.Module):
         # sees the global batch's loads. The layer itself never talks to other processes.
         self.reduce_counts: Callable[[Tensor], Tensor] | None = None
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True) -> MoELayer:
+        # The load counter stays float32 under .to(bfloat16): see apply_keeping_float32.
+        return apply_keeping_float32(self, ("tokens_per_expert",), lambda: super(MoELayer, self)._apply(fn, recurse))
 
     def capacity(self, num_tokens: int | Tensor) -> int | Tensor | None:
         """Per-expert capacity for ``num_tokens`` real tokens in the current mode (``None``: dropless).

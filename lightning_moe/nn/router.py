@@ -52,6 +52,30 @@ def router_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def apply_keeping_float32(module: nn.Module, names: tuple[str, ...], apply) -> nn.Module:
+    """Run ``module._apply``-style conversion ``apply`` but keep the named floating buffers at least float32.
+
+    Balancing state (the score-correction bias, the load counter) takes steps of ``gamma = 1e-3`` and counts
+    past 256: in bfloat16 (``module.to(torch.bfloat16)``, Lightning's ``bf16-true``) the steps would round away
+    and the counts be rounded, so those buffers follow the device moves but keep their float32 values, as
+    Megatron-Core keeps its expert bias in float32.
+
+    Args:
+        module: The module whose ``_apply`` is being run.
+        names: Buffer names to protect.
+        apply: ``lambda: super()._apply(fn, recurse)`` of the caller.
+    """
+    originals = {name: getattr(module, name) for name in names}
+    result = apply()
+    for name, original in originals.items():
+        converted = getattr(module, name)
+        if original is None or converted is None or not converted.is_floating_point():
+            continue
+        if converted.element_size() < 4 and original.is_floating_point() and original.element_size() >= 4:
+            setattr(module, name, original.to(device=converted.device, dtype=torch.float32))
+    return result
+
+
 def group_limited_mask(choice_TE: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:
     """Mask of the experts inside each token's ``topk_group`` best groups (DeepSeek-V2/V3).
 
@@ -119,6 +143,9 @@ class Router(nn.Module):
         # Selection-only correction bias (DeepSeek-V3); updated by the bias-balancing rule, never by SGD.
         self.register_buffer("score_bias", torch.zeros(config.num_experts) if config.score_bias else None)
         self.reset_parameters()
+
+    def _apply(self, fn, recurse: bool = True) -> Router:
+        return apply_keeping_float32(self, ("score_bias",), lambda: super(Router, self)._apply(fn, recurse))
 
     def reset_parameters(self) -> None:
         """Re-initialise the router weight (normal with ``config.init_std``) and zero the bias."""

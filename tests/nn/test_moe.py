@@ -876,3 +876,32 @@ def test_batched_experts_match_one_expert_at_a_time(kind, threads):
     torch.testing.assert_close(xb.grad, xs.grad, rtol=1e-12, atol=1e-12)
     for (name, pb), (_, ps) in zip(batched.named_parameters(), single.named_parameters(), strict=True):
         torch.testing.assert_close(pb.grad, ps.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_balancing_buffers_stay_float32_when_the_layer_is_cast_to_bf16():
+    # Lightning's bf16-true casts the module with .to(bfloat16). The bias takes steps of gamma = 1e-3 and the
+    # counter counts past 256: in bf16 steps round away at |b| >= 0.5 and counts round, so both stay float32.
+    cfg = MoEConfig(
+        dim=8,
+        router=RouterConfig(num_experts=4, top_k=2, score_func="sigmoid", score_bias=True),
+        experts=ExpertsConfig(hidden_dim=8),
+    )
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.router.score_bias.copy_(torch.tensor([0.6, -0.6, 0.3, 0.05]))
+    layer = layer.to(torch.bfloat16)
+    assert layer.experts.w1.dtype == layer.router.gate.weight.dtype == torch.bfloat16
+    assert layer.router.score_bias.dtype == layer.tokens_per_expert.dtype == torch.float32
+    assert layer.router.score_bias.tolist() == torch.tensor([0.6, -0.6, 0.3, 0.05]).tolist()  # not bf16-rounded
+    x = torch.randn(4, 300, 8, dtype=torch.bfloat16)
+    counts = torch.zeros(4, dtype=torch.float64)
+    for _ in range(3):
+        counts += layer(x)[1].tokens_per_expert.double()
+    assert counts.sum() == 3 * 4 * 300 * 2 and counts.max() > 256
+    torch.testing.assert_close(layer.tokens_per_expert.double(), counts, rtol=0, atol=0)
+    expected = torch.tensor([0.6, -0.6, 0.3, 0.05]) + 1e-3 * torch.sign(counts.mean() - counts).float()
+    layer.update_bias(1e-3)
+    torch.testing.assert_close(layer.router.score_bias, expected, rtol=0, atol=0)
+    # float64 is kept, not narrowed.
+    assert layer.double().router.score_bias.dtype == layer.tokens_per_expert.dtype == torch.float64
