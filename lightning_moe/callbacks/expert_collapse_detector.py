@@ -32,11 +32,14 @@ class ExpertCollapseDetector(Callback):
     After every optimizer step the routed copies of that step (summed over gradient-accumulation micro-batches
     and over all ranks) are checked; a condition that holds for ``patience`` steps in a row is a collapse:
 
-    - **starving expert**: the expert's share of tokens is below ``min_load`` times the balanced share
-      ``top_k / E`` (an expert that gets nothing is dead);
+    - **starving expert**: the expert's share of tokens is below ``min_load`` times the balanced share, the
+      layer's routed copies per token over ``E`` (``top_k / E`` when no copy is dropped; an expert that gets
+      nothing is dead);
     - **dominant expert**: one expert receives more than ``max_share`` of the tokens (set ``None`` to ignore);
     - **low entropy**: the layer's mean router entropy is below ``min_entropy`` times ``log E`` (``None``
       ignores it).
+
+    Expert-choice layers give every expert its capacity of tokens, so only their entropy is watched.
 
     What happens then is ``action``:
 
@@ -163,11 +166,15 @@ class ExpertCollapseDetector(Callback):
                 continue
             name, layer = layers[i] if i < len(layers) else (f"layer_{i}", None)
             num_experts = routed_E.numel()
-            top_k = layer.config.router.top_k if layer is not None else 1
             share_E = (routed_E / num_tokens).cpu()
-            starving_E = share_E < self.min_load * top_k / num_experts
+            # Expert choice gives every expert its capacity of tokens: its loads say nothing about collapse.
+            by_load = layer is None or layer.config.router.kind != "expert_choice"
+            # The balanced share: the layer's copies per token spread evenly (top_k / E without dropped copies).
+            starving_E = share_E < self.min_load * float(share_E.mean())
+            if not by_load:
+                starving_E = torch.zeros_like(starving_E)
             self._starving[i] = torch.where(starving_E, self._starving[i] + 1, 0)
-            dominant = self.max_share is not None and float(share_E.max()) > self.max_share
+            dominant = by_load and self.max_share is not None and float(share_E.max()) > self.max_share
             self._dominant[i] = self._dominant[i] + 1 if dominant else 0
             low = self.min_entropy is not None and entropy_sum / num_tokens < self.min_entropy * math.log(num_experts)
             self._low_entropy[i] = self._low_entropy[i] + 1 if low else 0
@@ -185,7 +192,7 @@ class ExpertCollapseDetector(Callback):
                 if self.action == "revive" and layer is not None:
                     # Donors: the live experts from the most loaded down, one per dead expert, round robin.
                     donors = [e for e in share_E.argsort(descending=True).tolist() if e not in collapsed]
-                    for j, expert in enumerate(collapsed):
+                    for j, expert in enumerate(collapsed if donors else []):
                         self._revive(trainer, layer, i, expert, donors[j % len(donors)], step)
                 self._starving[i][collapsed] = 0
         if not new_events:

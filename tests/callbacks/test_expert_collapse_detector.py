@@ -1,9 +1,12 @@
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_moe.callbacks import ExpertCollapseDetector
+from lightning_moe.nn import ExpertsConfig, MoEConfig, MoELayer, RouterConfig
 from tests.callbacks._helpers import StatsRecorder, loader, read_events, scalars, skew_routers, tiny_mixtral, trainer
 
 E = 8
@@ -117,3 +120,38 @@ def test_watching_a_model_without_moe_layers_warns(tmp_path):
     messages = [str(w.message) for w in record]
     assert any("ExpertCollapseDetector: the model has no MoE layer" in m for m in messages)
     assert any("ExpertLoadMonitor: the model has no MoE layer" in m for m in messages)
+
+
+class _ExpertChoiceModel(L.LightningModule):
+    """One expert-choice MoE layer: every expert takes exactly its capacity of tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moe = MoELayer(
+            MoEConfig(
+                dim=8,
+                router=RouterConfig(num_experts=4, top_k=2, kind="expert_choice"),
+                experts=ExpertsConfig(hidden_dim=8),
+                expert_capacity=1,  # 1 of 16 tokens per expert: below any per-token load threshold
+            )
+        )
+
+    def training_step(self, batch, batch_idx):
+        y, stats = self.moe(batch)
+        return {"loss": y.pow(2).mean(), "router_stats": [stats.detach()]}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("action", ["warn", "revive"])
+def test_expert_choice_loads_are_never_a_collapse(tmp_path, action):
+    # Expert choice fills every expert to its capacity, so a small capacity is not starvation (it used to flag
+    # every expert, and "revive" then found no donor and divided by zero).
+    torch.manual_seed(0)
+    model = _ExpertChoiceModel()
+    detector = ExpertCollapseDetector(action=action, patience=2)
+    data = DataLoader(torch.randn(16, 16, 8), batch_size=4)
+    trainer(tmp_path, [detector], max_steps=4).fit(model, data)
+    assert detector.events == []
+    assert [s.tolist() for s in detector._starving] == [[0, 0, 0, 0]]
