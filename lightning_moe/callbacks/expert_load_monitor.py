@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,14 +42,14 @@ class ExpertLoadMonitor(Callback):
     - ``moe/layer_{i}/aux/{term}``: mean of each auxiliary loss the layer returned (unweighted).
     - ``moe/layer_{i}/load/expert_{e}`` and ``moe/layer_{i}/kept/expert_{e}``: share of the layer's routed copies
       sent to expert ``e`` before and after capacity dropping (the kept shares sum to ``1 - drop_rate``); only
-      while ``L * E <= max_expert_scalars``, so the number of tags stays bounded. Otherwise
-      ``moe/layer_{i}/load_min`` and ``moe/layer_{i}/load_max`` summarise them.
+      while all layers together have at most ``max_expert_scalars`` experts, so the number of tags stays
+      bounded. Otherwise ``moe/layer_{i}/load_min`` and ``moe/layer_{i}/load_max`` summarise them.
 
     TensorBoard also gets a histogram ``moe/layer_{i}/routed`` per layer (bucket ``e`` holds expert ``e``'s
     routed copies) and the image ``moe/load_heatmap`` (rows layers, columns experts; blue starving, white
     balanced, red overloaded; see :func:`lightning_moe.callbacks.heatmap.load_heatmap`). Other loggers get the
     scalars only. The latest window's values are kept in :attr:`last_metrics` and its ``(L, E)`` routed loads
-    in :attr:`last_load`.
+    in :attr:`last_load` (``E`` the largest expert count; NaN past the experts of a layer with fewer).
 
     Args:
         logging_interval: Optimizer steps per window (log every this many steps).
@@ -89,19 +90,21 @@ class ExpertLoadMonitor(Callback):
 
     # -- accumulation ---------------------------------------------------------------------------------
 
-    def _reset(self, num_layers: int, num_experts: int) -> None:
-        zeros = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+    def _reset(self, experts_L: list[int]) -> None:
+        # Layers may have different expert counts: rows are padded to the largest, "experts" says each row's.
+        zeros = torch.zeros(len(experts_L), max(experts_L), dtype=torch.float64)
         self._window = {
             "routed": zeros.clone(),
             "kept": zeros.clone(),
             # Per layer: dropped, tokens, entropy * tokens, batches, then one sum and one count per aux term.
-            "scalars": torch.zeros(num_layers, 4 + 2 * len(AUX_TERMS), dtype=torch.float64),
+            "scalars": torch.zeros(len(experts_L), 4 + 2 * len(AUX_TERMS), dtype=torch.float64),
+            "experts": torch.tensor(experts_L, dtype=torch.long),
         }
 
     def _add(self, stats: list[MoEStats]) -> None:
-        num_experts = max(s.tokens_per_expert.numel() for s in stats)
-        if self._window is None or self._window["routed"].shape != (len(stats), num_experts):
-            self._reset(len(stats), num_experts)
+        experts_L = [s.tokens_per_expert.numel() for s in stats]
+        if self._window is None or self._window.get("experts", torch.empty(0)).tolist() != experts_L:
+            self._reset(experts_L)
         window = self._window
         for i, s in enumerate(stats):
             experts = s.tokens_per_expert.numel()
@@ -146,12 +149,12 @@ class ExpertLoadMonitor(Callback):
         routed_LE = reduce_sum(trainer, window["routed"].to(device)).cpu()
         kept_LE = reduce_sum(trainer, window["kept"].to(device)).cpu()
         scalars = reduce_sum(trainer, window["scalars"].to(device)).cpu()
-        num_layers, num_experts = routed_LE.shape
-        per_expert = num_layers * num_experts <= self.max_expert_scalars
+        experts_L = window["experts"].tolist()
+        per_expert = sum(experts_L) <= self.max_expert_scalars
         metrics: dict[str, float] = {}
-        for i in range(num_layers):
+        for i, num_experts in enumerate(experts_L):
             prefix = f"moe/layer_{i}"
-            routed_E, kept_E, row = routed_LE[i], kept_LE[i], scalars[i]
+            routed_E, kept_E, row = routed_LE[i, :num_experts], kept_LE[i, :num_experts], scalars[i]
             total = float(routed_E.sum())
             mean = total / num_experts
             share_E = routed_E / total if total > 0 else torch.zeros_like(routed_E)
@@ -173,7 +176,9 @@ class ExpertLoadMonitor(Callback):
                 metrics[f"{prefix}/load_max"] = float(share_E.max())
         self.last_metrics = metrics
         total_L = routed_LE.sum(dim=1, keepdim=True)
-        self.last_load = torch.where(total_L > 0, routed_LE / total_L.clamp_min(1), 0.0).float()
+        load_LE = torch.where(total_L > 0, routed_LE / total_L.clamp_min(1), 0.0).float()
+        beyond_LE = torch.arange(load_LE.shape[1]) >= window["experts"][:, None]  # a layer with fewer experts
+        self.last_load = load_LE.masked_fill(beyond_LE, math.nan)
         log_scalars(trainer, metrics, step)
         writer = tensorboard(trainer)
         if writer is None:
@@ -184,8 +189,8 @@ class ExpertLoadMonitor(Callback):
             writer.add_text("moe/layers", table, step)
             self._names_logged = True
         if self.log_histograms:
-            for i in range(num_layers):
-                _add_count_histogram(writer, f"moe/layer_{i}/routed", routed_LE[i].numpy(), step)
+            for i, num_experts in enumerate(experts_L):
+                _add_count_histogram(writer, f"moe/layer_{i}/routed", routed_LE[i, :num_experts].numpy(), step)
         if self.log_heatmap:
             writer.add_image("moe/load_heatmap", load_heatmap(self.last_load.numpy()), step, dataformats="HWC")
 
@@ -195,7 +200,8 @@ class ExpertLoadMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._window = state_dict.get("window")
+        window = state_dict.get("window")
+        self._window = window if window is not None and "experts" in window else None  # older files: start afresh
 
 
 def _add_count_histogram(writer: Any, tag: str, counts_E: np.ndarray, step: int) -> None:

@@ -35,7 +35,8 @@ def load_heatmap(load_LE: np.ndarray, cell: int = 24, vmax: float = 2.0) -> np.n
 
     Args:
         load_LE: ``(L, E)`` share of each layer's token copies that each expert received (rows sum to 1;
-            a row of zeros is drawn as balanced).
+            a row of zeros is drawn as balanced). NaN marks no expert (a layer with fewer than ``E``), drawn
+            as grid grey.
         cell: Side of one layer-expert cell in pixels.
         vmax: Load, relative to balanced, drawn in the darkest red.
 
@@ -53,8 +54,11 @@ def load_heatmap(load_LE: np.ndarray, cell: int = 24, vmax: float = 2.0) -> np.n
     if vmax <= 1.0:
         raise ValueError(f"vmax={vmax!r} is invalid: must be > 1")
     num_layers, num_experts = load_LE.shape
+    present_LE = ~np.isnan(load_LE)  # NaN: past the experts of a layer with fewer
+    load_LE = np.where(present_LE, load_LE, 0.0)
+    experts_L1 = present_LE.sum(axis=1, keepdims=True)
     totals = load_LE.sum(axis=1, keepdims=True)
-    relative_LE = np.where(totals > 0, load_LE * num_experts / np.where(totals > 0, totals, 1.0), 1.0)
+    relative_LE = np.where(totals > 0, load_LE * experts_L1 / np.where(totals > 0, totals, 1.0), 1.0)
     # Piecewise-linear scale: 0 -> 0, 1 (balanced) -> 0.5, vmax -> 1.
     scaled_LE = np.where(relative_LE <= 1.0, relative_LE / 2, 0.5 + (relative_LE - 1.0) / (vmax - 1.0) / 2)
     grid = (128, 128, 128)
@@ -66,7 +70,8 @@ def load_heatmap(load_LE: np.ndarray, cell: int = 24, vmax: float = 2.0) -> np.n
     for layer in range(num_layers):
         for expert in range(num_experts):
             top, left = layer * cell + 1, expert * cell + 1
-            image[top : top + cell - 1, left : left + cell - 1] = colours[layer, expert]
+            if present_LE[layer, expert]:
+                image[top : top + cell - 1, left : left + cell - 1] = colours[layer, expert]
     # Colour bar: the same scale left to right, ticks at 0x, 1x (middle) and vmax.
     ramp = colormap(np.linspace(0.0, 1.0, width))
     image[height + 2 : height + 2 + bar] = ramp[None, :, :]

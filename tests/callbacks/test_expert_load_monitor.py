@@ -1,3 +1,4 @@
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -5,6 +6,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_moe.callbacks import ExpertLoadMonitor
 from lightning_moe.callbacks.heatmap import colormap, load_heatmap
+from lightning_moe.nn import ExpertsConfig, MoEConfig, MoELayer, RouterConfig
 from tests.callbacks._helpers import StatsRecorder, loader, read_events, scalars, tiny_mixtral, trainer
 
 E = 8
@@ -115,3 +117,52 @@ def test_open_window_survives_a_checkpoint_round_trip(tmp_path):
     for key, value in monitor._window.items():
         torch.testing.assert_close(restored._window[key], value)
     assert float(restored._window["routed"].sum()) == 3 * 4 * 16 * 2 * 2  # 3 steps, 2 layers, top-2
+
+
+class _TwoSizes(L.LightningModule):
+    """Two MoE layers with 2 and 8 experts; keeps every batch's routed counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def moe(num_experts: int) -> MoELayer:
+            router = RouterConfig(num_experts=num_experts, top_k=1)
+            return MoELayer(MoEConfig(dim=8, router=router, experts=ExpertsConfig(hidden_dim=8)))
+
+        self.small, self.large = moe(2), moe(8)
+        self.routed: list[list[torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        y, small = self.small(batch)
+        y, large = self.large(y + batch)
+        self.routed.append([small.tokens_per_expert.double(), large.tokens_per_expert.double()])
+        return {"loss": y.pow(2).mean(), "router_stats": [small.detach(), large.detach()]}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def test_layers_with_different_expert_counts_are_measured_over_their_own_experts(tmp_path):
+    torch.manual_seed(0)
+    model = _TwoSizes()
+    monitor = ExpertLoadMonitor(logging_interval=2)
+    data = torch.utils.data.DataLoader(torch.randn(8, 16, 8), batch_size=4)
+    trainer(tmp_path, [monitor], max_steps=2).fit(model, data)
+    metrics = monitor.last_metrics
+    for layer, num_experts in enumerate((2, 8)):
+        routed = sum(step[layer] for step in model.routed)
+        assert routed.numel() == num_experts and routed.sum() == 2 * 4 * 16
+        prefix = f"moe/layer_{layer}"
+        mean = float(routed.mean())
+        assert metrics[f"{prefix}/imbalance"] == pytest.approx(float(routed.max()) / mean, rel=1e-6)
+        assert metrics[f"{prefix}/cv"] == pytest.approx(float(np.std(routed.numpy())) / mean, rel=1e-6)
+        assert metrics[f"{prefix}/dead_experts"] == float((routed == 0).sum())
+        shares = [metrics[f"{prefix}/load/expert_{e}"] for e in range(num_experts)]
+        assert shares == pytest.approx((routed / routed.sum()).tolist(), abs=1e-6)
+        assert f"{prefix}/load/expert_{num_experts}" not in metrics
+        torch.testing.assert_close(monitor.last_load[layer, :num_experts].double(), routed / routed.sum())
+    assert monitor.last_load.shape == (2, 8) and monitor.last_load[0, 2:].isnan().all()
+    # The heatmap draws the small layer's missing experts as grid grey, its two experts in colour.
+    image = load_heatmap(monitor.last_load.numpy(), cell=4)
+    assert (image[1:4, 2 * 4 + 1 : 8 * 4] == 128).all()
+    assert not (image[1:4, 1:4] == 128).all()
