@@ -63,7 +63,8 @@ class DeepSeekConfig(ModelConfig):
         normalize_topk: Renormalise the chosen weights to sum to one (V3).
         score_bias: Selection-only score-correction bias (V3).
         rope: Rotary settings (YaRN for V2/V3); the rotary width is ``qk_rope_head_dim`` (MLA) or the head dim.
-        norm_eps: RMSNorm epsilon.
+        norm_eps: Epsilon of the block and final RMSNorms (the attention's latent norms keep 1e-6, as in
+            DeepSeek's code and ``transformers``).
         tie_embeddings: Share the embedding with the LM head (never, in the released models).
         capacity_factor: ``None`` (dropless) or a training capacity factor.
         mtp_depth: Multi-token-prediction modules (V3 trained with 1); each adds a full MoE block.
@@ -223,8 +224,7 @@ def _layer(cfg: DeepSeekConfig, moe: bool) -> DecoderLayer:
             qk_rope_head_dim=cfg.qk_rope_head_dim,
             v_head_dim=cfg.v_head_dim,
             scale=mla_softmax_scale(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.rope),
-            norm_eps=cfg.norm_eps,
-        )
+        )  # the latent norms keep MLAConfig's 1e-6 whatever norm_eps, as DeepSeek's code and transformers do
         attention: nn.Module = MultiHeadLatentAttention(cfg.dim, mla)
     else:
         attention = Attention(cfg.dim, AttentionConfig(num_heads=cfg.num_heads, num_kv_heads=cfg.num_heads))

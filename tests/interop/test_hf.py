@@ -155,9 +155,12 @@ def _deepseek_shapes(heads, first_dense, groups, topk_group, q_lora, rope):
     )
 
 
-def deepseek_v2(heads=4, first_dense=1, groups=4, topk_group=2, q_lora=None, method="group_limited_greedy", shared=2):
+def deepseek_v2(
+    heads=4, first_dense=1, groups=4, topk_group=2, q_lora=None, method="group_limited_greedy", shared=2, eps=1e-6
+):
     cfg = transformers.DeepseekV2Config(
         **_deepseek_shapes(heads, first_dense, groups, topk_group, q_lora, YARN),
+        rms_norm_eps=eps,
         n_shared_experts=shared,
         topk_method=method,
         routed_scaling_factor=3.0,
@@ -165,10 +168,11 @@ def deepseek_v2(heads=4, first_dense=1, groups=4, topk_group=2, q_lora=None, met
     return _perturb(transformers.DeepseekV2ForCausalLM(cfg))
 
 
-def deepseek_v3(heads=4, first_dense=1, groups=4, topk_group=2, q_lora=24, normalize=True):
+def deepseek_v3(heads=4, first_dense=1, groups=4, topk_group=2, q_lora=24, normalize=True, eps=1e-6):
     rope = {"rope_type": "default", "rope_theta": 10000.0} if groups == 2 else YARN
     cfg = transformers.DeepseekV3Config(
         **_deepseek_shapes(heads, first_dense, groups, topk_group, q_lora, rope),
+        rms_norm_eps=eps,
         n_shared_experts=1,
         routed_scaling_factor=2.5,
         norm_topk_prob=normalize,
@@ -188,6 +192,9 @@ CAUSAL = {
     "deepseek-v2-groups": lambda: deepseek_v2(),
     "deepseek-v2-greedy-qlora-h2-nodense": lambda: deepseek_v2(2, 0, 1, 1, q_lora=24, method="greedy", shared=1),
     "deepseek-v3-g4-tg2": lambda: deepseek_v3(),
+    # transformers' latent q/kv norms keep eps 1e-6 whatever rms_norm_eps says.
+    "deepseek-v2-qlora-eps1e-2": lambda: deepseek_v2(q_lora=24, eps=1e-2),
+    "deepseek-v3-g4-tg2-eps1e-2": lambda: deepseek_v3(eps=1e-2),
     "deepseek-v3-g2-tg1-dense2-noqlora-h2": lambda: deepseek_v3(2, 2, 2, 1, q_lora=None, normalize=False),
 }
 
