@@ -77,6 +77,25 @@ _NEVER_ARCHITECTURAL = frozenset(
 # ---------------------------------------------------------------------------------------------------- config
 
 
+# What transformers' config classes take for a field absent from ``config.json``, where that is not what the
+# readers below would otherwise fall back to (a hand-written file that leaves them out must mean the same model).
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixtral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "router_aux_loss_coef": 0.001},
+    "qwen2_moe": {"num_key_value_heads": 16, "shared_expert_intermediate_size": 5632, "router_aux_loss_coef": 0.001},
+    "qwen3_moe": {"num_key_value_heads": 4, "router_aux_loss_coef": 0.001},
+    "deepseek_v2": {"n_shared_experts": 2, "q_lora_rank": 1536, "max_position_embeddings": 2048},
+    "deepseek_v3": {
+        "n_group": 8,
+        "topk_group": 4,
+        "routed_scaling_factor": 2.5,
+        "first_k_dense_replace": 3,
+        "n_shared_experts": 1,
+        "q_lora_rank": 1536,
+    },
+    "switch_transformers": {"router_jitter_noise": 0.01, "router_aux_loss_coef": 0.001, "expert_capacity": 64},
+}
+
+
 class _Fields:
     """A ``config.json`` dict read field by field; :meth:`finish` rejects whatever no one read."""
 
@@ -86,11 +105,14 @@ class _Fields:
         self.read: set[str] = set()
 
     def get(self, name: str, default: Any = ..., *aliases: str) -> Any:
-        """The field's value (or its first present alias's), ``default`` when absent."""
+        """The field's value (or its first present alias's); when absent, transformers' default, else ``default``."""
         self.read.update((name, *aliases))
         for key in (name, *aliases):
             if key in self.raw:
                 return self.raw[key]
+        hf_defaults = _HF_DEFAULTS.get(self.model_type, {})
+        if name in hf_defaults:
+            return hf_defaults[name]
         if default is ...:
             raise UnsupportedConfigError(f"{self.model_type} config field {name!r} is required but missing")
         return default
@@ -742,6 +764,7 @@ def _hf_config(cfg: ModelConfig, family: str) -> dict[str, Any]:
     if isinstance(cfg, QwenMoEConfig):
         qwen = base | {
             "num_key_value_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim or cfg.dim // cfg.num_heads,
             "intermediate_size": cfg.dense_hidden,
             "moe_intermediate_size": cfg.expert_hidden,
             "num_experts": cfg.num_experts,
@@ -755,7 +778,6 @@ def _hf_config(cfg: ModelConfig, family: str) -> dict[str, Any]:
         if family == "qwen3_moe":
             return qwen | {
                 "architectures": ["Qwen3MoeForCausalLM"],
-                "head_dim": cfg.head_dim or cfg.dim // cfg.num_heads,
                 "attention_bias": False,
             }
         return qwen | {

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lightning_moe.interop import CheckpointMismatchError, UnsupportedConfigError, from_hf, hf_config_to_ours, to_hf
+from lightning_moe.interop.hf import _HF_DEFAULTS
 from lightning_moe.nn.moe import MoELayer
 
 transformers = pytest.importorskip("transformers")
@@ -91,7 +92,7 @@ def mixtral(experts=4, top_k=2, heads=4, kv_heads=2, window=None, tied=False, vo
     return _perturb(transformers.MixtralForCausalLM(cfg))
 
 
-def qwen2(step=1, mlp_only=(0,), normalize=False, experts=6, top_k=3, kv_heads=2):
+def qwen2(step=1, mlp_only=(0,), normalize=False, experts=6, top_k=3, kv_heads=2, head_dim=None):
     cfg = transformers.Qwen2MoeConfig(
         vocab_size=97,
         hidden_size=32,
@@ -99,6 +100,7 @@ def qwen2(step=1, mlp_only=(0,), normalize=False, experts=6, top_k=3, kv_heads=2
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=kv_heads,
+        **({} if head_dim is None else {"head_dim": head_dim}),
         num_experts=experts,
         num_experts_per_tok=top_k,
         moe_intermediate_size=12,
@@ -187,6 +189,7 @@ CAUSAL = {
     "qwen2-shared-dense0": lambda: qwen2(),
     "qwen2-step2-normalized-kv1": lambda: qwen2(step=2, mlp_only=(), normalize=True, kv_heads=1),
     "qwen2-e4-k1-dense2": lambda: qwen2(mlp_only=(2,), experts=4, top_k=1, kv_heads=4),
+    "qwen2-headdim16": lambda: qwen2(head_dim=16),  # not hidden_size / heads
     "qwen3-kv2": lambda: qwen3(),
     "qwen3-kv1-dense1-e6-k2": lambda: qwen3(mlp_only=(1,), kv_heads=1, experts=6, top_k=2),
     "deepseek-v2-groups": lambda: deepseek_v2(),
@@ -309,7 +312,9 @@ def _assert_same_logits(a, b, vocab=97):
         torch.testing.assert_close(a.eval()(ids).logits, b.eval()(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["qwen2-shared-dense0", "deepseek-v3-g4-tg2", "mixtral-e8-k3-h4-kv1-window5-tied"])
+@pytest.mark.parametrize(
+    "case", ["qwen2-shared-dense0", "qwen2-headdim16", "deepseek-v3-g4-tg2", "mixtral-e8-k3-h4-kv1-window5-tied"]
+)
 def test_round_trip_through_to_hf_and_from_pretrained(case, tmp_path):
     hf = CAUSAL[case]()
     ours = from_hf(hf)
@@ -506,6 +511,45 @@ def test_config_mapping_reads_the_architectural_fields():
     assert hf_config_to_ours(old).rope == v3.rope
     sw = hf_config_to_ours(transformers.SwitchTransformersConfig(expert_capacity=5, router_jitter_noise=0.1).to_dict())
     assert (sw.expert_capacity, sw.capacity_scope, sw.router_jitter, sw.sparse_step) == (5, "sequence", 0.1, 4)
+
+
+@pytest.mark.parametrize(
+    ("config_class", "required"),
+    [
+        (transformers.MixtralConfig, {}),
+        (transformers.Qwen2MoeConfig, {}),
+        (transformers.Qwen3MoeConfig, {}),
+        (transformers.DeepseekV2Config, {"n_routed_experts": 64, "num_experts_per_tok": 6}),  # None by default
+        (transformers.DeepseekV3Config, {}),
+        (transformers.SwitchTransformersConfig, {}),
+    ],
+)
+def test_absent_fields_read_as_transformers_class_defaults(config_class, required):
+    # A config.json without a field means transformers' default for it: every field whose absence our reader
+    # would otherwise fill differently is in the table, and the table agrees with the installed transformers.
+    defaults = config_class(**required)
+    model_type = defaults.model_type
+    for name, value in _HF_DEFAULTS[model_type].items():
+        assert getattr(defaults, name) == value, (model_type, name)
+    full = defaults.to_dict()
+    expected = hf_config_to_ours(full)
+    for name in _HF_DEFAULTS[model_type]:
+        assert hf_config_to_ours({k: v for k, v in full.items() if k != name}) == expected, name
+
+
+def test_a_deepseek_v3_config_without_its_routing_fields_loads_as_transformers_loads_it(tmp_path):
+    shapes = _deepseek_shapes(heads=2, first_dense=1, groups=8, topk_group=4, q_lora=None, rope=None)
+    shapes |= {"n_routed_experts": 16, "num_experts_per_tok": 4, "rope_parameters": {"rope_type": "default"}}
+    cfg = transformers.DeepseekV3Config(**shapes, n_shared_experts=1, routed_scaling_factor=2.5)
+    _perturb(transformers.DeepseekV3ForCausalLM(cfg), bias=True).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for name in ("n_group", "topk_group", "routed_scaling_factor"):  # left at the class defaults 8, 4, 2.5
+        raw.pop(name)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    ours = from_hf(tmp_path)
+    assert (ours.zoo_config.n_group, ours.zoo_config.topk_group, ours.zoo_config.routed_scaling_factor) == (8, 4, 2.5)
+    assert_causal_matches(theirs, ours, cfg.vocab_size)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
