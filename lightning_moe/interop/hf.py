@@ -603,9 +603,18 @@ class _Checkpoint:
 # ---------------------------------------------------------------------------------------------------- API
 
 
-def _ignored(key: str, cfg: ModelConfig, raw: dict[str, Any]) -> bool:
-    """Checkpoint tensors we skip on purpose: rotary caches, and DeepSeek-V3's MTP layers (as transformers does)."""
+def _ignored(key: str, tensor: Tensor, cfg: ModelConfig, raw: dict[str, Any]) -> bool:
+    """Checkpoint tensors we skip on purpose.
+
+    Rotary caches; DeepSeek-V3's MTP layers (as transformers does); and a shared expert of width 0
+    (``shared_expert_intermediate_size=0``, ``n_shared_experts=0``), which transformers builds from empty weights
+    (for Qwen2-MoE with a gate on its zero output) and we leave out.
+    """
     if key.endswith("rotary_emb.inv_freq"):
+        return True
+    shared = re.match(r"model\.layers\.\d+\.mlp\.shared_expert(s|_gate)?\.", key)
+    no_shared = getattr(cfg, "shared_expert_hidden", None) == 0 or getattr(cfg, "n_shared_experts", None) == 0
+    if shared and no_shared and (tensor.numel() == 0 or shared.group(1) == "_gate"):
         return True
     match = re.match(r"model\.layers\.(\d+)\.", key)
     return (
@@ -672,7 +681,7 @@ def from_hf(source: str | os.PathLike | nn.Module) -> nn.Module:
     deferred: list[tuple[str, Tensor]] = []
     for key, tensor in checkpoint.tensors():
         if key not in slots:
-            if _ignored(key, cfg, checkpoint.config):
+            if _ignored(key, tensor, cfg, checkpoint.config):
                 continue
             raise CheckpointMismatchError(f"tensor {key!r} is unexpected for a {family} model with this config.json")
         slot = slots[key]

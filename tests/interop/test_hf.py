@@ -92,7 +92,7 @@ def mixtral(experts=4, top_k=2, heads=4, kv_heads=2, window=None, tied=False, vo
     return _perturb(transformers.MixtralForCausalLM(cfg))
 
 
-def qwen2(step=1, mlp_only=(0,), normalize=False, experts=6, top_k=3, kv_heads=2, head_dim=None):
+def qwen2(step=1, mlp_only=(0,), normalize=False, experts=6, top_k=3, kv_heads=2, head_dim=None, shared=24):
     cfg = transformers.Qwen2MoeConfig(
         vocab_size=97,
         hidden_size=32,
@@ -104,7 +104,7 @@ def qwen2(step=1, mlp_only=(0,), normalize=False, experts=6, top_k=3, kv_heads=2
         num_experts=experts,
         num_experts_per_tok=top_k,
         moe_intermediate_size=12,
-        shared_expert_intermediate_size=24,
+        shared_expert_intermediate_size=shared,
         norm_topk_prob=normalize,
         decoder_sparse_step=step,
         mlp_only_layers=list(mlp_only),
@@ -170,12 +170,12 @@ def deepseek_v2(
     return _perturb(transformers.DeepseekV2ForCausalLM(cfg))
 
 
-def deepseek_v3(heads=4, first_dense=1, groups=4, topk_group=2, q_lora=24, normalize=True, eps=1e-6):
+def deepseek_v3(heads=4, first_dense=1, groups=4, topk_group=2, q_lora=24, normalize=True, eps=1e-6, shared=1):
     rope = {"rope_type": "default", "rope_theta": 10000.0} if groups == 2 else YARN
     cfg = transformers.DeepseekV3Config(
         **_deepseek_shapes(heads, first_dense, groups, topk_group, q_lora, rope),
         rms_norm_eps=eps,
-        n_shared_experts=1,
+        n_shared_experts=shared,
         routed_scaling_factor=2.5,
         norm_topk_prob=normalize,
     )
@@ -190,6 +190,8 @@ CAUSAL = {
     "qwen2-step2-normalized-kv1": lambda: qwen2(step=2, mlp_only=(), normalize=True, kv_heads=1),
     "qwen2-e4-k1-dense2": lambda: qwen2(mlp_only=(2,), experts=4, top_k=1, kv_heads=4),
     "qwen2-headdim16": lambda: qwen2(head_dim=16),  # not hidden_size / heads
+    "qwen2-noshared": lambda: qwen2(shared=0),  # transformers builds an empty shared expert and its gate
+    "deepseek-v3-noshared": lambda: deepseek_v3(shared=0),
     "qwen3-kv2": lambda: qwen3(),
     "qwen3-kv1-dense1-e6-k2": lambda: qwen3(mlp_only=(1,), kv_heads=1, experts=6, top_k=2),
     "deepseek-v2-groups": lambda: deepseek_v2(),
@@ -313,7 +315,14 @@ def _assert_same_logits(a, b, vocab=97):
 
 
 @pytest.mark.parametrize(
-    "case", ["qwen2-shared-dense0", "qwen2-headdim16", "deepseek-v3-g4-tg2", "mixtral-e8-k3-h4-kv1-window5-tied"]
+    "case",
+    [
+        "qwen2-shared-dense0",
+        "qwen2-headdim16",
+        "deepseek-v3-g4-tg2",
+        "deepseek-v3-noshared",
+        "mixtral-e8-k3-h4-kv1-window5-tied",
+    ],
 )
 def test_round_trip_through_to_hf_and_from_pretrained(case, tmp_path):
     hf = CAUSAL[case]()
