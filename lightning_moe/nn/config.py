@@ -96,8 +96,8 @@ class RouterConfig:
             picks its top-C tokens, Zhou et al. 2022).
         score_func: ``"softmax"`` or ``"sigmoid"`` scores over the router logits.
         softmax_after_topk: Softmax only over the chosen top-k logits (Mixtral) instead of softmax over
-            all experts and then top-k (Switch, Qwen, DeepSeek). Only meaningful for softmax scores.
-        normalize_topk: Renormalise the chosen weights to sum to one per token.
+            all experts and then top-k (Switch, Qwen, DeepSeek). Softmax scores and token choice only.
+        normalize_topk: Renormalise the chosen weights to sum to one per token (token choice only).
         routed_scaling_factor: Multiplies the routed weights (DeepSeek-V2/V3).
         n_group: Number of expert groups for group-limited routing (1 = off).
         topk_group: Groups a token may route into; its top-k experts are chosen inside them.
@@ -191,6 +191,12 @@ class RouterConfig:
                 UserWarning,
                 stacklevel=3,
             )
+        _check(
+            not self.softmax_after_topk or self.score_func == "softmax",
+            "softmax_after_topk",
+            self.softmax_after_topk,
+            f"only with score_func='softmax' (score_func={self.score_func!r} selects and weights by its scores)",
+        )
         if self.kind == "expert_choice":
             _check(
                 self.n_group == 1 and not self.random_routing and not self.score_bias,
@@ -198,6 +204,13 @@ class RouterConfig:
                 self.kind,
                 "'expert_choice' does not combine with n_group > 1, random_routing or score_bias",
             )
+            for name in ("softmax_after_topk", "normalize_topk"):
+                _check(
+                    not getattr(self, name),
+                    name,
+                    getattr(self, name),
+                    "token choice only: each expert-choice weight is the expert's score for its token",
+                )
 
 
 @dataclass
@@ -284,6 +297,9 @@ class MoEConfig:
             self.router = RouterConfig(**self.router)
         if isinstance(self.experts, dict):
             self.experts = ExpertsConfig(**self.experts)
+        for name, kind in (("router", RouterConfig), ("experts", ExpertsConfig)):
+            value = getattr(self, name)
+            _check(isinstance(value, kind), name, value, f"must be {kind.__name__}(...) or a dict of its fields")
         check_field_types(self)
         _check(self.dim >= 1, "dim", self.dim, "must be >= 1")
         for name in ("capacity_factor", "eval_capacity_factor"):
@@ -317,6 +333,12 @@ class MoEConfig:
                 "capacity_scope",
                 self.capacity_scope,
                 "expert-choice routing picks tokens over the whole batch: only 'batch'",
+            )
+            _check(
+                self.drop_priority == "position",
+                "drop_priority",
+                self.drop_priority,
+                "token choice only: an expert-choice expert keeps its top tokens by score, nothing is dropped after",
             )
 
     @property

@@ -20,6 +20,12 @@ from lightning_moe.nn import ExpertsConfig, FeedForward, MoEConfig, MoELayer, Ro
         (dict(routed_scaling_factor=0.0), r"routed_scaling_factor=0.0 is invalid: must be > 0"),
         (dict(jitter_eps=1.5), r"jitter_eps=1.5 is invalid"),
         (dict(kind="expert_choice", random_routing=True), r"kind='expert_choice' is invalid"),
+        (dict(kind="expert_choice", normalize_topk=True), r"normalize_topk=True is invalid: token choice only"),
+        (dict(kind="expert_choice", softmax_after_topk=True), r"softmax_after_topk=True is invalid: token choice"),
+        (
+            dict(score_func="sigmoid", softmax_after_topk=True),
+            r"softmax_after_topk=True is invalid: only with score_func='softmax'",
+        ),
     ],
 )
 def test_bad_router_config_names_field_value_and_allowed(kwargs, match):
@@ -55,6 +61,12 @@ def test_bad_experts_config_raises(kwargs, match):
         (dict(shared_gate=True), r"shared_gate=True is invalid: needs a shared expert"),
         (dict(shared_hidden_dim=-1), r"shared_hidden_dim=-1 is invalid"),
         (dict(router=RouterConfig(kind="expert_choice")), r"capacity_factor=None is invalid: expert-choice"),
+        (
+            dict(router=RouterConfig(kind="expert_choice"), capacity_factor=1.0, drop_priority="weight"),
+            r"drop_priority='weight' is invalid: token choice only",
+        ),
+        (dict(router="softmax"), r"router='softmax' is invalid: must be RouterConfig\(...\) or a dict of its fields"),
+        (dict(experts=None), r"experts=None is invalid: must be ExpertsConfig\(...\) or a dict"),
     ],
 )
 def test_bad_moe_config_raises(kwargs, match):

@@ -86,7 +86,7 @@ def test_grouped_path_matches_loop_in_outputs_and_gradients(
             num_experts=num_experts,
             top_k=top_k,
             score_func=score_func,
-            softmax_after_topk=softmax_after_topk,
+            softmax_after_topk=softmax_after_topk and score_func == "softmax",
             normalize_topk=normalize_topk,
         ),
         experts=ExpertsConfig(hidden_dim=hidden, activation=ffn[0], gated=ffn[1]),
