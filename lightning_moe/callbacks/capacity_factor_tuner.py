@@ -33,7 +33,7 @@ class CapacityFactorTuner(Callback):
     config object between layers). The factors are logged as ``capacity/layer_{i}/factor`` next to the
     window's actual ``capacity/layer_{i}/drop_rate``, kept in :attr:`factors` (module name -> factor) and saved
     in checkpoints; on resume they are applied again before training continues. Per-sequence capacity
-    (``capacity_scope="sequence"``) is estimated with the batch rule, which slightly overestimates the drop.
+    (``capacity_scope="sequence"``) is replayed sequence by sequence, from each sequence's routed counts.
 
     Args:
         target_drop_rate: Largest acceptable share of dropped token copies (0.01 = 1%).
@@ -83,7 +83,8 @@ class CapacityFactorTuner(Callback):
         self.tune_eval = tune_eval
         self.factors: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
-        # Per tuned layer index: this window's batches as rows of (num_tokens, routed copies per expert...).
+        # Per tuned layer index: this window's batches (or, with per-sequence capacity, sequences) as rows of
+        # (num_tokens, routed copies per expert...).
         self._batches: dict[int, list[Tensor]] = {}
         self._steps = StepBoundary()
 
@@ -126,8 +127,12 @@ class CapacityFactorTuner(Callback):
         if stats is not None:
             for i, _, _ in tuned:
                 s = stats[i]
-                row = torch.cat([s.num_tokens.reshape(1).double(), s.tokens_per_expert.double()])
-                self._batches.setdefault(i, []).append(row)
+                if s.sequence_tokens_per_expert is not None:  # capacity per sequence: one row per sequence
+                    tokens, routed = s.sequence_num_tokens.reshape(-1, 1), s.sequence_tokens_per_expert
+                else:
+                    tokens, routed = s.num_tokens.reshape(1, 1), s.tokens_per_expert.reshape(1, -1)
+                rows = torch.cat([tokens.double(), routed.double()], dim=1)
+                self._batches.setdefault(i, []).extend(rows.unbind(0))
         if not self._steps.crossed(trainer):
             return
         if trainer.global_step % self.interval == 0 and self._batches:
@@ -174,7 +179,8 @@ def drop_rate(rows: Tensor, factor: float, top_k: int, num_experts: int) -> floa
     """Share of routed copies a capacity factor drops over batches.
 
     Args:
-        rows: ``(batches, 1 + E)``: each batch's real-token count followed by its routed copies per expert.
+        rows: ``(rows, 1 + E)``: each batch's (or, with per-sequence capacity, each sequence's) real-token count,
+            followed by its routed copies per expert.
         factor: Capacity factor.
         top_k: Experts per token.
         num_experts: Experts ``E``.

@@ -41,6 +41,10 @@ class MoEStats:
             (token choice), ``"z_loss"``, and ``"seq_balance"`` (token choice, ``(B, S, D)`` input).
         expert_ids: ``(T, K)`` experts each token chose (token choice; ``-1`` for padding and copies dropped
             by random routing), for callbacks that look at which tokens go where; ``None`` for expert choice.
+        sequence_tokens_per_expert: ``(B, E)`` live copies routed to each expert by each sequence before capacity
+            dropping, where capacity is counted per sequence (``capacity_scope="sequence"``, token choice,
+            ``(B, S, D)`` input); else ``None``.
+        sequence_num_tokens: ``(B,)`` real tokens of each sequence, alongside ``sequence_tokens_per_expert``.
     """
 
     tokens_per_expert: Tensor
@@ -50,6 +54,8 @@ class MoEStats:
     router_entropy: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
     expert_ids: Tensor | None = None
+    sequence_tokens_per_expert: Tensor | None = None
+    sequence_num_tokens: Tensor | None = None
 
     def detach(self) -> MoEStats:
         """A copy without autograd history (for logging and callbacks)."""
@@ -204,6 +210,14 @@ class MoELayer(nn.Module):
                     expert_ids_TK.view(batch, seq, routing.top_k),
                     None if mask_T is None else mask_T.view(batch, seq),
                 )
+        per_sequence = {}
+        if self.config.capacity_scope == "sequence" and x.dim() == 3 and routing.top_k is not None:
+            batch, seq = x.shape[:2]
+            slots_N = (routing.token_ids_N // seq) * num_experts + expert_ids_N
+            routed_BE = torch.zeros(batch * num_experts, dtype=torch.float32, device=x.device)
+            routed_BE = routed_BE.index_add(0, slots_N, keep_N.to(torch.float32)).view(batch, num_experts)
+            real_B = torch.full((batch,), seq, device=x.device) if mask_T is None else mask_T.view(batch, seq).sum(1)
+            per_sequence = {"sequence_tokens_per_expert": routed_BE, "sequence_num_tokens": real_B}
         x_numel = x.shape[:-1].numel()
         return MoEStats(
             tokens_per_expert=routed_E,
@@ -213,6 +227,7 @@ class MoELayer(nn.Module):
             router_entropy=losses.router_entropy(routing.probs_TE.detach(), mask_T),
             losses=aux,
             expert_ids=None if routing.top_k is None else torch.where(keep_N, expert_ids_N, -1).view(-1, routing.top_k),
+            **per_sequence,
         )
 
     @torch.no_grad()

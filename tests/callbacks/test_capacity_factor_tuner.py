@@ -1,8 +1,10 @@
+import lightning as L
 import pytest
 import torch
 
 from lightning_moe.callbacks import CapacityFactorTuner
 from lightning_moe.callbacks.capacity_factor_tuner import drop_rate, smallest_factor
+from lightning_moe.nn import ExpertsConfig, MoEConfig, MoELayer, RouterConfig
 from tests.callbacks._helpers import StatsRecorder, loader, read_events, scalars, skew_routers, tiny_mixtral, trainer
 
 
@@ -87,3 +89,38 @@ def test_dropless_model_warns_that_there_is_nothing_to_tune(tmp_path):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CapacityFactorTuner(**kwargs)
+
+
+class _PerSequenceCapacity(L.LightningModule):
+    """One top-1 MoE layer over 2 experts, capacity counted per sequence; sequence b routes all its tokens to b."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        router = RouterConfig(num_experts=2, top_k=1)
+        config = MoEConfig(dim=2, router=router, experts=ExpertsConfig(hidden_dim=4), capacity_factor=1.0,
+                           capacity_scope="sequence")  # fmt: skip
+        self.moe = MoELayer(config)
+        self.moe.router.gate.weight.requires_grad_(False).copy_(torch.tensor([[10.0, 0.0], [-10.0, 0.0]]))
+        self.dropped: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x = batch.new_tensor([[1.0, 0.0]] * 4 + [[-1.0, 0.0]] * 4).view(2, 4, 2)
+        y, stats = self.moe(x)
+        self.dropped.append(float(stats.num_dropped) / float(stats.tokens_per_expert.sum()))
+        return {"loss": y.pow(2).mean(), "router_stats": [stats.detach()]}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.0)
+
+
+def test_per_sequence_capacity_is_replayed_sequence_by_sequence(tmp_path):
+    # Over the batch both experts get 4 of 8 tokens (no drop at factor 1), but each sequence sends its 4 tokens
+    # to one expert whose per-sequence capacity is ceil(1.0 * 4 / 2) = 2: half the copies drop. Any factor above
+    # 1.5 gives capacity 4 and drops none. The batch rule saw no drop and kept factor 1.
+    model = _PerSequenceCapacity()
+    tuner = CapacityFactorTuner(target_drop_rate=0.0, interval=1, smoothing=0.0, max_factor=4.0)
+    trainer(tmp_path, [tuner], max_steps=2).fit(model, torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=1))
+    assert model.dropped == [0.5, 0.0]
+    assert tuner.history[0]["drop_rate"] == pytest.approx(0.5)
+    assert 1.5 < tuner.history[0]["factor"] <= 1.502
+    assert tuner.history[1]["drop_rate"] == 0.0
