@@ -126,8 +126,8 @@ class MoELayer(nn.Module):
             The ``x``-shaped output and the layer's statistics.
 
         Raises:
-            ValueError: If ``x`` or ``mask`` has the wrong shape, or ``x`` a dtype other than the weights' outside
-                autocast.
+            ValueError: If ``x`` or ``mask`` has the wrong shape (``x`` must be ``(B, S, D)`` where capacity is counted
+                per sequence), or ``x`` a dtype other than the weights' outside autocast.
         """
         cfg = self.config
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.dim:
@@ -139,6 +139,11 @@ class MoELayer(nn.Module):
                 "convert the layer with .to(dtype), or run the forward under torch.autocast"
             )
         check_token_mask("mask", mask)
+        if cfg.capacity_scope == "sequence" and not cfg.dropless and x.dim() != 3:
+            raise ValueError(
+                f"x.shape={tuple(x.shape)} is invalid with capacity_scope='sequence': capacity is counted per "
+                f"sequence, so the input must be (B, S, {cfg.dim})"
+            )
         if mask is not None and mask.shape != x.shape[:-1]:
             raise ValueError(f"mask.shape={tuple(mask.shape)} is invalid: expected {tuple(x.shape[:-1])}")
         x_TD = x.reshape(-1, cfg.dim)

@@ -209,3 +209,12 @@ def test_top1_with_weights_normalised_to_one_warns_that_the_router_gets_no_task_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         RouterConfig(num_experts=4, top_k=1)  # Switch: softmax over all experts, no warning
+
+
+def test_per_sequence_capacity_needs_sequences():
+    cfg = MoEConfig(dim=4, router=RouterConfig(num_experts=2, top_k=1), experts=ExpertsConfig(hidden_dim=4),
+                    capacity_factor=1.0, capacity_scope="sequence")  # fmt: skip
+    layer = MoELayer(cfg)
+    assert layer(torch.randn(2, 3, 4))[0].shape == (2, 3, 4)
+    with pytest.raises(ValueError, match=r"x.shape=\(6, 4\) is invalid with capacity_scope='sequence'.*\(B, S, 4\)"):
+        layer(torch.randn(6, 4))
