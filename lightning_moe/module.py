@@ -181,6 +181,8 @@ class MoELanguageModule(L.LightningModule):
             _reuse_expert_grad_memory(self.model, min_bytes=int(reuse_expert_grad_memory_min_mib * 2**20))
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None
+        # Training batches this module has seen (this rank), saved in checkpoints: where the data resumes.
+        self.train_batches_seen: int | None = 0
         self._step_start = 0.0
 
     # -- shared pieces --------------------------------------------------------------------------------
@@ -250,9 +252,10 @@ class MoELanguageModule(L.LightningModule):
         self.tokenizer_json = data.tokenizer.to_str()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the tokenizer with the weights so ``generate`` needs nothing else."""
+        """Keep the tokenizer with the weights so ``generate`` needs nothing else, and the training batches seen."""
         if self.tokenizer_json is not None:
             checkpoint["tokenizer_json"] = self.tokenizer_json
+        checkpoint["train_batches_seen"] = self.train_batches_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer saved with the weights; resume with this run's optimizer settings.
@@ -264,6 +267,7 @@ class MoELanguageModule(L.LightningModule):
         run's ``weight_decay``, every group its ``betas``.
         """
         self.tokenizer_json = checkpoint.get("tokenizer_json")
+        self.train_batches_seen = checkpoint.get("train_batches_seen")  # None in older files: the step count then
         hp, saved = self.hparams, checkpoint.get("hyper_parameters", {})
         ratio = hp.lr / saved["lr"] if saved.get("lr") else 1.0
         for state in checkpoint.get("optimizer_states", []):
@@ -280,8 +284,24 @@ class MoELanguageModule(L.LightningModule):
                 if key in state:
                     state[key] = [lr * ratio for lr in state[key]]
 
+    def on_train_start(self) -> None:
+        """Set each restored learning rate to this run's schedule at the restored step.
+
+        A resume restores the optimizer's last rates, which the saved run's schedule gave; the schedule itself
+        (warmup, cosine to ``max_steps``) is this run's. They differ when a finished run is extended with a
+        larger ``max_steps``: the first step after the resume would take the old run's final rate.
+        """
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                steps = zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+                for group, base_lr, rate in steps:
+                    group["lr"] = base_lr * rate(scheduler.last_epoch)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Start the tokens-per-second clock."""
+        """Count the batch (where the data resumes, see ``TextDataModule.train_dataloader``); start the clock."""
+        if self.train_batches_seen is not None:
+            self.train_batches_seen += 1
         self._step_start = time.perf_counter()
 
     def log_train(self, loss: Tensor, ce: Tensor, terms: dict[str, Tensor], num_tokens: int) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from lightning_moe.callbacks import LastCheckpoint
 from lightning_moe.data import TextDataModule
 from lightning_moe.module import CausalLMModule
 
@@ -44,14 +45,12 @@ def _data(tmp_path):
                           val_fraction=0.1, cache_dir=str(tmp_path / "cache"))  # fmt: skip
 
 
-def _fit(tmp_path, max_steps, ckpt_path=None, every=None, crash_after=None):
+def _fit(tmp_path, max_steps, ckpt_path=None, every=None, crash_after=None, checkpoint=ModelCheckpoint, callbacks=()):
     torch.manual_seed(0)
     recorder = LossRecorder()
-    callbacks = [recorder] + ([CrashAfter(crash_after)] if crash_after else [])
+    callbacks = [recorder, *callbacks] + ([CrashAfter(crash_after)] if crash_after else [])
     if every:
-        callbacks.append(
-            ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=every)
-        )
+        callbacks.append(checkpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=every))
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
                         default_root_dir=tmp_path)  # fmt: skip
@@ -78,6 +77,67 @@ def test_resume_from_last_repeats_the_uninterrupted_losses(tmp_path):
     assert resumed == uninterrupted[stop:]
     # The loader resumes mid-epoch exactly, and says so: no "dataloader is not resumable" warning.
     assert not [w for w in caught if "not resumable" in str(w.message)]
+
+
+def _batches_per_epoch(tmp_path):
+    data = _data(tmp_path)
+    data.setup("fit")
+    return len(data.train_set) // data.batch_size
+
+
+def test_last_checkpoint_saves_the_final_step_between_periodic_saves(tmp_path):
+    # Lightning's ModelCheckpoint skips its end-of-training save once any last.ckpt was written: the steps after
+    # the last periodic save were lost.
+    _fit(tmp_path / "plain", 6, every=4)
+    assert torch.load(tmp_path / "plain" / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 4
+    _fit(tmp_path / "ours", 6, every=4, checkpoint=LastCheckpoint)
+    assert torch.load(tmp_path / "ours" / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 6
+    # A second run of the same settings rewrites last.ckpt (no last-v1.ckpt beside it).
+    _fit(tmp_path / "ours", 5, every=4, checkpoint=LastCheckpoint)
+    assert sorted(p.name for p in (tmp_path / "ours" / "ckpt").iterdir()) == ["last.ckpt"]
+    assert torch.load(tmp_path / "ours" / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 5
+
+
+class BatchRecorder(Callback):
+    """Each training batch's tensor and the learning rate it trains with."""
+
+    def __init__(self) -> None:
+        self.batches: list[torch.Tensor] = []
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(batch.clone())
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "epoch end"])
+def test_extending_a_finished_run_continues_its_data_and_takes_the_new_schedule(tmp_path, where):
+    # A run that ends at max_steps is saved with its epoch counted as finished; extended with a larger max_steps
+    # it must still see the rest of that epoch's batches first, in the uninterrupted run's order (it used to
+    # start the next epoch's permutation). Its weights differ from the uninterrupted run's (the cosine schedule
+    # ran to the smaller max_steps), but from the first resumed step on it trains at the new schedule's rates.
+    batches_per_epoch = _batches_per_epoch(tmp_path)
+    stop = 3 if where == "mid-epoch" else batches_per_epoch
+    total = batches_per_epoch + 5
+    uninterrupted = BatchRecorder()
+    _fit(tmp_path / "a", total, callbacks=[uninterrupted])
+    _fit(tmp_path / "b", stop, every=1000, checkpoint=LastCheckpoint)
+    resumed = BatchRecorder()
+    _fit(tmp_path / "b", total, every=1000, checkpoint=LastCheckpoint, callbacks=[resumed],
+         ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))  # fmt: skip
+    assert len(resumed.batches) == total - stop
+    assert all(torch.equal(a, b) for a, b in zip(resumed.batches, uninterrupted.batches[stop:], strict=True))
+    assert resumed.lrs == pytest.approx(uninterrupted.lrs[stop:], rel=1e-12)
+
+
+def test_resuming_from_a_checkpoint_at_an_epoch_boundary_repeats_the_uninterrupted_losses(tmp_path):
+    batches_per_epoch = _batches_per_epoch(tmp_path)
+    total = batches_per_epoch + 4
+    _, uninterrupted = _fit(tmp_path / "a", total)
+    with pytest.raises(Crash):
+        _fit(tmp_path / "b", total, every=batches_per_epoch, crash_after=batches_per_epoch)
+    _, resumed = _fit(tmp_path / "b", total, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert resumed == uninterrupted[batches_per_epoch:]
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -69,26 +70,40 @@ class ResumableShuffle(DistributedSampler):
 
     Each epoch ``e`` visits a permutation drawn from ``seed + e``. With ``num_replicas`` ranks, rank ``r`` takes
     every ``num_replicas``-th index of it from position ``r`` (the tail that cannot give every rank one more is
-    dropped), so the ranks' batches of one step are disjoint and together are one global batch. After a resume,
-    :meth:`skip_to` sets the epoch and how many samples of it this rank already consumed, so the first iteration
-    continues exactly where the interrupted run stopped; later epochs start from their beginning. Lightning calls
-    :meth:`set_epoch` at each epoch start; being a ``DistributedSampler``, it is not replaced by Lightning's
-    distributed wrapper, whose own reshuffling would lose the resume position.
+    dropped), so the ranks' batches of one step are disjoint and together are one global batch. Where an
+    iteration starts: with ``consumed_batches``, from the batches this rank's training consumed so far (epoch
+    and position in it); else :meth:`skip_to` sets the epoch and the samples of it already consumed for the next
+    iteration, and :meth:`set_epoch`, which Lightning calls at each epoch start, a new epoch from its beginning.
+    Being a ``DistributedSampler``, it is not replaced by Lightning's distributed wrapper, whose own reshuffling
+    would lose the position.
 
     Args:
         num_samples: Dataset length.
         seed: Base seed.
         num_replicas: Ranks sharing the data.
         rank: This rank.
+        batch_size: Samples per batch (with ``consumed_batches``; an epoch uses only full batches).
+        consumed_batches: Returns the batches this rank has consumed since training started (``None``: use
+            :meth:`set_epoch` and :meth:`skip_to`).
     """
 
-    def __init__(self, num_samples: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        batch_size: int = 1,
+        consumed_batches: Callable[[], int] | None = None,
+    ) -> None:
         super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=True)  # fmt: skip
         self._skip = 0
+        self.batch_size = batch_size
+        self.consumed_batches = consumed_batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch``."""
+        """Select the permutation of ``epoch`` (ignored with ``consumed_batches``: the count places the data)."""
         if epoch != self.epoch:
             self._skip = 0
         self.epoch = epoch
@@ -103,6 +118,12 @@ class ResumableShuffle(DistributedSampler):
         return self.num_samples
 
     def __iter__(self):
+        if self.consumed_batches is not None:
+            # Where the data stream stands, from the batches training consumed: each new iterator continues it,
+            # however the trainer counts its epochs (a run that stopped at max_steps mid-epoch is saved with that
+            # epoch counted as finished, and its extension would otherwise start the next permutation).
+            epoch, batch_in_epoch = divmod(self.consumed_batches(), max(1, self.num_samples // self.batch_size))
+            self.epoch, self._skip = epoch, batch_in_epoch * self.batch_size
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
         mine = order[self.rank : self.total_size : self.num_replicas]
@@ -298,13 +319,21 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled training blocks (seeded per epoch), full batches only, resuming mid-epoch exactly.
 
-        When a run resumes from a checkpoint, the trainer's restored step count tells how many batches were
-        consumed, and the sampler continues from there, so every step after the resume sees the batch the
-        uninterrupted run saw.
+        Each epoch's iterator starts where the training batches consumed so far put it (the module's
+        ``train_batches_seen``, restored from its checkpoint, else the step count), so every step after a resume
+        sees the batch the uninterrupted run saw, also when a finished run is extended with a larger
+        ``max_steps``.
         """
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableShuffle(len(self.train_set), self.seed, world, rank)
+
+        def consumed_batches() -> int:
+            # The module's own count of training batches (saved in its checkpoints), else the step count.
+            seen = getattr(trainer.lightning_module, "train_batches_seen", None)
+            return seen if seen is not None else trainer.global_step * trainer.accumulate_grad_batches
+
+        consumed = consumed_batches if trainer is not None else None
+        sampler = ResumableShuffle(len(self.train_set), self.seed, world, rank, self.batch_size, consumed)
         batches_per_epoch = len(sampler) // self.batch_size
         if batches_per_epoch == 0:
             raise ValueError(
@@ -312,10 +341,6 @@ class TextDataModule(L.LightningDataModule):
                 f"training blocks give each rank {len(sampler)}, fewer than one full batch; use batch_size <= "
                 f"{len(sampler)}, fewer ranks or more text"
             )
-        if trainer is not None and trainer.global_step > 0:
-            consumed = trainer.global_step * trainer.accumulate_grad_batches
-            epoch, batch_in_epoch = divmod(consumed, batches_per_epoch)
-            sampler.skip_to(epoch, batch_in_epoch * self.batch_size)
         return StepResumedLoader(
             self.train_set,
             batch_size=self.batch_size,
