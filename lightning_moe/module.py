@@ -260,13 +260,28 @@ class MoELanguageModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer saved with the weights; resume with this run's optimizer settings.
 
+        Refuses a checkpoint whose tokenizer differs from the one this run's data built (changed ``data.*``
+        settings): the weights would be trained or evaluated on token ids that mean other text.
+
         The optimizer and scheduler states restored after this hook carry the saved run's learning rate, weight
         decay and betas; a resume that changes them (``--model.init_args.lr``, ...) would otherwise keep the
         old ones. The saved learning rates (the scheduler's base rates and every group's current and initial
         rate) are scaled by ``lr / saved lr``, which keeps the schedule's position; the decayed group takes this
         run's ``weight_decay``, every group its ``betas``.
         """
-        self.tokenizer_json = checkpoint.get("tokenizer_json")
+        saved_tokenizer = checkpoint.get("tokenizer_json")
+        if self.tokenizer_json is not None and saved_tokenizer is not None and saved_tokenizer != self.tokenizer_json:
+            saved_data = checkpoint.get("datamodule_hyper_parameters", {})
+            data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            now = dict(getattr(data, "hparams", {}) or {})
+            changed = {k: (saved_data[k], now[k]) for k in saved_data if k in now and saved_data[k] != now[k]}
+            raise ValueError(
+                "the data's tokenizer differs from the checkpoint's: the model's token ids would stand for other "
+                "text. Use the data settings of the checkpoint's run"
+                + (f"; changed (checkpoint, now): {changed}" if changed else "")
+                + " (data.sources, max_bytes, vocab_size and tokenizer_path decide the tokenizer)"
+            )
+        self.tokenizer_json = saved_tokenizer
         self.train_batches_seen = checkpoint.get("train_batches_seen")  # None in older files: the step count then
         hp, saved = self.hparams, checkpoint.get("hyper_parameters", {})
         ratio = hp.lr / saved["lr"] if saved.get("lr") else 1.0

@@ -38,10 +38,10 @@ class LossRecorder(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _data(tmp_path):
+def _data(tmp_path, vocab_size=300):
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "corpus.txt").write_text(TEXT)
-    return TextDataModule(sources=[str(tmp_path / "corpus.txt")], vocab_size=300, block_size=16, batch_size=8,
+    return TextDataModule(sources=[str(tmp_path / "corpus.txt")], vocab_size=vocab_size, block_size=16, batch_size=8,
                           val_fraction=0.1, cache_dir=str(tmp_path / "cache"))  # fmt: skip
 
 
@@ -163,3 +163,18 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monk
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert CausalLMModule.load_from_checkpoint(path) is not None
+
+
+def test_data_with_another_tokenizer_is_refused_on_resume_and_validate(tmp_path):
+    _fit(tmp_path, 2, every=1)
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    module = CausalLMModule(arch="mixtral-tiny", overrides={"dim": 32, "ffn_hidden": 32}, warmup_steps=3)
+    options = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                   limit_val_batches=1, num_sanity_val_steps=0)  # fmt: skip
+    match = r"the data's tokenizer differs from the checkpoint's.*'vocab_size': \(300, 280\)"
+    with pytest.raises(ValueError, match=match):
+        L.Trainer(max_steps=3, **options).fit(module, _data(tmp_path, vocab_size=280), ckpt_path=last)
+    with pytest.raises(ValueError, match=match):
+        L.Trainer(**options).validate(module, _data(tmp_path, vocab_size=280), ckpt_path=last)
+    # The same data settings pass.
+    assert L.Trainer(**options).validate(module, _data(tmp_path), ckpt_path=last)[0]["val/loss"] > 0
