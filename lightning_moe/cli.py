@@ -68,6 +68,8 @@ class MoECLI(LightningCLI):
         hparams.pop("_instantiator", None)
         keys = ARCHITECTURE_ARGS if subcommand == "fit" else [key for key in hparams if key != "_class_path"]
         model = {key: hparams[key] for key in keys if key in hparams}
+        if subcommand == "fit" and "upcycle" in hparams:
+            model["upcycle_from"] = None  # the checkpoint's arch, overrides and upcycle rebuild the upcycled model
         # Without a class path (a checkpoint saved outside this CLI) the configured module class stays.
         class_path = hparams.get("_class_path") or getattr(self.config[subcommand].model, "class_path", None)
         if model:

@@ -260,8 +260,10 @@ class MoELanguageModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer saved with the weights; resume with this run's optimizer settings.
 
-        Refuses a checkpoint whose tokenizer differs from the one this run's data built (changed ``data.*``
-        settings): the weights would be trained or evaluated on token ids that mean other text.
+        Refuses a checkpoint built with another network (``arch``, ``overrides``, ``upcycle``; ``--ckpt_path last``
+        takes the network from the command line) and one whose tokenizer differs from the one this run's data
+        built (changed ``data.*`` settings): the weights would be trained or evaluated on token ids that mean
+        other text.
 
         The optimizer and scheduler states restored after this hook carry the saved run's learning rate, weight
         decay and betas; a resume that changes them (``--model.init_args.lr``, ...) would otherwise keep the
@@ -269,6 +271,15 @@ class MoELanguageModule(L.LightningModule):
         rate) are scaled by ``lr / saved lr``, which keeps the schedule's position; the decayed group takes this
         run's ``weight_decay``, every group its ``betas``.
         """
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("arch", "overrides", "upcycle"):
+            mine, theirs = self.hparams.get(key), saved.get(key)
+            if key in saved and (mine or None) != (theirs or None):
+                raise ValueError(
+                    f"{key}={mine!r} is invalid for this checkpoint, which was trained with {key}={theirs!r}: the "
+                    "weights would not fit. Pass the same --model settings, or the checkpoint's file path as "
+                    "--ckpt_path (then the network comes from the checkpoint)"
+                )
         saved_tokenizer = checkpoint.get("tokenizer_json")
         if self.tokenizer_json is not None and saved_tokenizer is not None and saved_tokenizer != self.tokenizer_json:
             saved_data = checkpoint.get("datamodule_hyper_parameters", {})

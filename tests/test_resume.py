@@ -178,3 +178,14 @@ def test_data_with_another_tokenizer_is_refused_on_resume_and_validate(tmp_path)
         L.Trainer(**options).validate(module, _data(tmp_path, vocab_size=280), ckpt_path=last)
     # The same data settings pass.
     assert L.Trainer(**options).validate(module, _data(tmp_path), ckpt_path=last)[0]["val/loss"] > 0
+
+
+def test_a_checkpoint_of_another_network_is_refused_by_name(tmp_path):
+    # `--ckpt_path last` takes the network from the command line: a different one gets an error naming the field,
+    # not a size mismatch from deep inside load_state_dict.
+    _fit(tmp_path, 1, every=1)
+    other = CausalLMModule(arch="mixtral-tiny", overrides={"dim": 32, "ffn_hidden": 32, "num_experts": 4})
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, limit_val_batches=0)  # fmt: skip
+    with pytest.raises(ValueError, match=r"overrides=\{.*'num_experts': 4\} is invalid for this checkpoint, which"):
+        trainer.fit(other, _data(tmp_path), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))

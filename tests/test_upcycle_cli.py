@@ -56,3 +56,19 @@ def test_upcycle_from_errors(tmp_path):
         CausalLMModule(arch="mixtral-tiny-dense", upcycle={"experts": 4})
     with pytest.raises(ValueError, match="does not support an MoE model"):
         CausalLMModule(arch="mixtral-tiny", upcycle={})
+
+
+def test_resuming_an_upcycled_run_with_its_own_command_and_checkpoint_file(tmp_path):
+    # The dense run built with the dense override: its overrides travel into the upcycled run's checkpoint, and
+    # the resume command (the upcycle command plus --ckpt_path FILE) used to refuse them next to upcycle_from.
+    dense = _fit(tmp_path, "dense", "--model.arch", "mixtral-tiny", "--model.overrides", "{dense: active}")
+    dense_ckpt = tmp_path / "dense.ckpt"
+    dense.trainer.save_checkpoint(dense_ckpt)
+    command = ["--model.upcycle_from", str(dense_ckpt), "--model.upcycle", "{num_experts: 4}"]
+    moe = _fit(tmp_path, "moe", *command)
+    moe_ckpt = tmp_path / "moe.ckpt"
+    moe.trainer.save_checkpoint(moe_ckpt)
+    resumed = _fit(tmp_path, "moe", *command, "--ckpt_path", str(moe_ckpt), "--trainer.max_steps", "4")
+    assert resumed.trainer.global_step == 4
+    assert resumed.model.hparams.overrides == {"dense": "active"} and resumed.model.hparams.upcycle["num_experts"] == 4
+    assert sum(isinstance(m, MoELayer) for m in resumed.model.modules()) == 2
