@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_moe.data import TextDataModule, unigram_entropy
-from lightning_moe.module import CausalLMModule, MoELanguageModule
+from lightning_moe.module import CausalLMModule, MoELanguageModule, check_sampling
 from lightning_moe.strategies.checkpoint import METADATA_FILE
 
 # Model arguments that define the network. `fit --ckpt_path FILE` takes these from the checkpoint (the weights
@@ -176,10 +176,7 @@ def generate_main(argv: Sequence[str]) -> str:
         raise ValueError("prompt='' is invalid: generate continues a prompt of at least one character")
     if args.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={args.max_new_tokens} is invalid: must be >= 1")
-    if args.temperature < 0:
-        raise ValueError(f"temperature={args.temperature} is invalid: must be >= 0 (0: greedy)")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"top_k={args.top_k} is invalid: must be >= 1, or unset for the whole vocabulary")
+    check_sampling(args.temperature, args.top_k)
     path = Path(args.ckpt_path)
     if path.is_dir():  # expert-parallel runs write one shard per rank: gather the full weights in memory
         from lightning_moe.strategies import full_checkpoint

@@ -514,10 +514,7 @@ class CausalLMModule(MoELanguageModule):
         Returns:
             ``(B, T + max_new_tokens)`` token ids.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature!r} is invalid: must be >= 0")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k={top_k!r} is invalid: must be >= 1 or None")
+        check_sampling(temperature, top_k)
         was_training = self.training
         self.eval()
         cache = self.model.new_cache() if use_cache and hasattr(self.model, "new_cache") else None
@@ -536,11 +533,20 @@ class CausalLMModule(MoELanguageModule):
         return ids
 
 
+def check_sampling(temperature: float, top_k: int | None) -> None:
+    """Raise unless ``temperature`` is a finite number >= 0 and ``top_k`` is None or >= 1 (see :func:`sample_next`)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r} is invalid: must be a finite number >= 0 (0: greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k!r} is invalid: must be >= 1, or unset for the whole vocabulary")
+
+
 def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None) -> Tensor:
     """Pick the next token ``(B, 1)``: argmax at temperature 0, else a sample from the (top-k) softmax."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1, keepdim=True)
-    logits_BV = logits_BV / temperature
+    # From the largest logit down, so a tiny temperature scales to 0 and -inf (near-greedy), never to inf - inf.
+    logits_BV = (logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
@@ -634,8 +640,7 @@ class Seq2SeqLMModule(MoELanguageModule):
         Returns:
             ``(B, 1 + max_new_tokens)`` decoder ids, starting with the decoder start id.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature!r} is invalid: must be >= 0")
+        check_sampling(temperature, top_k)
         was_training = self.training
         self.eval()
         ids = torch.full((input_ids.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=input_ids.device)

@@ -124,6 +124,16 @@ def test_sampling_respects_top_k_and_temperature():
     assert torch.equal(sample_next(logits, 0.0, None), torch.tensor([[1]]))
     with pytest.raises(ValueError, match=r"temperature=-1.0 is invalid"):
         _module().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=-1.0)
+    with pytest.raises(ValueError, match=r"temperature=inf is invalid: must be a finite number"):
+        _module().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=float("inf"))
+    # A tiny temperature is near-greedy: scaled from the top logit down it never overflows into inf - inf.
+    big = torch.tensor([[30.0, 50.0, 49.0, -1e4]])
+    assert torch.equal(sample_next(big, 1e-45, None), torch.tensor([[1]]))
+    # Temperature still shapes the distribution: the empirical shares follow softmax(logits / T).
+    torch.manual_seed(0)
+    draws = torch.cat([sample_next(logits, 2.0, None) for _ in range(4000)]).flatten()
+    shares = torch.bincount(draws, minlength=4).double() / draws.numel()
+    torch.testing.assert_close(shares, torch.softmax(logits[0].double() / 2.0, dim=0), atol=0.03, rtol=0)
 
 
 def test_expert_grad_memory_is_kept_by_default_only_for_large_experts():
