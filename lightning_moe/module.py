@@ -20,7 +20,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_moe import zoo
-from lightning_moe.data.span_corruption import span_corruption, span_counts
+from lightning_moe.data.span_corruption import check_span_settings, span_corruption, span_counts
 from lightning_moe.data.tokenizer import PAD_TOKEN
 from lightning_moe.nn.encoder_decoder import EncoderDecoderLM
 from lightning_moe.nn.experts import FRESH_PAGES_MIN_BYTES
@@ -113,7 +113,7 @@ class MoELanguageModule(L.LightningModule):
             raise ValueError(
                 f"nan_policy={nan_policy!r} is invalid: must be one of {', '.join(map(repr, NAN_POLICIES))}"
             )
-        if not 0 < lr < math.inf:
+        if isinstance(lr, bool) or not 0 < lr < math.inf:
             raise ValueError(f"lr={lr!r} is invalid: must be a finite number > 0")
         if not 0 <= weight_decay < math.inf:
             raise ValueError(f"weight_decay={weight_decay!r} is invalid: must be a finite number >= 0")
@@ -128,10 +128,10 @@ class MoELanguageModule(L.LightningModule):
         ):
             if coef is not None and not 0 <= coef < math.inf:
                 raise ValueError(f"{name}={coef!r} is invalid: must be a finite number >= 0, or None for the preset's")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be >= 0")
-        if mtp_loss_coef is not None and mtp_loss_coef < 0:
-            raise ValueError(f"mtp_loss_coef={mtp_loss_coef!r} is invalid: must be >= 0")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be an int >= 0")
+        if mtp_loss_coef is not None and not 0 <= mtp_loss_coef < math.inf:
+            raise ValueError(f"mtp_loss_coef={mtp_loss_coef!r} is invalid: must be a finite number >= 0")
         if reuse_expert_grad_memory_min_mib < 0:
             raise ValueError(
                 f"reuse_expert_grad_memory_min_mib={reuse_expert_grad_memory_min_mib!r} is invalid: must be >= 0"
@@ -571,6 +571,7 @@ class Seq2SeqLMModule(MoELanguageModule):
     seq2seq = True
 
     def __init__(self, *args: Any, noise_density: float = 0.15, mean_span_length: float = 3.0, **kwargs: Any):
+        check_span_settings(noise_density, mean_span_length)
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
         self.decoder_start_id = 0

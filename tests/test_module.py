@@ -232,7 +232,7 @@ def test_mtp_loss_is_added_with_its_coefficient_and_trains_the_mtp_modules():
     off = CausalLMModule(arch="deepseek-tiny", overrides={"mtp_depth": 1}, mtp_loss_coef=0.0, **no_aux)
     off.training_step(batch, 0)["loss"].backward()
     assert off.model.mtp[0].eh_proj.weight.grad is None  # no term reaches the MTP block
-    with pytest.raises(ValueError, match=r"mtp_loss_coef=-0.1 is invalid: must be >= 0"):
+    with pytest.raises(ValueError, match=r"mtp_loss_coef=-0.1 is invalid: must be a finite number >= 0"):
         CausalLMModule(arch="deepseek-tiny", mtp_loss_coef=-0.1)
 
 
@@ -245,11 +245,29 @@ def test_mtp_loss_is_added_with_its_coefficient_and_trains_the_mtp_modules():
         (dict(min_lr_ratio=-1.0), r"min_lr_ratio=-1.0 is invalid: must be in \[0, 1\]"),
         (dict(load_balance_coef=-1.0), r"load_balance_coef=-1.0 is invalid: must be a finite number >= 0"),
         (dict(z_loss_coef=float("nan")), r"z_loss_coef=nan is invalid"),
+        (dict(lr=True), r"lr=True is invalid: must be a finite number > 0"),
+        (dict(warmup_steps=2.5), r"warmup_steps=2.5 is invalid: must be an int >= 0"),
+        (dict(mtp_loss_coef=float("inf")), r"mtp_loss_coef=inf is invalid: must be a finite number >= 0"),
     ],
 )
 def test_optimizer_and_loss_arguments_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CausalLMModule(arch="mixtral-tiny", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(mean_span_length=0), r"mean_span_length=0 is invalid: must be a finite number >= 1"),
+        (dict(mean_span_length=0.5), r"mean_span_length=0.5 is invalid"),
+        (dict(noise_density=1.0), r"noise_density=1.0 is invalid: must be in \(0, 1\)"),
+    ],
+)
+def test_span_corruption_settings_are_checked_at_construction(kwargs, match):
+    from lightning_moe.module import Seq2SeqLMModule
+
+    with pytest.raises(ValueError, match=match):
+        Seq2SeqLMModule(arch="switch-tiny", **kwargs)
 
 
 def test_fitting_in_float16_without_loss_scaling_warns():

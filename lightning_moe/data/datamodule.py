@@ -199,6 +199,7 @@ class TextDataModule(L.LightningDataModule):
             "val_fraction": (0.0 < val_fraction < 1.0, "must be in (0, 1)"),
             "num_workers": (num_workers >= 0, "must be >= 0"),
             "max_bytes": (max_bytes is None or max_bytes >= 1, "must be >= 1 or None"),
+            "seed": (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "must be an int >= 0"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:

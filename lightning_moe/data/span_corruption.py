@@ -9,8 +9,18 @@ inputs and targets stack into rectangular tensors.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+
+def check_span_settings(noise_density: float, mean_span_length: float) -> None:
+    """Raise unless ``noise_density`` is in (0, 1) and ``mean_span_length`` is a finite number >= 1."""
+    if not (isinstance(noise_density, (int, float)) and 0.0 < noise_density < 1.0):
+        raise ValueError(f"noise_density={noise_density!r} is invalid: must be in (0, 1)")
+    if not (isinstance(mean_span_length, (int, float)) and 1 <= mean_span_length < math.inf):
+        raise ValueError(f"mean_span_length={mean_span_length!r} is invalid: must be a finite number >= 1")
 
 
 def span_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
@@ -52,10 +62,7 @@ def span_corruption(
     batch, length = tokens_BL.shape
     if length < 2:
         raise ValueError(f"sequence length {length} is invalid for span corruption: need at least 2 tokens")
-    if not 0.0 < noise_density < 1.0:
-        raise ValueError(f"noise_density={noise_density!r} is invalid: must be in (0, 1)")
-    if mean_span_length < 1:
-        raise ValueError(f"mean_span_length={mean_span_length!r} is invalid: must be >= 1")
+    check_span_settings(noise_density, mean_span_length)
     num_noise, num_spans = span_counts(length, noise_density, mean_span_length)
     num_spans = min(num_spans, num_noise, length - num_noise)
     generator = generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(2**31, ())))

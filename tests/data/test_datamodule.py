@@ -151,6 +151,8 @@ def test_errors_before_any_work(corpus, tmp_path):
         _data(corpus, tmp_path, block_size=0)
     with pytest.raises(ValueError, match=r"sources=\[\] is invalid"):
         _data(corpus, tmp_path, sources=[])
+    with pytest.raises(ValueError, match=r"seed=-1 is invalid: must be an int >= 0"):
+        _data(corpus, tmp_path, seed=-1)
     with pytest.raises(ValueError, match=r"block_size=100000 is invalid for this corpus"):
         _data(corpus, tmp_path, block_size=100_000).setup("fit")
 
@@ -206,3 +208,14 @@ def test_resumable_shuffle_shards_one_permutation_over_ranks_and_resumes_per_ran
     assert list(resumed) == shards[1][4:]
     resumed.set_epoch(2)
     assert len(list(resumed)) == num_samples // world  # the next epoch starts from its beginning
+
+
+def test_resumable_shuffle_places_each_iteration_by_the_batches_consumed():
+    num_samples, seed, batch = 23, 5, 4  # 5 full batches per epoch; the last 3 samples are never used
+    consumed = [0]
+    sampler = ResumableShuffle(num_samples, seed, batch_size=batch, consumed_batches=lambda: consumed[0])
+    epochs = [torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + e)).tolist() for e in (0, 1)]
+    assert list(sampler) == epochs[0]
+    consumed[0] = 7  # epoch 1, 2 batches in: whatever epoch number the trainer passes, the data continues there
+    sampler.set_epoch(5)
+    assert list(sampler) == epochs[1][8:]
