@@ -12,6 +12,7 @@ import argparse
 import importlib
 import io
 import os
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,7 +192,13 @@ def generate_main(argv: Sequence[str]) -> str:
     from tokenizers import Tokenizer
 
     in_memory = isinstance(source, io.BytesIO)  # a file is only mapped here: its tensors are read once, below
-    hparams = torch.load(source, weights_only=True, map_location="cpu", mmap=not in_memory).get("hyper_parameters", {})
+    try:
+        checkpoint = torch.load(source, weights_only=True, map_location="cpu", mmap=not in_memory)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise ValueError(
+            f"ckpt_path={args.ckpt_path!r} is invalid: not a readable checkpoint of lightning-moe fit ({error})"
+        ) from error
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     if in_memory:
         source.seek(0)
     if str(hparams.get("_class_path", "")).endswith("Seq2SeqLMModule"):

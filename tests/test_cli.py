@@ -152,9 +152,12 @@ def test_block_size_beyond_the_model_fails_before_training(tmp_path):
         run_cli(args)
 
 
-def test_missing_checkpoint_for_generate():
+def test_missing_checkpoint_for_generate(tmp_path):
     with pytest.raises(ValueError, match=r"ckpt_path='nope.ckpt' is invalid: no such file or checkpoint directory"):
         generate_main(["--ckpt_path", "nope.ckpt"])
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"ckpt_path='.*notes.txt' is invalid: not a readable checkpoint"):
+        generate_main(["--ckpt_path", str(tmp_path / "notes.txt")])
 
 
 class LrRecorder(Callback):
