@@ -129,6 +129,37 @@ class MoECLI(LightningCLI):
         lines.append("=" * 72)
         print("\n".join(lines))
 
+    def predict(self, **kwargs: Any) -> list[Any] | None:
+        """``trainer.predict``, then the continuations decoded: the first few printed, all written to a file.
+
+        Each prediction of ``CausalLMModule`` is a prompt (the first half of a validation block) followed by its
+        greedy continuation; decoded with the checkpoint's tokenizer they go to ``predictions.txt`` in the run's
+        log folder, one prompt and continuation per record.
+        """
+        predictions = self.trainer.predict(**kwargs)
+        module, data = self.trainer.lightning_module, self.datamodule
+        if not predictions or self.trainer.global_rank != 0 or not isinstance(module, CausalLMModule):
+            return predictions
+        from tokenizers import Tokenizer
+
+        if module.tokenizer_json is None:  # the data's tokenizer, or the checkpoint's
+            return predictions
+        tokenizer = Tokenizer.from_str(module.tokenizer_json)
+        half = max(1, data.block_size // 2) if isinstance(data, TextDataModule) else 0
+        records = []
+        for ids_BT in predictions:
+            for ids in ids_BT.tolist():
+                records.append((tokenizer.decode(ids[:half]), tokenizer.decode(ids[half:])))
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "predictions.txt"
+        rule = "-" * 72
+        text = "".join(f"{rule}\nPROMPT\n{prompt}\nCONTINUATION\n{more}\n" for prompt, more in records)
+        path.write_text(text)
+        shown = "".join(f"{rule}\n{prompt}[...]{more}\n" for prompt, more in records[:3])
+        print(f"{shown}{rule}\n{len(records)} continuations written to {path}")
+        return predictions
+
 
 def _check_sharded_checkpoint_strategy(ckpt_path: str, strategy: Any) -> None:
     """Raise unless ``strategy`` (a trainer config value) can read the sharded checkpoint at ``ckpt_path``."""

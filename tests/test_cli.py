@@ -114,6 +114,13 @@ def test_validate_test_and_predict_subcommands_load_a_checkpoint(tmp_path):
     assert "test/loss" in test.trainer.callback_metrics
     predict = run_cli(["predict", *common, "--trainer.limit_predict_batches", "1", "--ckpt_path", ckpt])
     assert predict.trainer.state.finished
+    # The continuations are decoded and written, each record the prompt (half a validation block) and more text.
+    written = (Path(predict.trainer.log_dir) / "predictions.txt").read_text()
+    records = written.split("-" * 72 + "\n")[1:]
+    assert len(records) == 8  # one batch of --data.batch_size 8
+    data = predict.datamodule
+    first = data.tokenizer.decode(data.val_set[0][: data.block_size // 2].tolist())
+    assert records[0].startswith(f"PROMPT\n{first}\nCONTINUATION\n")
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
