@@ -272,7 +272,7 @@ def build(cfg: DeepSeekConfig) -> DeepSeekLM:
         dim=cfg.dim,
         layers=layers,
         norm=RMSNorm(cfg.dim, cfg.norm_eps),
-        rope=(cfg.rope, cfg.rope_dim),
+        rope=(dataclasses.replace(cfg.rope), cfg.rope_dim),  # its own: editing model.zoo_config changes nothing
         tie_embeddings=cfg.tie_embeddings,
     )
     init_weights(model, cfg.init_std)

@@ -6,6 +6,7 @@ function returning an ``nn.Module``, and a dict of named presets, then calls :fu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from collections.abc import Callable
@@ -170,7 +171,7 @@ def config(name: str, **overrides: Any) -> ModelConfig:
             the valid keys), and for invalid values.
     """
     _, cfg = _lookup(name)
-    return _apply_overrides(cfg, overrides)
+    return _apply_overrides(copy.deepcopy(cfg), overrides)  # nested fields (rope, lists) are the caller's own
 
 
 def register_presets(family: str, presets: dict[str, ModelConfig]) -> None:
@@ -203,7 +204,7 @@ def build(name_or_config: str | ModelConfig, **overrides: Any) -> nn.Module:
         cfg = config(name_or_config, **overrides)
     else:
         family = _family_for_config(name_or_config)
-        cfg = _apply_overrides(name_or_config, overrides)
+        cfg = _apply_overrides(copy.deepcopy(name_or_config), overrides)  # the model's own, not the caller's
     model = family.build(cfg)
     if cfg.dense is not None:
         densify(model, cfg.dense, cfg.init_std)

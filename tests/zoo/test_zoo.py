@@ -52,6 +52,28 @@ def test_overrides_apply_and_presets_stay_untouched():
     assert zoo.build(cfg).layers[0].ffn.config.router.top_k == 1
 
 
+def test_configs_share_no_nested_field_with_presets_or_models():
+    # Editing a config's nested fields (rope, lists) must not reach the presets or a model built before.
+    torch.manual_seed(0)
+    model = zoo.build("deepseek-tiny").eval()
+    ids = torch.randint(0, 1024, (1, 16))
+    with torch.no_grad():
+        before = model(ids).logits
+    theta = zoo.config("deepseek-tiny").rope.theta
+    zoo.config("deepseek-tiny").rope.theta = theta * 50
+    model.zoo_config.rope.theta = theta * 50  # the model's recorded config is a copy too
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+    assert zoo.config("deepseek-tiny").rope.theta == theta
+    layers = list(zoo.config("qwen-moe-tiny").mlp_only_layers)
+    zoo.config("qwen-moe-tiny").mlp_only_layers.append(1)
+    assert zoo.config("qwen-moe-tiny").mlp_only_layers == zoo.config("qwen-moe-tiny-dense").mlp_only_layers == layers
+    cfg = zoo.config("deepseek-tiny")
+    built = zoo.build(cfg)
+    cfg.rope.theta = 1.0
+    assert built.zoo_config.rope.theta == theta
+
+
 def test_build_on_meta_allocates_nothing():
     with torch.device("meta"):
         model = zoo.build("mixtral-8x22b")
