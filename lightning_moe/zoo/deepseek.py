@@ -197,9 +197,13 @@ class DeepSeekLM(DecoderLM):
             return result
         h_BTD, (rope_cfg, rope_dim) = out.hidden_states, self.rope
         batch, seq = input_ids.shape
+        token_mask = None if attention_mask is None else attention_mask.bool()
         for k, module in enumerate(self.mtp, start=1):
             length = seq - k
-            token_mask = None if attention_mask is None else attention_mask[:, k:].bool()
+            if length < 1:  # a sequence of at most k tokens has nothing to predict k + 1 ahead
+                break
+            # Position i is real where its state (tokens i .. i + k - 1) and the token i + k it reads are.
+            token_mask = None if token_mask is None else token_mask[:, :length] & attention_mask[:, k:].bool()
             cos, sin = rope_cos_sin(torch.arange(length, device=input_ids.device), rope_dim, rope_cfg, h_BTD.dtype)
             mask = attention_bias(batch, length, padding_mask_BS=token_mask, dtype=h_BTD.dtype, device=h_BTD.device)
             emb_BTD = self.embed(input_ids[:, k:])

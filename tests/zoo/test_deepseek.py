@@ -109,6 +109,34 @@ def test_mtp_losses_with_targets_are_the_cross_entropy_of_the_mtp_logits():
     torch.testing.assert_close(loss_out.loss, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mtp_logits_of_a_padded_batch_equal_the_unpadded_sequence(side):
+    torch.manual_seed(0)
+    model = zoo.build("deepseek-tiny", mtp_depth=2).double().eval()
+    vocab, length, total = zoo.config("deepseek-tiny").vocab_size, 7, 11
+    seq = torch.randint(0, vocab, (1, length))
+    ids = torch.zeros(1, total, dtype=torch.long)
+    mask = torch.zeros(1, total, dtype=torch.bool)
+    real = slice(total - length, total) if side == "left" else slice(0, length)
+    ids[0, real], mask[0, real] = seq[0], True
+    with torch.no_grad():
+        alone, padded = model(seq), model(ids, mask)
+    for k, (a, p) in enumerate(zip(alone.mtp_logits, padded.mtp_logits, strict=True), start=1):
+        start = total - length if side == "left" else 0  # depth k's position i reads tokens i .. i + k
+        torch.testing.assert_close(p[:, start : start + length - k], a, rtol=1e-6, atol=1e-6)  # float32 RoPE tables
+
+
+def test_mtp_skips_depths_a_short_sequence_cannot_reach():
+    torch.manual_seed(0)
+    model = zoo.build("deepseek-tiny", mtp_depth=2)
+    vocab = zoo.config("deepseek-tiny").vocab_size
+    ids = torch.randint(0, vocab, (2, 2))
+    assert [tuple(x.shape) for x in model(ids).mtp_logits] == [(2, 1, vocab)]  # depth 2 has no position
+    assert model(ids[:, :1]).mtp_logits == []
+    out = model(ids, targets=torch.randint(0, vocab, (2, 2)))
+    assert len(out.mtp_losses) == 1 and torch.isfinite(out.mtp_losses[0])
+
+
 def test_invalid_attention_kind_and_first_k_dense_raise():
     with pytest.raises(ValueError, match=r"attention='gqa' is invalid"):
         DeepSeekConfig(attention="gqa")
