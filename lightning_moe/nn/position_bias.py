@@ -69,8 +69,12 @@ class RelativePositionBias(nn.Module):
         super().__init__()
         if num_buckets < 2 or (bidirectional and num_buckets < 4):
             raise ValueError(f"num_buckets={num_buckets!r} is invalid: must be >= 2 (>= 4 when bidirectional)")
-        if max_distance < 1:
-            raise ValueError(f"max_distance={max_distance!r} is invalid: must be >= 1")
+        exact = (num_buckets // 2 if bidirectional else num_buckets) // 2  # distances with a bucket each
+        if max_distance <= exact:
+            raise ValueError(
+                f"max_distance={max_distance!r} is invalid: must be > {exact}, the distances with a bucket of their "
+                f"own ({num_buckets} buckets{', half per direction' if bidirectional else ''}, half of them exact)"
+            )
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.bidirectional = bidirectional

@@ -36,6 +36,16 @@ def test_invalid_arguments_raise(kwargs):
         RelativePositionBias(num_heads=2, **kwargs)
 
 
+@pytest.mark.parametrize(("bidirectional", "exact"), [(True, 8), (False, 16)])
+def test_max_distance_must_exceed_the_exact_distances(bidirectional, exact):
+    # At max_distance == exact the log scale divides 0 by 0 (a NaN bucket), below it buckets go negative.
+    for max_distance in (exact, exact - 3):
+        with pytest.raises(ValueError, match=rf"max_distance={max_distance} is invalid: must be > {exact}"):
+            RelativePositionBias(2, num_buckets=32, max_distance=max_distance, bidirectional=bidirectional)
+    module = RelativePositionBias(2, num_buckets=32, max_distance=exact + 1, bidirectional=bidirectional)
+    assert torch.isfinite(module(40, 40)).all()
+
+
 transformers = pytest.importorskip("transformers")
 from transformers.models.switch_transformers import modeling_switch_transformers as hf_switch  # noqa: E402
 
