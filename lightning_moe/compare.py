@@ -184,6 +184,8 @@ def _train(
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=data)
+    if not recorder.points or recorder.points[-1][0] != recorder.tokens:  # val_every does not divide steps
+        trainer.validate(module, datamodule=data, verbose=False)  # the final loss is the final step's
     counts = zoo.count_parameters(module.model)
     return {
         "label": label,
@@ -329,7 +331,8 @@ def load_config(argv: Sequence[str]) -> CompareConfig:
     parser = argparse.ArgumentParser(prog="lightning-moe compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file with CompareConfig fields")
     for f in dataclasses.fields(CompareConfig):
-        parser.add_argument(f"--{f.name}", type=yaml.safe_load, default=None, help=f"override {f.name} (YAML)")
+        kind = str if f.type == "str" else yaml.safe_load  # a string field takes the text as given (--out_dir 2024)
+        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"override {f.name} (YAML)")
     args = parser.parse_args(list(argv))
     values: dict[str, Any] = {}
     if args.config:

@@ -20,7 +20,7 @@ def shared_cache(tmp_path_factory, tmp_path, monkeypatch):
 def test_compare_writes_table_plot_and_tensorboard_runs(tmp_path, capsys):
     out = tmp_path / "cmp"
     main([
-        "compare", "--config", str(CONFIG), "--out_dir", str(out), "--seeds", "[0]", "--max_steps", "4",
+        "compare", "--config", str(CONFIG), "--out_dir", str(out), "--seeds", "[0]", "--max_steps", "5",
         "--val_every", "2", "--val_batches", "1", "--block_size", "32", "--batch_size", "4",
         "--max_bytes", "200000", "--warmup_steps", "1", "--upcycle_steps", "2",
     ])  # fmt: skip
@@ -29,8 +29,9 @@ def test_compare_writes_table_plot_and_tensorboard_runs(tmp_path, capsys):
         assert f"| {label} |" in table
     assert "final val loss" in table and "tokens/s" in table and "peak memory" in table
     record = json.loads((out / "results.json").read_text())
-    assert [len(r["curve"]) for r in record["runs"]] == [2, 2, 2]
-    assert all(r["curve"][-1][0] == 4 * 4 * 32 for r in record["runs"])  # equal token budget
+    # Validation every 2 steps, and at the last one, which val_every does not divide: the final loss is step 5's.
+    assert [[point[0] for point in r["curve"]] for r in record["runs"]] == [[2 * 128, 4 * 128, 5 * 128]] * 3
+    assert all(r["final_val_loss"] == r["curve"][-1][2] for r in record["runs"])
     moe, active, total = record["runs"]
     assert active["total_params"] < moe["total_params"] and total["total_params"] < moe["total_params"]
     assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -72,3 +73,4 @@ def test_compare_options_are_checked_before_any_run(tmp_path, argv, match):
 def test_compare_reads_numbers_and_single_seeds_as_meant():
     cfg = load_config(["--lr", "3e-3", "--seeds", "3", "--dense", "active"])  # YAML 1.1: 3e-3 is a string
     assert cfg.lr == 3e-3 and cfg.seeds == [3] and cfg.dense == ["active"]
+    assert load_config(["--out_dir", "2024"]).out_dir == "2024"  # a string field keeps its text
