@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_moe.data import TextDataModule, unigram_entropy
-from lightning_moe.module import CausalLMModule, MoELanguageModule, check_sampling
+from lightning_moe.module import CausalLMModule, MoELanguageModule, check_generation
 from lightning_moe.strategies.checkpoint import METADATA_FILE
 
 # Model arguments that define the network. `fit --ckpt_path FILE` takes these from the checkpoint (the weights
@@ -206,9 +206,7 @@ def generate_main(argv: Sequence[str]) -> str:
     args = parser.parse_args(list(argv))
     if not args.prompt:
         raise ValueError("prompt='' is invalid: generate continues a prompt of at least one character")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={args.max_new_tokens} is invalid: must be >= 1")
-    check_sampling(args.temperature, args.top_k)
+    check_generation(args.max_new_tokens, args.temperature, args.top_k)
     path = Path(args.ckpt_path)
     if path.is_dir():  # expert-parallel runs write one shard per rank: gather the full weights in memory
         from lightning_moe.strategies import full_checkpoint

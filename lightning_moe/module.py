@@ -514,7 +514,7 @@ class CausalLMModule(MoELanguageModule):
         Returns:
             ``(B, T + max_new_tokens)`` token ids.
         """
-        check_sampling(temperature, top_k)
+        check_generation(max_new_tokens, temperature, top_k)
         was_training = self.training
         self.eval()
         cache = self.model.new_cache() if use_cache and hasattr(self.model, "new_cache") else None
@@ -533,8 +533,15 @@ class CausalLMModule(MoELanguageModule):
         return ids
 
 
-def check_sampling(temperature: float, top_k: int | None) -> None:
-    """Raise unless ``temperature`` is a finite number >= 0 and ``top_k`` is None or >= 1 (see :func:`sample_next`)."""
+def check_generation(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    """Check the generation settings (see :func:`sample_next`) before any work.
+
+    Raises:
+        ValueError: Unless ``max_new_tokens`` is an int >= 1, ``temperature`` a finite number >= 0 and ``top_k``
+            None or >= 1.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an int >= 1")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r} is invalid: must be a finite number >= 0 (0: greedy)")
     if top_k is not None and top_k < 1:
@@ -641,7 +648,7 @@ class Seq2SeqLMModule(MoELanguageModule):
         Returns:
             ``(B, 1 + max_new_tokens)`` decoder ids, starting with the decoder start id.
         """
-        check_sampling(temperature, top_k)
+        check_generation(max_new_tokens, temperature, top_k)
         was_training = self.training
         self.eval()
         ids = torch.full((input_ids.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=input_ids.device)

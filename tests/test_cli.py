@@ -228,7 +228,7 @@ def test_a_preset_of_the_other_kind_is_refused_before_training(tmp_path):
     ("args", "match"),
     [
         (["--prompt", ""], r"prompt='' is invalid"),
-        (["--max_new_tokens", "0"], r"max_new_tokens=0 is invalid: must be >= 1"),
+        (["--max_new_tokens", "0"], r"max_new_tokens=0 is invalid: must be an int >= 1"),
         (["--temperature", "-1"], r"temperature=-1.0 is invalid: must be a finite number >= 0"),
         (["--temperature", "nan"], r"temperature=nan is invalid: must be a finite number >= 0"),
         (["--top_k", "0"], r"top_k=0 is invalid: must be >= 1"),

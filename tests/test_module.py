@@ -126,6 +126,8 @@ def test_sampling_respects_top_k_and_temperature():
         _module().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=-1.0)
     with pytest.raises(ValueError, match=r"temperature=inf is invalid: must be a finite number"):
         _module().generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=float("inf"))
+    with pytest.raises(ValueError, match=r"max_new_tokens=-3 is invalid: must be an int >= 1"):
+        _module().generate(torch.zeros(1, 2, dtype=torch.long), -3)
     # A tiny temperature is near-greedy: scaled from the top logit down it never overflows into inf - inf.
     big = torch.tensor([[30.0, 50.0, 49.0, -1e4]])
     assert torch.equal(sample_next(big, 1e-45, None), torch.tensor([[1]]))
