@@ -108,6 +108,10 @@ class DeepSeekConfig(ModelConfig):
         super().__post_init__()
         if isinstance(self.rope, dict):
             self.rope = RopeConfig(**self.rope)
+        if not isinstance(self.rope, RopeConfig):
+            raise ValueError(f"rope={self.rope!r} is invalid: must be RopeConfig(...) or a dict of its fields")
+        if self.dense_hidden < 1:
+            raise ValueError(f"dense_hidden={self.dense_hidden!r} is invalid: must be >= 1")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={self.attention!r} is invalid: must be one of 'mha', 'mla'")
         if not 0 <= self.first_k_dense <= self.num_layers:

@@ -83,6 +83,11 @@ class QwenMoEConfig(ModelConfig):
         super().__post_init__()
         if self.decoder_sparse_step < 1:
             raise ValueError(f"decoder_sparse_step={self.decoder_sparse_step!r} is invalid: must be >= 1")
+        if self.dense_hidden < 1:
+            raise ValueError(f"dense_hidden={self.dense_hidden!r} is invalid: must be >= 1")
+        layers = self.mlp_only_layers
+        if not isinstance(layers, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+            raise ValueError(f"mlp_only_layers={layers!r} is invalid: must be a list of layer indices (ints)")
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(

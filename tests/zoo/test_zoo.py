@@ -43,6 +43,21 @@ def test_bad_override_values_name_the_field(override, match):
         zoo.build("mixtral-tiny", **override)
 
 
+@pytest.mark.parametrize(
+    ("arch", "override", "match"),
+    [
+        ("qwen-moe-tiny", {"mlp_only_layers": 5}, r"mlp_only_layers=5 is invalid: must be a list of layer indices"),
+        ("qwen-moe-tiny", {"mlp_only_layers": [True]}, r"mlp_only_layers=\[True\] is invalid"),
+        ("qwen-moe-tiny", {"dense_hidden": 0}, r"dense_hidden=0 is invalid: must be >= 1"),
+        ("deepseek-tiny", {"rope": "yarn"}, r"rope='yarn' is invalid: must be RopeConfig\(...\) or a dict"),
+        ("deepseek-tiny", {"dense_hidden": 0}, r"dense_hidden=0 is invalid: must be >= 1"),
+    ],
+)
+def test_bad_structured_overrides_name_the_field(arch, override, match):
+    with pytest.raises(ValueError, match=match):
+        zoo.config(arch, **override)
+
+
 def test_overrides_apply_and_presets_stay_untouched():
     cfg = zoo.config("mixtral-tiny", num_experts=4, top_k=1)
     assert (cfg.num_experts, cfg.top_k) == (4, 1)
