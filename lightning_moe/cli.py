@@ -136,21 +136,28 @@ class MoECLI(LightningCLI):
         greedy continuation; decoded with the checkpoint's tokenizer they go to ``predictions.txt`` in the run's
         log folder, one prompt and continuation per record.
         """
-        predictions = self.trainer.predict(**kwargs)
-        module, data = self.trainer.lightning_module, self.datamodule
-        if not predictions or self.trainer.global_rank != 0 or not isinstance(module, CausalLMModule):
+        trainer = self.trainer
+        predictions = trainer.predict(**kwargs)
+        module, data = trainer.lightning_module, self.datamodule
+        # Every rank takes part in what follows (log_dir and the gather are collective under several processes).
+        if not isinstance(module, CausalLMModule) or module.tokenizer_json is None:
             return predictions
         from tokenizers import Tokenizer
 
-        if module.tokenizer_json is None:  # the data's tokenizer, or the checkpoint's
-            return predictions
-        tokenizer = Tokenizer.from_str(module.tokenizer_json)
+        tokenizer = Tokenizer.from_str(module.tokenizer_json)  # the data's tokenizer, or the checkpoint's
         half = max(1, data.block_size // 2) if isinstance(data, TextDataModule) else 0
         records = []
-        for ids_BT in predictions:
+        for ids_BT in predictions or []:
             for ids in ids_BT.tolist():
                 records.append((tokenizer.decode(ids[:half]), tokenizer.decode(ids[half:])))
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        log_dir = trainer.log_dir
+        if trainer.world_size > 1 and torch.distributed.is_initialized():  # each rank predicted its own prompts
+            shares: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shares, records)
+            records = [record for share in shares for record in share]
+        if trainer.global_rank != 0 or not records:
+            return predictions
+        folder = Path(log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "predictions.txt"
         rule = "-" * 72

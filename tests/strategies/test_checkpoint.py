@@ -331,3 +331,28 @@ def test_a_single_device_checkpoint_file_resumes_under_expert_parallelism(tmp_pa
     expected = tmp_path / "expected.pt"
     torch.save({name: p.detach() for name, p in resumed.model.named_parameters()}, expected)
     run_distributed(_resume_file_under_expert_parallelism, world, str(ckpt), str(expected))
+
+
+def _predict_through_the_cli(rank: int, world: int, folder: str, cache: str) -> None:
+    import os
+
+    from lightning_moe.cli import run_cli
+
+    os.environ["LIGHTNING_MOE_CACHE"] = cache
+    os.chdir(folder)
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    with pytest.warns(UserWarning, match="runs a freshly initialised model"):
+        cli = run_cli(["predict", "--config", str(configs / "mixtral-tiny.yaml"), "--config",
+                       str(configs / "expert-parallel.yaml"), "--data.max_bytes", "100000", "--data.block_size", "16",
+                       "--data.batch_size", "3", "--trainer.limit_predict_batches", "1"])  # fmt: skip
+    log_dir = cli.trainer.log_dir  # collective: on every rank
+    if rank == 0:  # every rank's continuations, gathered: one batch of 3 prompts per rank
+        written = (Path(log_dir) / "predictions.txt").read_text()
+        assert written.count("PROMPT\n") == 3 * world
+
+
+def test_predict_under_expert_parallelism_writes_every_ranks_continuations(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    cache = str(tmp_path_factory.getbasetemp() / "lightning-moe-cache")
+    run_distributed(_predict_through_the_cli, 2, str(tmp_path), cache)
