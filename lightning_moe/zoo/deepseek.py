@@ -166,10 +166,16 @@ class MTPModule(nn.Module):
         rope: tuple[Tensor, Tensor],
         mask: Tensor | None,
         token_mask: Tensor | None,
-    ) -> tuple[Tensor, MoEStats | None]:
-        """Combine the previous depth's states with the next tokens' embeddings and run the block."""
+    ) -> tuple[Tensor, MoEStats | None, Tensor]:
+        """Combine the previous depth's states with the next tokens' embeddings and run the block.
+
+        Returns:
+            The new states (the next depth's input), the block's MoE statistics, and the normed states the LM
+            head reads (normed here, inside the module's forward, where a parallel wrapper has its weights).
+        """
         x_BTD = self.eh_proj(torch.cat((self.enorm(emb_BTD), self.hnorm(h_BTD)), dim=-1))
-        return self.layer(x_BTD, rope, mask, token_mask)
+        h_BTD, stats = self.layer(x_BTD, rope, mask, token_mask)
+        return h_BTD, stats, self.norm(h_BTD)
 
 
 class DeepSeekLM(DecoderLM):
@@ -211,8 +217,9 @@ class DeepSeekLM(DecoderLM):
             cos, sin = rope_cos_sin(torch.arange(length, device=input_ids.device), rope_dim, rope_cfg, h_BTD.dtype)
             mask = attention_bias(batch, length, padding_mask_BS=token_mask, dtype=h_BTD.dtype, device=h_BTD.device)
             emb_BTD = self.embed(input_ids[:, k:])
-            h_BTD, stats = module(h_BTD[:, :length], emb_BTD, (cos.unsqueeze(0), sin.unsqueeze(0)), mask, token_mask)
-            head_input = module.norm(h_BTD)
+            h_BTD, stats, head_input = module(
+                h_BTD[:, :length], emb_BTD, (cos.unsqueeze(0), sin.unsqueeze(0)), mask, token_mask
+            )
             if targets is None:
                 result.mtp_logits.append(self.lm_head(head_input))
             else:

@@ -37,6 +37,8 @@ OVERRIDES = {
         "num_experts": 4,
     },
     "deepseek-tiny": {"vocab_size": 64, "num_layers": 2, "num_experts": 8},
+    # V3's multi-token prediction: its module's norm runs where FSDP has the module's weights.
+    "deepseek-tiny+mtp": {"vocab_size": 64, "num_layers": 2, "num_experts": 8, "mtp_depth": 1},
     # Random routing draws its second expert per rank, so it cannot match one process draw for draw.
     "glam-tiny": {"vocab_size": 64, "dim": 32, "num_heads": 2, "ffn_hidden": 32, "num_experts": 4,
                   "random_routing": False},
@@ -82,7 +84,7 @@ def _module(arch: str) -> _SGDModule | _Seq2SeqSGDModule:
     # average to the global batch's loss: a large coefficient makes any mismatch visible.
     torch.manual_seed(0)
     cls = _Seq2SeqSGDModule if arch.startswith("switch") else _SGDModule
-    return cls(arch=arch, overrides=OVERRIDES[arch], load_balance_coef=0.5, z_loss_coef=1e-3)
+    return cls(arch=arch.split("+")[0], overrides=OVERRIDES[arch], load_balance_coef=0.5, z_loss_coef=1e-3)
 
 
 def _reference_step(
@@ -94,6 +96,8 @@ def _reference_step(
         ce, stats = out[0], out[-2]
         aux, _ = ref.aux_loss(stats)
     loss = ce + aux
+    if len(out) == 4 and out[1] is not None:  # CausalLMModule's multi-token-prediction loss
+        loss = loss + ref.mtp_loss_coef * out[1]
     loss.backward()
     if clip is not None:
         assert torch.nn.utils.clip_grad_norm_(ref.parameters(), clip) > 2 * clip  # the clipping changes the step
@@ -160,6 +164,7 @@ def _one_step_matches_single_process(
         ("mixtral-tiny", 4, 2),
         ("qwen-moe-tiny", 2, 2),
         ("deepseek-tiny", 2, 2),
+        ("deepseek-tiny+mtp", 2, 2),
         ("glam-tiny", 2, 2),
         ("switch-tiny", 2, 2),
     ],
