@@ -60,7 +60,7 @@ class MoELanguageModule(L.LightningModule):
         mtp_loss_coef: Weight of DeepSeek-V3's multi-token-prediction loss for models with MTP modules
             (``mtp_depth > 0``; ``None``: the preset's ``mtp_loss_coef``, 0.3).
         nan_policy: On a non-finite loss: ``"raise"`` (stop with an error naming the layer and step) or
-            ``"skip"`` (skip the batch).
+            ``"skip"`` (skip the batch; one process only).
         init_from: A local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) to start from:
             the model is built by :func:`lightning_moe.interop.from_hf` with its config and weights, and ``arch``
             only names the run in the hyperparameters and logs.
@@ -217,7 +217,9 @@ class MoELanguageModule(L.LightningModule):
                 break
         message = f"non-finite value in {where} at step {self.global_step}"
         if self.hparams.nan_policy == "raise":
-            raise NonFiniteLossError(message + " (set nan_policy='skip' to skip such batches)")
+            single = self._trainer is None or self._trainer.world_size == 1
+            hint = " (set nan_policy='skip' to skip such batches)" if single else ""
+            raise NonFiniteLossError(message + hint)
         rank_zero_warn(f"skipping batch: {message}")
         return False
 
@@ -227,8 +229,16 @@ class MoELanguageModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Check the data against the model before any work: vocabulary and block size.
 
-        Also warns when fitting in ``16-true`` precision (float16 weights, no loss scaling).
+        Also warns when fitting in ``16-true`` precision (float16 weights, no loss scaling), and refuses
+        ``nan_policy='skip'`` with several processes (Lightning cannot skip a step on one rank only).
         """
+        if stage == "fit" and self._trainer is not None and self.hparams.nan_policy == "skip":
+            if self.trainer.world_size > 1:
+                raise ValueError(
+                    f"nan_policy='skip' is invalid with {self.trainer.world_size} processes: a rank that skips its "
+                    "batch leaves the others waiting in the step's collectives (Lightning refuses it at the first "
+                    "non-finite loss); use 'raise'"
+                )
         if stage == "fit" and self._trainer is not None and str(self.trainer.precision) == "16-true":
             rank_zero_warn(
                 "precision='16-true' trains float16 weights without loss scaling: small updates round away and "

@@ -260,3 +260,15 @@ def _indivisible_expert_count_is_refused(rank: int, world: int) -> None:
 
 def test_an_expert_count_the_mesh_does_not_divide_is_refused_naming_the_setting() -> None:
     run_distributed(_indivisible_expert_count_is_refused, 2)
+
+
+def _skip_policy_is_refused(rank: int, world: int) -> None:
+    module = _SGDModule(arch="mixtral-tiny", overrides=OVERRIDES["mixtral-tiny"], nan_policy="skip")
+    trainer = ep_trainer(world, world, max_steps=1)
+    batch = torch.randint(0, VOCAB, (ROWS_PER_RANK, SEQ))
+    with pytest.raises(ValueError, match=rf"nan_policy='skip' is invalid with {world} processes"):
+        trainer.fit(module, train_dataloaders=DataLoader(batch, batch_size=ROWS_PER_RANK))
+
+
+def test_skipping_non_finite_batches_is_refused_before_training_with_several_processes() -> None:
+    run_distributed(_skip_policy_is_refused, 2)
