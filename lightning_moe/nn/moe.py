@@ -132,7 +132,9 @@ class MoELayer(nn.Module):
         cfg = self.config
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.dim:
             raise ValueError(f"x.shape={tuple(x.shape)} is invalid: expected (B, S, {cfg.dim}) or (T, {cfg.dim})")
-        weight_dtype = self.experts.w1.dtype
+        # The router's weight: a parallel wrapper (FSDP2 with param_dtype) casts it with the layer's block, the
+        # experts (their own group) only when their forward starts.
+        weight_dtype = self.router.gate.weight.dtype
         if x.dtype != weight_dtype and not (torch.is_autocast_enabled(x.device.type) and x.is_floating_point()):
             raise ValueError(
                 f"x.dtype={x.dtype} is invalid: the layer's weights are {weight_dtype}; pass {weight_dtype} input, "
