@@ -197,13 +197,15 @@ def test_other_configs_check_their_field_types_and_yarn_fields():
 
 
 def test_top1_with_weights_normalised_to_one_warns_that_the_router_gets_no_task_gradient():
+    torch.manual_seed(0)
     for flags in (dict(softmax_after_topk=True), dict(normalize_topk=True)):
         with pytest.warns(UserWarning, match=r"top_k=1\) with softmax_after_topk or normalize_topk"):
             router = RouterConfig(num_experts=4, top_k=1, **flags)
         layer = MoELayer(MoEConfig(dim=8, router=router, experts=ExpertsConfig(hidden_dim=8)))
         y, _ = layer(torch.randn(5, 8))
         y.sum().backward()
-        assert torch.count_nonzero(layer.router.gate.weight.grad) == 0  # what the warning says
+        # What the warning says: nothing but the trace of the 1e-20 in w / (w + 1e-20) when renormalising.
+        assert layer.router.gate.weight.grad.abs().max() < 1e-9
     import warnings
 
     with warnings.catch_warnings():
