@@ -181,8 +181,9 @@ class MoELanguageModule(L.LightningModule):
             _reuse_expert_grad_memory(self.model, min_bytes=int(reuse_expert_grad_memory_min_mib * 2**20))
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None
-        # Training batches this module has seen (this rank), saved in checkpoints: where the data resumes.
-        self.train_batches_seen: int | None = 0
+        # Training samples seen by all ranks together, saved in checkpoints: where the data resumes, also at
+        # another world size.
+        self.train_samples_seen: int | None = 0
         self._step_start = 0.0
 
     # -- shared pieces --------------------------------------------------------------------------------
@@ -262,10 +263,10 @@ class MoELanguageModule(L.LightningModule):
         self.tokenizer_json = data.tokenizer.to_str()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the tokenizer with the weights so ``generate`` needs nothing else, and the training batches seen."""
+        """Keep the tokenizer with the weights so ``generate`` needs nothing else, and the training samples seen."""
         if self.tokenizer_json is not None:
             checkpoint["tokenizer_json"] = self.tokenizer_json
-        checkpoint["train_batches_seen"] = self.train_batches_seen
+        checkpoint["train_samples_seen"] = self.train_samples_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer saved with the weights; resume with this run's optimizer settings.
@@ -303,7 +304,7 @@ class MoELanguageModule(L.LightningModule):
                 + " (data.sources, max_bytes, vocab_size and tokenizer_path decide the tokenizer)"
             )
         self.tokenizer_json = saved_tokenizer
-        self.train_batches_seen = checkpoint.get("train_batches_seen")  # None in older files: the step count then
+        self.train_samples_seen = checkpoint.get("train_samples_seen")  # None in older files: the step count then
         hp, saved = self.hparams, checkpoint.get("hyper_parameters", {})
         ratio = hp.lr / saved["lr"] if saved.get("lr") else 1.0
         for state in checkpoint.get("optimizer_states", []):
@@ -335,9 +336,10 @@ class MoELanguageModule(L.LightningModule):
                     group["lr"] = base_lr * rate(scheduler.last_epoch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Count the batch (where the data resumes, see ``TextDataModule.train_dataloader``); start the clock."""
-        if self.train_batches_seen is not None:
-            self.train_batches_seen += 1
+        """Count the samples (where the data resumes, see ``TextDataModule.train_dataloader``); start the clock."""
+        if self.train_samples_seen is not None:  # every rank's batch has this size (full batches only)
+            rows = batch.shape[0] if isinstance(batch, Tensor) else len(batch)
+            self.train_samples_seen += rows * self.trainer.world_size
         self._step_start = time.perf_counter()
 
     def log_train(self, loss: Tensor, ce: Tensor, terms: dict[str, Tensor], num_tokens: int) -> None:

@@ -71,8 +71,8 @@ class ResumableShuffle(DistributedSampler):
     Each epoch ``e`` visits a permutation drawn from ``seed + e``. With ``num_replicas`` ranks, rank ``r`` takes
     every ``num_replicas``-th index of it from position ``r`` (the tail that cannot give every rank one more is
     dropped), so the ranks' batches of one step are disjoint and together are one global batch. Where an
-    iteration starts: with ``consumed_batches``, from the batches this rank's training consumed so far (epoch
-    and position in it); else :meth:`skip_to` sets the epoch and the samples of it already consumed for the next
+    iteration starts: with ``consumed_samples``, from the samples this rank's share of training consumed so far
+    (epoch and position in it); else :meth:`skip_to` sets the epoch and the samples of it already consumed for the next
     iteration, and :meth:`set_epoch`, which Lightning calls at each epoch start, a new epoch from its beginning.
     Being a ``DistributedSampler``, it is not replaced by Lightning's distributed wrapper, whose own reshuffling
     would lose the position.
@@ -82,8 +82,8 @@ class ResumableShuffle(DistributedSampler):
         seed: Base seed.
         num_replicas: Ranks sharing the data.
         rank: This rank.
-        batch_size: Samples per batch (with ``consumed_batches``; an epoch uses only full batches).
-        consumed_batches: Returns the batches this rank has consumed since training started (``None``: use
+        batch_size: Samples per batch (with ``consumed_samples``; an epoch uses only full batches).
+        consumed_samples: Returns this rank's share of the samples training consumed so far (``None``: use
             :meth:`set_epoch` and :meth:`skip_to`).
     """
 
@@ -94,16 +94,16 @@ class ResumableShuffle(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         batch_size: int = 1,
-        consumed_batches: Callable[[], int] | None = None,
+        consumed_samples: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=True)  # fmt: skip
         self._skip = 0
         self.batch_size = batch_size
-        self.consumed_batches = consumed_batches
+        self.consumed_samples = consumed_samples
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch`` (ignored with ``consumed_batches``: the count places the data)."""
+        """Select the permutation of ``epoch`` (ignored with ``consumed_samples``: the count places the data)."""
         if epoch != self.epoch:
             self._skip = 0
         self.epoch = epoch
@@ -118,12 +118,12 @@ class ResumableShuffle(DistributedSampler):
         return self.num_samples
 
     def __iter__(self):
-        if self.consumed_batches is not None:
+        if self.consumed_samples is not None:
             # Where the data stream stands, from the batches training consumed: each new iterator continues it,
             # however the trainer counts its epochs (a run that stopped at max_steps mid-epoch is saved with that
             # epoch counted as finished, and its extension would otherwise start the next permutation).
-            epoch, batch_in_epoch = divmod(self.consumed_batches(), max(1, self.num_samples // self.batch_size))
-            self.epoch, self._skip = epoch, batch_in_epoch * self.batch_size
+            per_epoch = max(1, self.num_samples // self.batch_size * self.batch_size)  # full batches only
+            self.epoch, self._skip = divmod(self.consumed_samples(), per_epoch)
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
         mine = order[self.rank : self.total_size : self.num_replicas]
@@ -320,20 +320,24 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled training blocks (seeded per epoch), full batches only, resuming mid-epoch exactly.
 
-        Each epoch's iterator starts where the training batches consumed so far put it (the module's
-        ``train_batches_seen``, restored from its checkpoint, else the step count), so every step after a resume
-        sees the batch the uninterrupted run saw, also when a finished run is extended with a larger
-        ``max_steps``.
+        Each epoch's iterator starts where the training samples consumed so far put it (the module's
+        ``train_samples_seen`` over all ranks, restored from its checkpoint, else the step count), so every step
+        after a resume sees the batch the uninterrupted run saw, also when a finished run is extended with a
+        larger ``max_steps``; a resume at another world size continues at the same sample of the epoch.
         """
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-        def consumed_batches() -> int:
-            # The module's own count of training batches (saved in its checkpoints), else the step count.
-            seen = getattr(trainer.lightning_module, "train_batches_seen", None)
-            return seen if seen is not None else trainer.global_step * trainer.accumulate_grad_batches
+        def consumed_samples() -> int:
+            # Training's samples over all ranks (the module's count, saved in its checkpoints; else the step count),
+            # this rank's share of them. A run resumed at another world size continues at the same global sample:
+            # rank r of n takes every n-th index of the permutation, so the first g are any n ranks' first g / n.
+            seen = getattr(trainer.lightning_module, "train_samples_seen", None)
+            if seen is None:
+                return trainer.global_step * trainer.accumulate_grad_batches * self.batch_size
+            return seen // world
 
-        consumed = consumed_batches if trainer is not None else None
+        consumed = consumed_samples if trainer is not None else None
         sampler = ResumableShuffle(len(self.train_set), self.seed, world, rank, self.batch_size, consumed)
         batches_per_epoch = len(sampler) // self.batch_size
         if batches_per_epoch == 0:

@@ -210,12 +210,21 @@ def test_resumable_shuffle_shards_one_permutation_over_ranks_and_resumes_per_ran
     assert len(list(resumed)) == num_samples // world  # the next epoch starts from its beginning
 
 
-def test_resumable_shuffle_places_each_iteration_by_the_batches_consumed():
-    num_samples, seed, batch = 23, 5, 4  # 5 full batches per epoch; the last 3 samples are never used
+def test_resumable_shuffle_places_each_iteration_by_the_samples_consumed():
+    num_samples, seed, batch = 23, 5, 4  # 5 full batches (20 samples) per epoch; the last 3 are never used
     consumed = [0]
-    sampler = ResumableShuffle(num_samples, seed, batch_size=batch, consumed_batches=lambda: consumed[0])
+    sampler = ResumableShuffle(num_samples, seed, batch_size=batch, consumed_samples=lambda: consumed[0])
     epochs = [torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + e)).tolist() for e in (0, 1)]
     assert list(sampler) == epochs[0]
-    consumed[0] = 7  # epoch 1, 2 batches in: whatever epoch number the trainer passes, the data continues there
+    consumed[0] = 28  # epoch 1, 8 samples in: whatever epoch number the trainer passes, the data continues there
     sampler.set_epoch(5)
     assert list(sampler) == epochs[1][8:]
+
+
+def test_resuming_at_another_world_size_continues_at_the_same_global_sample():
+    num_samples, seed, batch = 64, 3, 2
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+    # Two ranks consumed 3 batches each: the permutation's first 12 samples. Four ranks resume there.
+    seen = 2 * 3 * batch
+    shares = [list(ResumableShuffle(num_samples, seed, 4, rank, batch, lambda: seen // 4)) for rank in range(4)]
+    assert [shares[i % 4][i // 4] for i in range(4 * len(shares[0]))] == order[seen:]
