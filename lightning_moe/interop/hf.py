@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_moe import zoo
 from lightning_moe.nn.rope import RopeConfig
@@ -911,6 +912,7 @@ def to_hf(model: nn.Module, out_dir: str | os.PathLike, config: ModelConfig | No
     Raises:
         UnsupportedConfigError: If the config has no Hugging Face counterpart (the field is named), e.g. a dense
             baseline (``dense`` not ``None``).
+        ValueError: If the model's parameters are sharded over processes (export from one process).
     """
     from safetensors.torch import save_file
 
@@ -921,7 +923,15 @@ def to_hf(model: nn.Module, out_dir: str | os.PathLike, config: ModelConfig | No
     if hasattr(model, "model") and isinstance(model.model, nn.Module) and not hasattr(model, "layers"):
         model = model.model
     family = _family_of(config)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    sharded = sorted(k for k, v in state.items() if isinstance(v, DTensor))
+    if sharded:
+        raise ValueError(
+            f"model is invalid for to_hf: its parameters are sharded over processes (e.g. {sharded[0]!r}); export "
+            "from one process: load the checkpoint with lightning_moe.strategies.load_distributed_checkpoint or "
+            "full_checkpoint, then call to_hf"
+        )
+    state = {k: v.detach().cpu() for k, v in state.items()}
     slots = _tensor_map(model, config, set(), family)
     tensors, pointers = {}, set()
     for key, slot in slots.items():

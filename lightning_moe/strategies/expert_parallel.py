@@ -298,8 +298,16 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        if expert_parallel_size != "auto" and (not isinstance(expert_parallel_size, int) or expert_parallel_size < 1):
-            raise ValueError(f"expert_parallel_size={expert_parallel_size!r} is invalid: must be 'auto' or an int >= 1")
+        size = expert_parallel_size
+        if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"expert_parallel_size={size!r} is invalid: must be 'auto' or an int >= 1")
+        for name, flag in (
+            ("reshard_after_forward", reshard_after_forward),
+            ("activation_checkpointing", activation_checkpointing),
+            ("save_distributed_checkpoint", save_distributed_checkpoint),
+        ):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r} is invalid: must be True or False")
         for name, dtype in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
             if dtype is not None and dtype not in _DTYPES:
                 raise ValueError(f"{name}={dtype!r} is invalid: must be None or one of {', '.join(_DTYPES)}")

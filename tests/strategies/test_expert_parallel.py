@@ -279,3 +279,18 @@ def _skip_policy_is_refused(rank: int, world: int) -> None:
 
 def test_skipping_non_finite_batches_is_refused_before_training_with_several_processes() -> None:
     run_distributed(_skip_policy_is_refused, 2)
+
+
+def _to_hf_of_a_sharded_module(rank: int, world: int, out: str) -> None:
+    from lightning_moe.interop import to_hf
+
+    module = _module("mixtral-tiny")
+    trainer = ep_trainer(world, world, max_steps=1)
+    batch = torch.randint(0, VOCAB, (ROWS_PER_RANK, SEQ))
+    trainer.fit(module, train_dataloaders=DataLoader(batch, batch_size=ROWS_PER_RANK))
+    with pytest.raises(ValueError, match=r"model is invalid for to_hf: its parameters are sharded over processes"):
+        to_hf(module, out)
+
+
+def test_to_hf_of_a_sharded_module_says_how_to_export(tmp_path) -> None:
+    run_distributed(_to_hf_of_a_sharded_module, 2, str(tmp_path / "hf"))

@@ -15,7 +15,7 @@ def test_strategy_is_registered_as_expert_parallel() -> None:
     assert isinstance(strategy, ExpertParallelStrategy) and strategy.expert_parallel_size == "auto"
 
 
-@pytest.mark.parametrize("size", [0, -2, "all"])
+@pytest.mark.parametrize("size", [0, -2, "all", True])
 def test_bad_expert_parallel_size_is_rejected(size: object) -> None:
     with pytest.raises(ValueError, match="expert_parallel_size=.* is invalid"):
         ExpertParallelStrategy(expert_parallel_size=size)  # type: ignore[arg-type]
@@ -24,6 +24,13 @@ def test_bad_expert_parallel_size_is_rejected(size: object) -> None:
 def test_bad_dtype_is_rejected() -> None:
     with pytest.raises(ValueError, match="param_dtype='fp8' is invalid"):
         ExpertParallelStrategy(param_dtype="fp8")
+
+
+@pytest.mark.parametrize("name", ["reshard_after_forward", "activation_checkpointing", "save_distributed_checkpoint"])
+def test_switches_must_be_bools(name: str) -> None:
+    # 'no' is truthy: it would have turned the switch on.
+    with pytest.raises(ValueError, match=rf"{name}='no' is invalid: must be True or False"):
+        ExpertParallelStrategy(**{name: "no"})
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
