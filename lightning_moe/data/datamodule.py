@@ -119,7 +119,7 @@ class ResumableShuffle(DistributedSampler):
 
     def __iter__(self):
         if self.consumed_samples is not None:
-            # Where the data stream stands, from the batches training consumed: each new iterator continues it,
+            # Where the data stream stands, from the samples training consumed: each new iterator continues it,
             # however the trainer counts its epochs (a run that stopped at max_steps mid-epoch is saved with that
             # epoch counted as finished, and its extension would otherwise start the next permutation).
             per_epoch = max(1, self.num_samples // self.batch_size * self.batch_size)  # full batches only
