@@ -79,11 +79,16 @@ class ExpertSpecialization(Callback):
     """
 
     def __init__(self, layers: Sequence[int] | None = None, top_n: int = 10) -> None:
-        if top_n < 1:
-            raise ValueError(f"top_n={top_n!r} is invalid: must be >= 1")
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+            raise ValueError(f"top_n={top_n!r} is invalid: must be an int >= 1")
+        indices = isinstance(layers, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layers
+        )
+        if layers is not None and not indices:
+            raise ValueError(f"layers={layers!r} is invalid: must be a list of MoE layer indices (ints), or None")
         if layers is not None and len(layers) == 0:
             raise ValueError("layers=[] is invalid: give at least one layer index, or None for the first and last")
-        self.layers = None if layers is None else [int(i) for i in layers]
+        self.layers = None if layers is None else list(layers)
         self.top_n = top_n
         self.results: dict[str, dict[int, dict[str, Any]]] = {}
         self._counts: dict[int, Tensor] = {}

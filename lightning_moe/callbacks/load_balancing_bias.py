@@ -51,7 +51,9 @@ class LoadBalancingBias(Callback):
     """
 
     def __init__(self, gamma: float | None = None) -> None:
-        if gamma is not None and not 0 < gamma < math.inf:
+        if gamma is not None and (
+            isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf
+        ):
             raise ValueError(f"gamma={gamma!r} is invalid: must be > 0, or None for the model's bias_update_speed")
         self.gamma = gamma
         self.updates = 0

@@ -66,7 +66,8 @@ def read_documents(files: list[Path], text_field: str = "text", max_bytes: int |
             raise ValueError(f"source file {str(path)!r} is invalid: not UTF-8 text ({err.reason})") from None
         if path.suffix == ".jsonl":
             texts = []
-            for line_no, line in enumerate(raw.splitlines(), 1):
+            # "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 unescaped, where splitlines() would cut.
+            for line_no, line in enumerate(raw.split("\n"), 1):
                 if not line.strip():
                     continue
                 try:
@@ -84,6 +85,8 @@ def read_documents(files: list[Path], text_field: str = "text", max_bytes: int |
         else:
             texts = [raw]
         for text in texts:
+            if remaining <= 0:  # the budget is spent: no empty documents for the rest of the file
+                return
             if not text:
                 continue
             size = len(text.encode("utf-8"))
@@ -91,4 +94,5 @@ def read_documents(files: list[Path], text_field: str = "text", max_bytes: int |
                 text = text.encode("utf-8")[: int(remaining)].decode("utf-8", errors="ignore")
                 size = int(remaining)
             remaining -= size
-            yield text
+            if text:
+                yield text

@@ -192,20 +192,31 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         checks = {
-            "block_size": (block_size >= 1, "must be >= 1"),
-            "batch_size": (batch_size >= 1, "must be >= 1"),
-            "vocab_size": (vocab_size >= 258, "must be >= 258 (bytes + special tokens)"),
-            "val_fraction": (0.0 < val_fraction < 1.0, "must be in (0, 1)"),
-            "num_workers": (num_workers >= 0, "must be >= 0"),
-            "max_bytes": (max_bytes is None or max_bytes >= 1, "must be >= 1 or None"),
-            "seed": (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "must be an int >= 0"),
+            "block_size": (is_int(block_size) and block_size >= 1, "must be an int >= 1"),
+            "batch_size": (is_int(batch_size) and batch_size >= 1, "must be an int >= 1"),
+            "vocab_size": (is_int(vocab_size) and vocab_size >= 258, "must be an int >= 258 (bytes + special tokens)"),
+            "val_fraction": (
+                isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool) and 0 < val_fraction < 1,
+                "must be a number in (0, 1)",
+            ),
+            "num_workers": (is_int(num_workers) and num_workers >= 0, "must be an int >= 0"),
+            "max_bytes": (max_bytes is None or (is_int(max_bytes) and max_bytes >= 1), "must be an int >= 1 or None"),
+            "seed": (is_int(seed) and seed >= 0, "must be an int >= 0"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"{name}={locals()[name]!r} is invalid: {allowed}")
+        if isinstance(sources, str) or (sources is not None and not all(isinstance(s, str) for s in sources)):
+            raise ValueError(f"sources={sources!r} is invalid: must be a list of files and globs (e.g. [{sources!r}])")
         if sources is not None and not sources:
             raise ValueError("sources=[] is invalid: give at least one file or glob, or None for the embedded corpus")
+        if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+            raise ValueError(f"tokenizer_path={tokenizer_path!r} is invalid: no such file")
         self.save_hyperparameters()
         self.sources, self.text_field, self.max_bytes = sources, text_field, max_bytes
         self.tokenizer_path, self.vocab_size_arg = tokenizer_path, vocab_size
@@ -243,8 +254,12 @@ class TextDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Train or load the tokenizer and encode the corpus into the cache (once; later runs reuse it)."""
-        if self.tokenizer_path is not None:
-            load_tokenizer(self.tokenizer_path)  # fail early on a missing file
+        if self.tokenizer_path is not None:  # fail early on a file that is not a tokenizer, or one without EOS
+            if load_tokenizer(self.tokenizer_path).token_to_id(EOS_TOKEN) is None:
+                raise ValueError(
+                    f"tokenizer_path={self.tokenizer_path!r} is invalid: it has no {EOS_TOKEN!r} token, which "
+                    "separates the documents in the token stream; add it as a special token"
+                )
         docs = self._documents()
         tokenizer_file, tokens_file = self._paths(docs)
         if self.tokenizer_path is None and not tokenizer_file.exists():
@@ -257,8 +272,7 @@ class TextDataModule(L.LightningDataModule):
             for start in range(0, len(docs), 256):
                 for encoding in tokenizer.encode_batch(docs[start : start + 256]):
                     ids.extend(encoding.ids)
-                    if eos is not None:
-                        ids.append(eos)
+                    ids.append(eos)
             tokens_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = tokens_file.with_suffix(f".tmp{os.getpid()}")
             np.asarray(ids, dtype=dtype).tofile(tmp)

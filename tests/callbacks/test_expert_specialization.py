@@ -121,7 +121,14 @@ def test_bad_layer_index_on_a_model_without_moe_layers(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({"top_n": 0}, "top_n=0 is invalid"), ({"layers": []}, r"layers=\[\] is invalid")]
+    ("kwargs", "match"),
+    [
+        ({"top_n": 0}, "top_n=0 is invalid"),
+        ({"top_n": 2.5}, "top_n=2.5 is invalid: must be an int >= 1"),
+        ({"layers": []}, r"layers=\[\] is invalid"),
+        ({"layers": [0.7]}, r"layers=\[0.7\] is invalid: must be a list of MoE layer indices"),
+        ({"layers": "01"}, r"layers='01' is invalid"),
+    ],
 )
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

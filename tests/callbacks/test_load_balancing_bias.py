@@ -105,7 +105,7 @@ def test_routers_without_a_score_bias_are_rejected(tmp_path):
 
 
 def test_invalid_gamma():
-    for gamma in (0.0, -1e-3, float("nan"), float("inf")):
+    for gamma in (0.0, -1e-3, float("nan"), float("inf"), True, "0.1"):
         with pytest.raises(ValueError, match=r"gamma=.* is invalid: must be > 0"):
             LoadBalancingBias(gamma=gamma)
 

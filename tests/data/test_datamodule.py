@@ -147,12 +147,22 @@ def test_errors_before_any_work(corpus, tmp_path):
     bad_tokenizer = r"tokenizer_path='.*not-a-tokenizer\.json' is invalid: not a tokenizers JSON file .*Model missing"
     with pytest.raises(ValueError, match=bad_tokenizer):
         _data(corpus, tmp_path, tokenizer_path=str(tmp_path / "not-a-tokenizer.json")).prepare_data()
-    with pytest.raises(ValueError, match=r"block_size=0 is invalid: must be >= 1"):
+    with pytest.raises(ValueError, match=r"block_size=0 is invalid: must be an int >= 1"):
         _data(corpus, tmp_path, block_size=0)
     with pytest.raises(ValueError, match=r"sources=\[\] is invalid"):
         _data(corpus, tmp_path, sources=[])
     with pytest.raises(ValueError, match=r"seed=-1 is invalid: must be an int >= 0"):
         _data(corpus, tmp_path, seed=-1)
+    for field, value in (("block_size", 16.5), ("block_size", True), ("vocab_size", 300.5), ("batch_size", 2.5)):
+        with pytest.raises(ValueError, match=rf"{field}={value!r} is invalid: must be an int"):
+            _data(corpus, tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=r"val_fraction='0.1' is invalid: must be a number in \(0, 1\)"):
+        _data(corpus, tmp_path, val_fraction="0.1")
+    with pytest.raises(ValueError, match=r"sources='a.txt' is invalid: must be a list of files and globs"):
+        _data(corpus, tmp_path, sources="a.txt")
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match=r"tokenizer_path='.*missing.json' is invalid: no such file"):
+        _data(corpus, tmp_path, tokenizer_path=missing).setup("fit")  # setup alone, before prepare_data
     with pytest.raises(ValueError, match=r"block_size=100000 is invalid for this corpus"):
         _data(corpus, tmp_path, block_size=100_000).setup("fit")
 
@@ -228,3 +238,26 @@ def test_resuming_at_another_world_size_continues_at_the_same_global_sample():
     seen = 2 * 3 * batch
     shares = [list(ResumableShuffle(num_samples, seed, 4, rank, batch, lambda: seen // 4)) for rank in range(4)]
     assert [shares[i % 4][i // 4] for i in range(4 * len(shares[0]))] == order[seen:]
+
+
+def test_jsonl_reading_keeps_unicode_line_separators_and_stops_at_max_bytes(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    texts = ["line one\u2028line two\u0085three", "second record " * 5, "third record " * 5]
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert list(read_documents([path])) == texts  # JSON allows U+2028/U+0085 unescaped: one record each
+    cut = list(read_documents([path], max_bytes=10))
+    assert cut == [texts[0].encode()[:10].decode("utf-8", errors="ignore")]  # no empty documents after the budget
+
+
+def test_a_given_tokenizer_without_end_of_text_is_refused(corpus, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tokenizer.train_from_iterator(
+        ["alpha beta gamma"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"])
+    )
+    path = tmp_path / "no-eos.json"
+    tokenizer.save(str(path))
+    with pytest.raises(ValueError, match=r"tokenizer_path='.*no-eos.json' is invalid: it has no '<\|endoftext\|>'"):
+        _data(corpus, tmp_path, tokenizer_path=str(path)).prepare_data()
