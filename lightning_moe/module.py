@@ -305,7 +305,7 @@ class MoELanguageModule(L.LightningModule):
             )
         self.tokenizer_json = saved_tokenizer
         self.train_samples_seen = checkpoint.get("train_samples_seen")  # None in older files: the step count then
-        hp, saved = self.hparams, checkpoint.get("hyper_parameters", {})
+        hp = self.hparams
         ratio = hp.lr / saved["lr"] if saved.get("lr") else 1.0
         for state in checkpoint.get("optimizer_states", []):
             for index, group in enumerate(state.get("param_groups", [])):
