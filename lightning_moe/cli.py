@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_moe.data import TextDataModule, unigram_entropy
+from lightning_moe.data.tokenizer import EOS_TOKEN
 from lightning_moe.module import CausalLMModule, MoELanguageModule, check_generation
 from lightning_moe.strategies.checkpoint import METADATA_FILE
 
@@ -248,7 +249,9 @@ def generate_main(argv: Sequence[str]) -> str:
     tokenizer = Tokenizer.from_str(module.tokenizer_json)
     torch.manual_seed(args.seed)
     prompt_ids = torch.tensor([tokenizer.encode(args.prompt).ids], dtype=torch.long)
-    out = module.generate(prompt_ids, args.max_new_tokens, args.temperature, args.top_k)
+    # A continuation ends at the end of its document, as the model learnt to mark it.
+    stop_id = tokenizer.token_to_id(EOS_TOKEN)
+    out = module.generate(prompt_ids, args.max_new_tokens, args.temperature, args.top_k, stop_id=stop_id)
     text = tokenizer.decode(out[0].tolist())
     print(text)
     return text

@@ -517,25 +517,41 @@ class CausalLMModule(MoELanguageModule):
         temperature: float = 0.0,
         top_k: int | None = None,
         use_cache: bool = True,
+        stop_id: int | None = None,
     ) -> Tensor:
         """Continue ``(B, T)`` prompts: greedy when ``temperature == 0``, else sampling (optionally top-k).
 
         With ``use_cache`` the prompt is encoded once and each new token attends to cached keys and values
         (a key/value cache), instead of re-running the whole sequence per token.
 
+        Args:
+            input_ids: ``(B, T)`` prompts, ``T >= 1``; ``T + max_new_tokens`` must not exceed the model's
+                ``max_seq_len``.
+            max_new_tokens: Tokens to add.
+            temperature: 0 for greedy, else the sampling temperature.
+            top_k: Sample among the ``top_k`` most likely tokens only (``None``: all).
+            use_cache: Decode with a key/value cache.
+            stop_id: A token that ends a sequence (the tokenizer's ``<|endoftext|>``): a sequence that produced
+                it continues with it, and generation stops once every sequence has (``None``: never stops early).
+
         Returns:
-            ``(B, T + max_new_tokens)`` token ids.
+            ``(B, T + n)`` token ids, ``n <= max_new_tokens`` (``n < max_new_tokens`` only with ``stop_id``).
         """
         check_generation(max_new_tokens, temperature, top_k)
+        check_prompt(input_ids, max_new_tokens, getattr(self.config, "max_seq_len", None))
         was_training = self.training
         self.eval()
         cache = self.model.new_cache() if use_cache and hasattr(self.model, "new_cache") else None
         ids = input_ids
         logits = self.model(ids, cache=cache).logits[:, -1] if cache is not None else self.model(ids).logits[:, -1]
+        done_B1 = torch.zeros_like(ids[:, :1], dtype=torch.bool)
         for step in range(max_new_tokens):
             next_ids = sample_next(logits.float(), temperature, top_k)
+            if stop_id is not None:
+                next_ids = next_ids.masked_fill(done_B1, stop_id)
+                done_B1 = done_B1 | (next_ids == stop_id)
             ids = torch.cat([ids, next_ids], dim=1)
-            if step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or bool(done_B1.all()):
                 break
             if cache is not None:
                 logits = self.model(next_ids, cache=cache).logits[:, -1]
@@ -556,8 +572,31 @@ def check_generation(max_new_tokens: int, temperature: float, top_k: int | None)
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an int >= 1")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r} is invalid: must be a finite number >= 0 (0: greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k!r} is invalid: must be >= 1, or unset for the whole vocabulary")
+    if isinstance(temperature, bool):
+        raise ValueError(f"temperature={temperature!r} is invalid: must be a finite number >= 0 (0: greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} is invalid: must be an int >= 1, or unset for the whole vocabulary")
+
+
+def check_prompt(input_ids: Tensor, max_new_tokens: int, max_seq_len: int | None) -> None:
+    """Check the prompts of a generation before any work.
+
+    Raises:
+        ValueError: Unless ``input_ids`` is a ``(B, T)`` integer tensor with ``B, T >= 1`` and ``T + max_new_tokens``
+            is at most ``max_seq_len`` (when given): past it a model runs on positions it was not made for.
+    """
+    is_ids = isinstance(input_ids, Tensor) and input_ids.ndim == 2 and not input_ids.is_floating_point()
+    if not is_ids or 0 in input_ids.shape:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(
+            f"input_ids={shape} is invalid: must be a (batch, prompt length) tensor of token ids, both sizes >= 1"
+        )
+    total = input_ids.shape[1] + max_new_tokens
+    if max_seq_len is not None and total > max_seq_len:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} is invalid for a prompt of {input_ids.shape[1]} tokens: {total} tokens "
+            f"in all, more than the model's max_seq_len={max_seq_len}; shorten the prompt or lower max_new_tokens"
+        )
 
 
 def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None) -> Tensor:
@@ -609,6 +648,15 @@ class Seq2SeqLMModule(MoELanguageModule):
             )
         pad = data.tokenizer.token_to_id(PAD_TOKEN)
         self.decoder_start_id = pad if pad is not None else 0
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also take the decoder start id (the padding token) from the tokenizer saved with the weights."""
+        super().on_load_checkpoint(checkpoint)
+        if self.tokenizer_json is not None:
+            from tokenizers import Tokenizer
+
+            pad = Tokenizer.from_str(self.tokenizer_json).token_to_id(PAD_TOKEN)
+            self.decoder_start_id = pad if pad is not None else 0
 
     def forward(self, input_ids: Tensor, decoder_input_ids: Tensor) -> Any:
         """The model's output (decoder logits and router statistics)."""
@@ -663,6 +711,8 @@ class Seq2SeqLMModule(MoELanguageModule):
         check_generation(max_new_tokens, temperature, top_k)
         was_training = self.training
         self.eval()
+        check_prompt(input_ids, 0, getattr(self.config, "max_seq_len", None))
+        check_prompt(input_ids[:, :1], max_new_tokens, getattr(self.config, "max_seq_len", None))  # the decoder's
         ids = torch.full((input_ids.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=input_ids.device)
         for _ in range(max_new_tokens):
             logits = self.model(input_ids, ids).logits[:, -1].float()

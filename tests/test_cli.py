@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
@@ -231,7 +232,7 @@ def test_a_preset_of_the_other_kind_is_refused_before_training(tmp_path):
         (["--max_new_tokens", "0"], r"max_new_tokens=0 is invalid: must be an int >= 1"),
         (["--temperature", "-1"], r"temperature=-1.0 is invalid: must be a finite number >= 0"),
         (["--temperature", "nan"], r"temperature=nan is invalid: must be a finite number >= 0"),
-        (["--top_k", "0"], r"top_k=0 is invalid: must be >= 1"),
+        (["--top_k", "0"], r"top_k=0 is invalid: must be an int >= 1"),
     ],
 )
 def test_generate_arguments_are_checked_before_loading(args, match):
@@ -247,6 +248,14 @@ def test_generate_refuses_an_encoder_decoder_checkpoint(tmp_path, capsys):
     assert "last checkpoint" in capsys.readouterr().out and "generate:" not in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"it is a Seq2SeqLMModule \(encoder-decoder\) run"):
         generate_main(["--ckpt_path", cli.trainer.checkpoint_callback.last_model_path])
+    # Loaded on its own, the module decodes from the start id it trained with (the tokenizer's padding token).
+    from lightning_moe.module import Seq2SeqLMModule
+
+    trained_start = cli.datamodule.tokenizer.token_to_id("<|pad|>")
+    assert cli.model.decoder_start_id == trained_start != 0
+    loaded = Seq2SeqLMModule.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path)
+    assert loaded.decoder_start_id == trained_start
+    assert loaded.generate(torch.tensor([[5, 6, 7]]), 2)[0, 0] == trained_start
 
 
 def test_validate_without_a_checkpoint_warns_that_the_model_is_untrained(tmp_path):

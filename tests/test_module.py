@@ -104,6 +104,48 @@ def test_cached_generation_equals_full_recompute(arch):
     assert torch.equal(cached[:, 7], first)
 
 
+def test_generation_stops_at_the_stop_id_per_sequence():
+    module = _module()
+    prompt = torch.randint(0, 1024, (2, 5))
+    full = module.generate(prompt, 12)
+    stop_id = int(full[0, 5 + 2])  # the third new token of the first sequence
+    out = module.generate(prompt, 12, stop_id=stop_id)
+    first = [next((i for i in range(12) if full[b, 5 + i] == stop_id), 12) for b in range(2)]
+    assert out.shape[1] == 5 + min(12, max(first) + 1)
+    for b in range(2):  # each sequence follows the plain generation up to its stop, then repeats the stop id
+        end = 5 + min(first[b] + 1, out.shape[1] - 5)
+        assert torch.equal(out[b, :end], full[b, :end])
+        assert (out[b, end:] == stop_id).all()
+
+
+def test_generation_refuses_empty_prompts_and_running_past_max_seq_len():
+    torch.manual_seed(0)
+    module = CausalLMModule(arch="mixtral-tiny", overrides={"num_layers": 1, "max_seq_len": 12})
+    with pytest.raises(ValueError, match=r"input_ids=\(1, 0\) is invalid: must be a \(batch, prompt length\) tensor"):
+        module.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"input_ids=\(4,\) is invalid"):
+        module.generate(torch.zeros(4, dtype=torch.long), 3)
+    with pytest.raises(
+        ValueError,
+        match=r"max_new_tokens=5 is invalid for a prompt of 8 tokens: 13 tokens in all, "
+        r"more than the model's max_seq_len=12",
+    ):
+        module.generate(torch.zeros(1, 8, dtype=torch.long), 5)
+    assert module.generate(torch.zeros(1, 8, dtype=torch.long), 4).shape == (1, 12)
+    with pytest.raises(ValueError, match=r"top_k=2.5 is invalid: must be an int >= 1"):
+        module.generate(torch.zeros(1, 2, dtype=torch.long), 1, temperature=1.0, top_k=2.5)
+
+
+@pytest.mark.parametrize("arch", ["mixtral-tiny", "deepseek-tiny"])
+def test_an_empty_chunk_through_the_cache_gives_empty_logits(arch):
+    module = _module(arch)
+    cache = module.model.new_cache()
+    with torch.no_grad():
+        module.model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+        out = module.model(torch.zeros(1, 0, dtype=torch.long), cache=cache)
+    assert out.logits.shape == (1, 0, zoo.config(arch).vocab_size)
+
+
 def test_cache_matches_full_forward_with_sliding_window_past_its_length():
     torch.manual_seed(0)
     model = zoo.build("mixtral-tiny", sliding_window=4).eval()

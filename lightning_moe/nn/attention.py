@@ -212,7 +212,7 @@ class Attention(nn.Module):
         if cache is not None:
             k_BGTDh, v_BGTDh = cache.update(k_BGTDh, v_BGTDh)
         out_BHTDh = sdpa(q_BHTDh, k_BGTDh, v_BGTDh, mask, cfg.scale)
-        return self.o_proj(out_BHTDh.transpose(1, 2).reshape(batch, seq, -1))
+        return self.o_proj(out_BHTDh.transpose(1, 2).reshape(batch, seq, cfg.num_heads * self.head_dim))
 
 
 def sdpa(q_BHTDh: Tensor, k_BGSDh: Tensor, v_BGSDh: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:

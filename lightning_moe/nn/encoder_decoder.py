@@ -47,7 +47,7 @@ class CrossAttention(Attention):
         if self.q_norm is not None:
             q_BHTDh, k_BGSDh = self.q_norm(q_BHTDh), self.k_norm(k_BGSDh)
         out_BHTDh = sdpa(q_BHTDh, k_BGSDh, v_BGSDh, mask, cfg.scale)
-        return self.o_proj(out_BHTDh.transpose(1, 2).reshape(batch, seq, -1))
+        return self.o_proj(out_BHTDh.transpose(1, 2).reshape(batch, seq, cfg.num_heads * self.head_dim))
 
 
 def cross_attention_mask(
