@@ -65,7 +65,7 @@ def check_field_types(config: object) -> None:
 
 
 def check_token_mask(name: str, mask: Tensor | None) -> None:
-    """Raise unless ``mask`` is ``None`` or a bool/integer token mask (True or 1: a real token, else padding).
+    """Raise unless ``mask`` is ``None`` or a bool/integer token mask (True or nonzero: a real token, else padding).
 
     A floating mask is refused: an additive attention mask (0 for real tokens, -inf for padding) read as a
     token mask would turn every real token into padding and the padding into real tokens.

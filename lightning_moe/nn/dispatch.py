@@ -169,10 +169,12 @@ class GroupedDispatcher(Dispatcher):
 def pad_expert_blocks(
     token_ids_N: Tensor, weights_N: Tensor, expert_ids_N: Tensor, counts_E: Tensor, padded_E: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Pad each expert's block of sorted copies to ``padded_E`` rows with weight-zero copies of token 0.
+    """Pad each expert's block of sorted copies to ``padded_E`` rows with weight-zero copies of its first token.
 
-    A padding copy adds ``0 * expert(x_0)`` to token 0 and gets a zero gradient into everything, so the result
-    is unchanged; only the per-expert row counts change (see ``GroupedExperts.padded_counts`` for why).
+    A padding copy adds ``0 * expert(x_t)`` to a token ``t`` the expert computes anyway and gets a zero gradient
+    into everything, so the result is unchanged; only the per-expert row counts change (see
+    ``GroupedExperts.padded_counts`` for why). Padding with a token the expert does not see (say token 0) would
+    bring that expert's overflow or nan on it into an unrelated token (``0 * inf`` is nan).
 
     Args:
         token_ids_N: Source token of each copy, sorted by expert.
@@ -189,5 +191,10 @@ def pad_expert_blocks(
     position_N = torch.arange(token_ids_N.shape[0], device=token_ids_N.device) + pad_before_E[expert_ids_N]
     total = int(padded_E.sum())
     token_ids_P = token_ids_N.new_zeros(total).index_copy(0, position_N, token_ids_N)
+    real_P = torch.zeros(total, dtype=torch.bool, device=token_ids_N.device).index_fill_(0, position_N, True)
+    blocks = torch.arange(padded_E.shape[0], device=padded_E.device)
+    block_P = torch.repeat_interleave(blocks, padded_E, output_size=total)
+    first_E = torch.cumsum(padded_E, 0) - padded_E  # where each block, and its real copies, start
+    token_ids_P = torch.where(real_P, token_ids_P, token_ids_P[first_E[block_P]])
     weights_P = weights_N.new_zeros(total).index_copy(0, position_N, weights_N)
     return token_ids_P, weights_P

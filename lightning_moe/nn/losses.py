@@ -20,7 +20,7 @@ def _mask_or_ones(mask: Tensor | None, shape: torch.Size, device: torch.device) 
     check_token_mask("mask", mask)
     if mask is not None and mask.numel() != shape.numel():
         raise ValueError(f"mask.shape={tuple(mask.shape)} is invalid: expected {tuple(shape)}, one entry per token")
-    return torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask.reshape(shape)
+    return torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask.reshape(shape).bool()
 
 
 def _check_choices(probs: Tensor, expert_ids: Tensor, shapes: str) -> None:
@@ -77,7 +77,8 @@ def load_balancing_loss(
         reduced = reduce_counts(torch.cat([counts_E, total_copies.view(1)]))
         counts_E, total_copies = reduced[:-1], reduced[-1]
     f_E = counts_E / total_copies.clamp_min(1)
-    p_E = (probs_TE * mask_T.unsqueeze(-1)).sum(dim=0) / num_tokens
+    # where, not a product: a padding token's scores may be non-finite (0 * nan is nan)
+    p_E = torch.where(mask_T.unsqueeze(-1), probs_TE, 0).sum(dim=0) / num_tokens
     return num_experts * (f_E.to(p_E.dtype) * p_E).sum()
 
 
@@ -102,11 +103,11 @@ def sequence_balance_loss(probs_BSE: Tensor, expert_ids_BSK: Tensor, mask_BS: Te
     mask_BS = _mask_or_ones(mask_BS, probs_BSE.shape[:2], probs_BSE.device)
     onehot_counts_BE = torch.zeros(batch, num_experts, dtype=probs_BSE.dtype, device=probs_BSE.device)
     copies_BSK = mask_BS.unsqueeze(-1).expand_as(expert_ids_BSK).to(probs_BSE.dtype)
-    onehot_counts_BE.scatter_add_(1, expert_ids_BSK.reshape(batch, -1), copies_BSK.reshape(batch, -1))
+    onehot_counts_BE.scatter_add_(1, expert_ids_BSK.reshape(batch, seq * top_k), copies_BSK.reshape(batch, seq * top_k))
     tokens_B = mask_BS.sum(dim=1)
     denom_B = tokens_B.clamp_min(1).to(probs_BSE.dtype)
     f_BE = onehot_counts_BE * num_experts / (top_k * denom_B.unsqueeze(-1))
-    p_BE = (probs_BSE * mask_BS.unsqueeze(-1)).sum(dim=1) / denom_B.unsqueeze(-1)
+    p_BE = torch.where(mask_BS.unsqueeze(-1), probs_BSE, 0).sum(dim=1) / denom_B.unsqueeze(-1)
     per_seq_B = (f_BE * p_BE).sum(dim=-1)
     has_tokens_B = tokens_B > 0
     return (per_seq_B * has_tokens_B).sum() / has_tokens_B.sum().clamp_min(1)
@@ -119,14 +120,14 @@ def router_z_loss(logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
     """
     mask_T = _mask_or_ones(mask_T, logits_TE.shape[:1], logits_TE.device)
     z_T = torch.logsumexp(logits_TE, dim=-1)
-    return (z_T.square() * mask_T).sum() / mask_T.sum().clamp_min(1)
+    return torch.where(mask_T, z_T.square(), 0).sum() / mask_T.sum().clamp_min(1)
 
 
 def router_entropy(probs_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
     """Mean entropy (nats) of the per-token expert distribution over real tokens; ``log E`` is uniform."""
     mask_T = _mask_or_ones(mask_T, probs_TE.shape[:1], probs_TE.device)
     entropy_T = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(dim=-1)
-    return (entropy_T * mask_T).sum() / mask_T.sum().clamp_min(1)
+    return torch.where(mask_T, entropy_T, 0).sum() / mask_T.sum().clamp_min(1)
 
 
 def bias_update(bias_E: Tensor, load_E: Tensor, gamma: float) -> Tensor:

@@ -150,6 +150,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"mask.shape={tuple(mask.shape)} is invalid: expected {tuple(x.shape[:-1])}")
         x_TD = x.reshape(-1, cfg.dim)
         mask_T = None if mask is None else mask.reshape(-1).bool()
+        if mask_T is not None:  # padding may hold anything (nan from a fully masked attention row): read zeros
+            x_TD = torch.where(mask_T.unsqueeze(-1), x_TD, 0)
         # With padding the capacity comes from the real token count, kept on the device (no wait for a GPU).
         # Expert choice sizes its top-k with the capacity of all tokens and uses only the live slots.
         capacity = self.capacity(x_TD.shape[0])
@@ -168,7 +170,9 @@ class MoELayer(nn.Module):
             if cfg.capacity_scope == "sequence" and x.dim() == 3:
                 batch, seq = x.shape[:2]
                 group_ids_N = routing.token_ids_N // seq
-                real_B = torch.full((batch,), seq, device=x.device) if mask is None else mask.reshape(batch, -1).sum(1)
+                real_B = torch.full((batch,), seq, device=x.device)
+                if mask_T is not None:
+                    real_B = mask_T.view(batch, seq).sum(1)
                 capacity = self.capacity(real_B)
             kept_N = capacity_keep_mask(routing.expert_ids_N, keep_N, order_N, capacity, cfg.num_experts, group_ids_N)
         else:

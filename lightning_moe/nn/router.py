@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_moe.nn.config import RouterConfig
+from lightning_moe.nn.config import RouterConfig, check_token_mask
 
 
 @dataclass
@@ -196,6 +196,8 @@ class Router(nn.Module):
             raise ValueError(f"x_TD.shape={tuple(x_TD.shape)} is invalid: expected (T, {self.gate.in_features})")
         if mask_T is not None and mask_T.shape != x_TD.shape[:1]:
             raise ValueError(f"mask_T.shape={tuple(mask_T.shape)} is invalid: expected ({x_TD.shape[0]},)")
+        check_token_mask("mask_T", mask_T)
+        mask_T = None if mask_T is None else mask_T.bool()
         logits_TE = self.logits(x_TD)
         if self.config.kind == "expert_choice":
             if capacity is None:

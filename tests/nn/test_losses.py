@@ -36,6 +36,20 @@ def test_load_balancing_loss_top2_counts_copies_and_ignores_padding():
     torch.testing.assert_close(load_balancing_loss(probs, ids, mask), expected)
 
 
+def test_losses_read_any_nonzero_mask_entry_as_a_real_token_and_ignore_what_padding_holds():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [float("nan")] * 3])
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [float("inf"), 0.0, 0.0]])
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    mask_bool, mask_int = torch.tensor([True, True, False]), torch.tensor([3, 1, 0])
+    expected = load_balancing_loss(probs[:2], ids[:2])
+    torch.testing.assert_close(load_balancing_loss(probs, ids, mask_bool), expected)
+    torch.testing.assert_close(load_balancing_loss(probs, ids, mask_int), expected)
+    torch.testing.assert_close(router_z_loss(logits, mask_int), router_z_loss(logits[:2]))
+    torch.testing.assert_close(router_entropy(probs, mask_int), router_entropy(probs[:2]))
+    seq = sequence_balance_loss(probs.view(1, 3, 3), ids.view(1, 3, 2), mask_int.view(1, 3))
+    torch.testing.assert_close(seq, sequence_balance_loss(probs[None, :2], ids[None, :2]))
+
+
 def test_load_balancing_loss_is_one_when_uniform():
     probs = torch.full((8, 4), 0.25)
     ids = torch.arange(8).view(8, 1) % 4

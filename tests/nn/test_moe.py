@@ -488,6 +488,98 @@ def test_padded_expert_blocks_change_no_output_or_gradient():
     _assert_same_values_and_grads(y_p, y, (x, weights, experts.w1, experts.w3, experts.w2))
 
 
+def test_padding_copies_repeat_a_token_their_expert_already_computes():
+    from lightning_moe.nn.dispatch import pad_expert_blocks
+
+    token_ids = torch.tensor([4, 7, 2, 5, 5, 9])
+    expert_ids = torch.tensor([0, 0, 1, 2, 2, 2])
+    weights = torch.rand(6, dtype=torch.float64)
+    rows_p, weights_p = pad_expert_blocks(
+        token_ids, weights, expert_ids, torch.tensor([2, 1, 3]), torch.tensor([4, 4, 4])
+    )
+    assert rows_p.tolist() == [4, 7, 4, 4, 2, 2, 2, 2, 5, 5, 9, 5]
+    assert weights_p[[2, 3, 5, 6, 7, 11]].eq(0).all()
+    assert weights_p[[0, 1, 4, 8, 9, 10]].equal(weights)
+
+
+def test_an_overflowing_expert_never_reaches_a_token_not_routed_to_it():
+    # Under float16 autocast the CPU pads every expert block to 16 rows; padding copies of a token the expert does
+    # not see (token 0 here: inf under expert 1) would add 0 * inf = nan to it.
+    outputs = {}
+    for dispatch in ("grouped", "loop"):
+        cfg = MoEConfig(
+            dim=4,
+            router=RouterConfig(num_experts=2, top_k=1),
+            experts=ExpertsConfig(hidden_dim=4, gated=False, activation="relu"),
+            dispatch=dispatch,
+        )
+        layer = MoELayer(cfg)
+        with torch.no_grad():
+            layer.router.gate.weight.copy_(torch.tensor([[1.0] * 4, [-1.0] * 4]))  # positive x: expert 0
+            layer.experts.w1.copy_(torch.stack([torch.full((4, 4), 0.01), torch.full((4, 4), 2000.0)]))
+            layer.experts.w2.copy_(torch.stack([torch.full((4, 4), 0.01), torch.full((4, 4), 1.0)]))
+        x = torch.full((5, 4), -0.01)
+        x[0] = 10.0  # expert 1 on it: 4 * 10 * 2000 = 80000, past float16's largest value
+        with torch.autocast("cpu", dtype=torch.float16):
+            outputs[dispatch] = layer(x)[0].float()
+    assert torch.isfinite(outputs["grouped"]).all()
+    torch.testing.assert_close(outputs["grouped"], outputs["loop"])
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "loop"])
+def test_non_finite_padding_reaches_no_output_loss_or_gradient(dispatch):
+    # A fully masked attention row can leave nan in a padding position: the layer must read it as nothing.
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        dim=4,
+        router=RouterConfig(num_experts=4, top_k=2, init_std=0.5),
+        experts=ExpertsConfig(hidden_dim=8),
+        shared_hidden_dim=4,
+        dispatch=dispatch,
+    )
+    layer = MoELayer(cfg).double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 0] = False
+    y_ref, stats_ref = layer(x, mask)
+    x[0, 0] = float("nan")
+    y, stats = layer(x, mask)
+    torch.testing.assert_close(y, y_ref)
+    assert y[0, 0].eq(0).all()
+    for name, value in stats_ref.losses.items():
+        torch.testing.assert_close(stats.losses[name], value)
+    torch.testing.assert_close(stats.router_entropy, stats_ref.router_entropy)
+    (y.sum() + sum(stats.losses.values())).backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
+def test_an_integer_mask_counts_its_nonzero_entries_as_real_tokens():
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        dim=4,
+        router=RouterConfig(num_experts=2, top_k=1, init_std=1.0),
+        experts=ExpertsConfig(hidden_dim=4),
+        capacity_factor=1.0,
+        capacity_scope="sequence",
+    )
+    layer = MoELayer(cfg)
+    x = torch.randn(1, 8, 4)
+    ones = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]])
+    y_bool, stats_bool = layer(x, ones.bool())
+    y_two, stats_two = layer(x, 2 * ones)
+    torch.testing.assert_close(y_two, y_bool)
+    assert stats_two.kept_per_expert.equal(stats_bool.kept_per_expert)
+    for name, value in stats_bool.losses.items():
+        torch.testing.assert_close(stats_two.losses[name], value)
+
+
+def test_an_empty_batch_gives_an_empty_output():
+    layer = MoELayer(MoEConfig(dim=4, router=RouterConfig(num_experts=4, top_k=2), experts=ExpertsConfig(hidden_dim=8)))
+    for shape in [(0, 5, 4), (2, 0, 4), (0, 4)]:
+        y, stats = layer(torch.randn(shape))
+        assert y.shape == shape and int(stats.num_tokens) == 0
+
+
 def _assert_same_values_and_grads(y_p, y, inputs):
     """``y_p`` equals ``y`` (float64, to 1e-12), and so do their gradients into every input."""
     torch.testing.assert_close(y_p, y, rtol=1e-12, atol=1e-12)
