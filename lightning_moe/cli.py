@@ -12,7 +12,6 @@ import argparse
 import importlib
 import io
 import os
-import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +57,8 @@ class MoECLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and (Path(ckpt_path).is_dir() or Path(ckpt_path).is_file()):
+            read_checkpoint(ckpt_path)  # a clear error for a cut, empty or foreign file before any work
         # A sharded checkpoint (a folder, written by ExpertParallelStrategy) keeps its hyperparameters in meta.pt.
         meta = Path(ckpt_path) / METADATA_FILE if ckpt_path and Path(ckpt_path).is_dir() else None
         if meta is not None and meta.is_file():
@@ -200,6 +201,36 @@ def _is_checkpoint(class_path: str) -> bool:
     return cls is not None and issubclass(cls, ModelCheckpoint)
 
 
+def read_checkpoint(path: str | os.PathLike, field: str = "ckpt_path") -> dict[str, Any]:
+    """Read a checkpoint of ``lightning-moe fit``: a file, or the ``meta.pt`` of a sharded folder (tensors mapped).
+
+    Raises:
+        ValueError: Naming ``field`` and the path, if it is not a readable Lightning checkpoint (cut, empty, another
+            kind of file, a folder without the metadata of a sharded save).
+    """
+    source = Path(path)
+    if source.is_dir():
+        source = source / METADATA_FILE
+        if not source.is_file():
+            raise ValueError(
+                f"{field}={str(path)!r} is invalid: a folder without {METADATA_FILE}, so not a sharded checkpoint of "
+                "lightning-moe fit (an interrupted save leaves its complete folders under other names)"
+            )
+    try:
+        checkpoint = torch.load(source, weights_only=True, map_location="cpu", mmap=True)
+    except Exception as error:  # noqa: BLE001  (torch.load raises many kinds for a file that is not its own)
+        raise ValueError(
+            f"{field}={str(path)!r} is invalid: not a readable checkpoint of lightning-moe fit "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'})"
+        ) from error
+    if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+        raise ValueError(
+            f"{field}={str(path)!r} is invalid: a torch file, but not a checkpoint of lightning-moe fit (Lightning "
+            "writes 'pytorch-lightning_version', 'state_dict' and 'hyper_parameters' into it)"
+        )
+    return checkpoint
+
+
 def generate_main(argv: Sequence[str]) -> str:
     """``lightning-moe generate``: continue a prompt from a checkpoint; returns (and prints) the text."""
     parser = argparse.ArgumentParser(prog="lightning-moe generate", description="Continue a prompt from a checkpoint.")
@@ -216,33 +247,23 @@ def generate_main(argv: Sequence[str]) -> str:
         raise ValueError("prompt='' is invalid: generate continues a prompt of at least one character")
     check_generation(args.max_new_tokens, args.temperature, args.top_k)
     path = Path(args.ckpt_path)
-    if path.is_dir():  # expert-parallel runs write one shard per rank: gather the full weights in memory
-        from lightning_moe.strategies import full_checkpoint
-
-        source: Path | io.BytesIO = io.BytesIO()
-        torch.save(full_checkpoint(path), source)
-        source.seek(0)
-    elif path.is_file():
-        source = path
-    else:
+    if not (path.is_dir() or path.is_file()):
         raise ValueError(f"ckpt_path={args.ckpt_path!r} is invalid: no such file or checkpoint directory")
-    from tokenizers import Tokenizer
-
-    in_memory = isinstance(source, io.BytesIO)  # a file is only mapped here: its tensors are read once, below
-    try:
-        checkpoint = torch.load(source, weights_only=True, map_location="cpu", mmap=not in_memory)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
-        raise ValueError(
-            f"ckpt_path={args.ckpt_path!r} is invalid: not a readable checkpoint of lightning-moe fit ({error})"
-        ) from error
-    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    if in_memory:
-        source.seek(0)
+    hparams = read_checkpoint(path).get("hyper_parameters", {})  # a file's tensors are only mapped here
     if str(hparams.get("_class_path", "")).endswith("Seq2SeqLMModule"):
         raise ValueError(
             f"ckpt_path={args.ckpt_path!r} is invalid: it is a Seq2SeqLMModule (encoder-decoder) run, and generate "
             "continues prompts with decoder models (CausalLMModule runs)"
         )
+    source: Path | io.BytesIO = path
+    if path.is_dir():  # expert-parallel runs write one shard per rank: gather the full weights in memory
+        from lightning_moe.strategies import full_checkpoint
+
+        source = io.BytesIO()
+        torch.save(full_checkpoint(path), source)
+        source.seek(0)
+    from tokenizers import Tokenizer
+
     module = CausalLMModule.load_from_checkpoint(source, map_location="cpu")
     if module.tokenizer_json is None:
         raise ValueError(f"ckpt_path={args.ckpt_path!r} is invalid: the checkpoint holds no tokenizer")

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from lightning_moe import zoo
@@ -32,7 +33,7 @@ NAN_POLICIES = ("raise", "skip")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when the loss or a router's logits stop being finite."""
+    """Raised when the loss, a router's logits or a gradient stop being finite."""
 
 
 class MoELanguageModule(L.LightningModule):
@@ -59,8 +60,9 @@ class MoELanguageModule(L.LightningModule):
         seq_balance_coef: Sequence-wise balance loss coefficient (``None``: the preset's).
         mtp_loss_coef: Weight of DeepSeek-V3's multi-token-prediction loss for models with MTP modules
             (``mtp_depth > 0``; ``None``: the preset's ``mtp_loss_coef``, 0.3).
-        nan_policy: On a non-finite loss: ``"raise"`` (stop with an error naming the layer and step) or
-            ``"skip"`` (skip the batch; one process only).
+        nan_policy: On a non-finite loss or gradient: ``"raise"`` (stop with an error naming the layer or
+            parameter and the step, before the optimizer step, so the weights and the last checkpoint stay
+            finite) or ``"skip"`` (skip the batch, or the optimizer step; one process only).
         init_from: A local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) to start from:
             the model is built by :func:`lightning_moe.interop.from_hf` with its config and weights, and ``arch``
             only names the run in the hyperparameters and logs.
@@ -185,6 +187,7 @@ class MoELanguageModule(L.LightningModule):
         # another world size.
         self.train_samples_seen: int | None = 0
         self._step_start = 0.0
+        self._train_seed: int | None = None  # see on_train_batch_start
 
     # -- shared pieces --------------------------------------------------------------------------------
 
@@ -267,6 +270,7 @@ class MoELanguageModule(L.LightningModule):
         if self.tokenizer_json is not None:
             checkpoint["tokenizer_json"] = self.tokenizer_json
         checkpoint["train_samples_seen"] = self.train_samples_seen
+        checkpoint["train_seed"] = self._train_seed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer saved with the weights; resume with this run's optimizer settings.
@@ -305,6 +309,7 @@ class MoELanguageModule(L.LightningModule):
             )
         self.tokenizer_json = saved_tokenizer
         self.train_samples_seen = checkpoint.get("train_samples_seen")  # None in older files: the step count then
+        self._train_seed = checkpoint.get("train_seed")
         hp = self.hparams
         ratio = hp.lr / saved["lr"] if saved.get("lr") else 1.0
         for state in checkpoint.get("optimizer_states", []):
@@ -336,7 +341,17 @@ class MoELanguageModule(L.LightningModule):
                     group["lr"] = base_lr * rate(scheduler.last_epoch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Count the samples (where the data resumes, see ``TextDataModule.train_dataloader``); start the clock."""
+        """Seed the batch's random draws; count the samples (where the data resumes); start the clock.
+
+        Router jitter, GShard's random routing and span corruption draw from torch's global generator. It is
+        seeded here for every batch from the run's seed (saved in checkpoints), the batch's place in the data
+        and the rank, so a resumed run draws what the uninterrupted one drew (the generator's state is not in
+        the checkpoint; ``seed_everything`` would restart it at the resume).
+        """
+        if self._train_seed is None:
+            self._train_seed = torch.initial_seed()
+        place = self.train_samples_seen if self.train_samples_seen is not None else self.global_step
+        torch.manual_seed(hash((self._train_seed, place, self.trainer.global_rank)) % 2**63)
         if self.train_samples_seen is not None:  # every rank's batch has this size (full batches only)
             rows = batch.shape[0] if isinstance(batch, Tensor) else len(batch)
             self.train_samples_seen += rows * self.trainer.world_size
@@ -391,6 +406,30 @@ class MoELanguageModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Check the gradients before the step: a non-finite one would be applied, and then checkpointed.
+
+        With ``nan_policy='raise'`` the error names the first such parameter; with ``'skip'`` every gradient
+        is dropped, so the optimizer leaves every parameter and its state as they were. Float16 loss scaling
+        skips such steps itself and is left to it.
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        named = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        local = [grad.to_local() if isinstance(grad, DTensor) else grad for _, grad in named]
+        finite = not local or bool(torch.stack(torch._foreach_norm(local)).isfinite().all())
+        if self.trainer.world_size > 1:  # sharded gradients: every rank must take the same way
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
+        bad = next((name for (name, _), grad in zip(named, local, strict=True) if not grad.isfinite().all()), None)
+        message = f"non-finite gradient of {bad or 'a parameter on another rank'} at step {self.global_step}"
+        if self.hparams.nan_policy == "raise":
+            raise NonFiniteLossError(message + " (not applied: the weights and the last checkpoint are finite)")
+        rank_zero_warn(f"skipping optimizer step: {message}")
+        for param in self.parameters():
+            param.grad = None
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None

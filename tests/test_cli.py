@@ -168,6 +168,38 @@ def test_missing_checkpoint_for_generate(tmp_path):
         generate_main(["--ckpt_path", str(tmp_path / "notes.txt")])
 
 
+def _broken_checkpoints(tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"pytorch-lightning_version": "2.6", "state_dict": {"w": torch.zeros(1000)}}, good)
+    files = {
+        "cut.ckpt": (good.read_bytes()[:2000], "not a readable checkpoint"),
+        "text.ckpt": (b"def f(x):\n    return x\n", "not a readable checkpoint"),
+        "empty.ckpt": (b"", "not a readable checkpoint"),
+    }
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    torch.save({"foo": 1}, tmp_path / "foreign.ckpt")
+    (tmp_path / "folder.ckpt").mkdir()
+    return {name: match for name, (_, match) in files.items()} | {
+        "list.ckpt": "a torch file, but not a checkpoint of lightning-moe fit",
+        "foreign.ckpt": "a torch file, but not a checkpoint of lightning-moe fit",
+        "folder.ckpt": "a folder without meta.pt, so not a sharded checkpoint",
+    }
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "generate"])
+def test_a_broken_or_foreign_checkpoint_is_refused_by_name(tmp_path, subcommand):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    for name, match in _broken_checkpoints(tmp_path).items():
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"ckpt_path='{path}' is invalid: {match}"):
+            if subcommand == "generate":
+                generate_main(["--ckpt_path", path])
+            else:
+                run_cli([subcommand, "--config", config, *_small(tmp_path), "--ckpt_path", path])
+
+
 class LrRecorder(Callback):
     """Keeps the learning rate each training step ran with (used through --trainer.callbacks+)."""
 

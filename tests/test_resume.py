@@ -45,7 +45,8 @@ def _data(tmp_path, vocab_size=300):
                           val_fraction=0.1, cache_dir=str(tmp_path / "cache"))  # fmt: skip
 
 
-def _fit(tmp_path, max_steps, ckpt_path=None, every=None, crash_after=None, checkpoint=ModelCheckpoint, callbacks=()):
+def _fit(tmp_path, max_steps, ckpt_path=None, every=None, crash_after=None, checkpoint=ModelCheckpoint, callbacks=(),
+         overrides=None, **module_args):  # fmt: skip
     torch.manual_seed(0)
     recorder = LossRecorder()
     callbacks = [recorder, *callbacks] + ([CrashAfter(crash_after)] if crash_after else [])
@@ -54,7 +55,8 @@ def _fit(tmp_path, max_steps, ckpt_path=None, every=None, crash_after=None, chec
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
                         default_root_dir=tmp_path)  # fmt: skip
-    module = CausalLMModule(arch="mixtral-tiny", overrides={"dim": 32, "ffn_hidden": 32}, warmup_steps=3)
+    overrides = {"dim": 32, "ffn_hidden": 32, **(overrides or {})}
+    module = CausalLMModule(arch="mixtral-tiny", overrides=overrides, warmup_steps=3, **module_args)
     trainer.fit(module, _data(tmp_path), ckpt_path=ckpt_path)
     return trainer, recorder.losses
 
@@ -189,3 +191,114 @@ def test_a_checkpoint_of_another_network_is_refused_by_name(tmp_path):
                         enable_checkpointing=False, limit_val_batches=0)  # fmt: skip
     with pytest.raises(ValueError, match=r"overrides=\{.*'num_experts': 4\} is invalid for this checkpoint, which"):
         trainer.fit(other, _data(tmp_path), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+
+
+def test_resume_draws_the_random_numbers_of_the_uninterrupted_run(tmp_path):
+    # Router jitter draws from torch's generator, which no checkpoint holds: each batch's draws are seeded from the
+    # run's seed and the batch's place, so the resumed steps repeat the uninterrupted ones (they used to differ).
+    jitter = {"router_jitter": 0.5}
+    _, uninterrupted = _fit(tmp_path / "a", 8, overrides=jitter)
+    with pytest.raises(Crash):
+        _fit(tmp_path / "b", 8, every=4, crash_after=4, overrides=jitter)
+    _, resumed = _fit(tmp_path / "b", 8, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"), overrides=jitter)
+    assert resumed == uninterrupted[4:]
+    _, without = _fit(tmp_path / "c", 8)
+    assert without[1:] != uninterrupted[1:]  # the jitter does change the losses
+
+
+def test_the_capacity_tuner_resumes_its_open_window(tmp_path):
+    from lightning_moe.callbacks import CapacityFactorTuner
+
+    def tuner():
+        return CapacityFactorTuner(interval=4, smoothing=0.0, target_drop_rate=0.05)
+
+    capacity = {"capacity_factor": 1.0}
+    uninterrupted_tuner = tuner()
+    _, uninterrupted = _fit(tmp_path / "a", 9, overrides=capacity, callbacks=[uninterrupted_tuner])
+    with pytest.raises(Crash):  # killed at step 6, halfway through the window that closes at step 8
+        _fit(tmp_path / "b", 9, every=6, crash_after=6, overrides=capacity, callbacks=[tuner()])
+    resumed_tuner = tuner()
+    _, resumed = _fit(tmp_path / "b", 9, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"), overrides=capacity,
+                      callbacks=[resumed_tuner])  # fmt: skip
+    assert resumed_tuner.history[-1]["step"] == 8
+    assert resumed_tuner.history[-1] == uninterrupted_tuner.history[-1]
+    assert resumed == uninterrupted[6:]
+
+
+class PoisonGradient(Callback):
+    """Makes one gradient nan after the backward of step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.step:
+            pl_module.model.layers[0].attn_norm.weight.grad[0] = float("nan")
+
+
+def test_a_non_finite_gradient_is_never_applied_or_checkpointed(tmp_path):
+    from lightning_moe.module import NonFiniteLossError
+
+    # raise: stops before the optimizer step, naming the parameter; the last checkpoint holds the step before.
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient of model.layers.0.attn_norm.weight at step 3"):
+        _fit(tmp_path / "raise", 6, every=1, checkpoint=LastCheckpoint, callbacks=[PoisonGradient(3)])
+    saved = torch.load(tmp_path / "raise" / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+    # skip: the step leaves every parameter as it was, and training goes on with finite weights.
+    class Snapshot(Callback):
+        def __init__(self) -> None:
+            self.before: dict[int, dict[str, torch.Tensor]] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.before[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    snapshot = Snapshot()
+    with pytest.warns(UserWarning, match=r"skipping optimizer step: non-finite gradient of model.layers.0.attn_norm"):
+        trainer, _ = _fit(tmp_path / "skip", 6, callbacks=[PoisonGradient(3), snapshot], nan_policy="skip")
+    before, after = snapshot.before[3], snapshot.before[4]
+    assert all(torch.equal(before[k], after[k]) for k in before if "model." in k)
+    assert not all(torch.equal(snapshot.before[4][k], snapshot.before[5][k]) for k in before if "model." in k)
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+
+
+def test_a_save_moved_across_filesystems_and_killed_leaves_last_ckpt_whole(tmp_path, monkeypatch):
+    # Lightning writes into $TMPDIR and moves the file into place; across filesystems that move is a copy, and a
+    # kill during it cut last.ckpt. LastCheckpoint renames a complete file beside it instead.
+    _fit(tmp_path, 2, every=1, checkpoint=LastCheckpoint)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    before = torch.load(last, weights_only=False)["state_dict"]
+
+    def copy_half_then_die(src, dst):
+        data = open(src, "rb").read()
+        with open(dst, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fsspec.implementations.local.shutil, "move", copy_half_then_die)
+    with pytest.raises(OSError, match="No space left"):
+        _fit(tmp_path, 3, every=1, checkpoint=LastCheckpoint, ckpt_path=str(last))
+    monkeypatch.undo()
+    after = torch.load(last, weights_only=False)
+    assert after["global_step"] == 2
+    assert all(torch.equal(after["state_dict"][k], before[k]) for k in before)
+
+
+def test_last_finds_the_checkpoint_of_a_sharded_save_killed_during_its_swap(tmp_path):
+    from lightning_moe.strategies.checkpoint import interrupted_swap, previous_path, staging_path
+
+    folder = tmp_path / "ckpt"
+    last = folder / "last.ckpt"
+    staging, previous = staging_path(last), previous_path(last)
+    for path in (staging, previous):
+        path.mkdir(parents=True)
+    assert interrupted_swap(last) == previous  # the staging folder holds no .metadata: not a finished save
+    (staging / ".metadata").write_bytes(b"")
+    assert interrupted_swap(last) == staging  # finished (the swap starts after every rank wrote): the newest
+    callback = LastCheckpoint(dirpath=folder, save_last=True)
+    trainer = L.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False)
+    assert callback._find_last_checkpoints(trainer) == {str(staging)}
+    last.mkdir()  # swapped in: nothing to recover
+    assert interrupted_swap(last) is None
+    assert callback._find_last_checkpoints(trainer) == {str(last)}

@@ -86,6 +86,7 @@ class CapacityFactorTuner(Callback):
         # Per tuned layer index: this window's batches (or, with per-sequence capacity, sequences) as rows of
         # (num_tokens, routed copies per expert...).
         self._batches: dict[int, list[Tensor]] = {}
+        self._world_size = 1
         self._steps = StepBoundary()
 
     def _tuned(self, pl_module: pl.LightningModule) -> list[tuple[int, str, MoELayer]]:
@@ -99,6 +100,9 @@ class CapacityFactorTuner(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._world_size = trainer.world_size
+        if trainer.world_size > 1:
+            self._batches = {}
         tuned = self._tuned(pl_module)
         if not tuned:
             rank_zero_warn("CapacityFactorTuner: no MoE layer has a capacity_factor (dropless model); nothing to tune")
@@ -167,12 +171,20 @@ class CapacityFactorTuner(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"factors": dict(self.factors), "history": list(self.history)}
+        # The open window too, so a resumed run's next update sees the same rows (this rank's only: see below).
+        window = {i: torch.stack(rows) for i, rows in self._batches.items() if rows}
+        return {"factors": dict(self.factors), "history": list(self.history), "window": window,
+                "window_world_size": self._world_size}  # fmt: skip
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.factors = dict(state_dict.get("factors", {}))
         self.history = list(state_dict.get("history", []))
+        # A window of one process resumes in one process; with several, each rank's rows would be needed (the
+        # file holds rank 0's), so the resumed window starts empty there (see on_fit_start).
+        window = state_dict.get("window") or {}
+        if state_dict.get("window_world_size") == 1:
+            self._batches = {int(i): list(rows.unbind(0)) for i, rows in window.items()}
 
 
 def drop_rate(rows: Tensor, factor: float, top_k: int, num_experts: int) -> float:

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+from weakref import proxy
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
+from lightning_moe.strategies.checkpoint import interrupted_swap, staging_path
+
 
 class LastCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` with two fixes for resumable runs.
+    """Lightning's ``ModelCheckpoint`` with fixes for resumable runs.
 
     - ``last.ckpt`` is written when training ends, unless the final step was already saved. Lightning's own
       end-of-training save is skipped once any ``last.ckpt`` was written during the run, so with
       ``every_n_train_steps: 250`` a 260-step run kept step 250 and lost the last 10 steps.
     - ``enable_version_counter`` defaults to ``False``: a new run of the same config rewrites ``last.ckpt``
       rather than writing ``last-v1.ckpt`` beside it, so ``last.ckpt`` is always the latest run's.
+    - A checkpoint file is written as ``.<name>.tmp`` beside its final name and renamed over it, one atomic
+      step on the same filesystem. Lightning writes a temporary file in ``$TMPDIR`` and moves it into place,
+      which is a copy when ``$TMPDIR`` is on another filesystem: a run killed during that copy left a cut
+      ``last.ckpt`` and no good checkpoint.
+    - ``fit --ckpt_path last`` finds the checkpoint of an expert-parallel save killed in the middle of its
+      folder swap (see :func:`~lightning_moe.strategies.checkpoint.interrupted_swap`), where ``last.ckpt`` is
+      missing for a moment.
 
     Every argument is ``ModelCheckpoint``'s.
 
@@ -37,3 +49,29 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
         super().on_train_end(trainer, pl_module)
+
+    @override
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        sharded = getattr(trainer.strategy, "_save_distributed_checkpoint", False)  # swaps its own folder
+        if sharded or not _is_local_file_protocol(filepath):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        staging = str(staging_path(filepath))
+        trainer.save_checkpoint(staging, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(staging, filepath)
+        trainer.strategy.barrier("LastCheckpoint: swapped")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    @override
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        found = super()._find_last_checkpoints(trainer)
+        if self.dirpath is not None and _is_local_file_protocol(self.dirpath):
+            recovered = interrupted_swap(os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION))
+            if recovered is not None:
+                found.add(os.path.normpath(recovered))
+        return found

@@ -28,6 +28,35 @@ STATE_DICT_KEY = "state_dict"
 METADATA_FILE = "meta.pt"  # Lightning's non-tensor checkpoint entries (hyperparameters, loops, callbacks, ...)
 
 
+def staging_path(path: str | Path) -> Path:
+    """Where a save of ``path`` writes before it is swapped into place: ``.<name>.tmp`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where a sharded save moves the previous ``path`` during its swap: ``.<name>.old`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.old")
+
+
+def interrupted_swap(path: str | Path) -> Path | None:
+    """The checkpoint to resume from when a sharded save of ``path`` was killed in the middle of its swap.
+
+    A folder cannot replace another in one rename: the save moves the previous checkpoint to
+    :func:`previous_path`, then the staging folder into place. Killed between the two, ``path`` is missing;
+    the staging folder is then complete (every rank had finished writing before the swap began), so it is the
+    newest checkpoint, else the previous one.
+
+    Returns:
+        The staging or previous folder when ``path`` is missing and the previous folder is there, else ``None``.
+    """
+    path, previous, staging = Path(path), previous_path(path), staging_path(path)
+    if path.exists() or not previous.is_dir():
+        return None
+    return staging if staging.is_dir() and (staging / ".metadata").is_file() else previous
+
+
 def check_checkpoint_files(path: str | Path) -> None:
     """Check that a distributed checkpoint directory holds every shard file its ``.metadata`` lists, whole.
 

@@ -50,7 +50,12 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from typing_extensions import override
 
 from lightning_moe.nn.moe import MoELayer
-from lightning_moe.strategies.checkpoint import check_checkpoint_files, optimizer_state_by_name
+from lightning_moe.strategies.checkpoint import (
+    check_checkpoint_files,
+    optimizer_state_by_name,
+    previous_path,
+    staging_path,
+)
 from lightning_moe.strategies.dispatch import AllToAllDispatcher, ExpertParallelExperts
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -364,20 +369,22 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         killed halfway leaves a folder mixing two steps (``last.ckpt`` is rewritten every time). Here every rank
         writes into ``.<name>.tmp`` next to it; once all are done, rank 0 renames the previous checkpoint away,
         the staging folder into its place, and deletes the previous one. A failed save leaves the previous
-        checkpoint as it was (and its staging folder, removed by the next save).
+        checkpoint as it was (and its staging folder, removed by the next save); one killed between the two
+        renames leaves both folders, which ``LastCheckpoint`` resumes from (see
+        :func:`~lightning_moe.strategies.checkpoint.interrupted_swap`).
         """
         if not self._save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         path = Path(self.broadcast(filepath))
-        staging = path.with_name(f".{path.name}.tmp")
+        staging = staging_path(path)
         if self.global_rank == 0:
             _remove(staging)
         self.barrier("staging")
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("saved")
         if self.global_rank == 0:
-            previous = path.with_name(f".{path.name}.old")
+            previous = previous_path(path)  # killed before the next rename: see interrupted_swap
             _remove(previous)
             if path.exists() or path.is_symlink():
                 os.replace(path, previous)
