@@ -106,6 +106,39 @@ class MoECLI(LightningCLI):
             if args is not None and getattr(args, "dirpath", None) is None and _is_checkpoint(callback.class_path):
                 args.dirpath = folder
 
+    def _check_run(self) -> None:
+        """Check the model against the data and the process layout before any work (tokenizing, spawning).
+
+        The same checks run again inside the run (``setup``, ``setup_environment``) for code that does not go through
+        this CLI; here they fail before the corpus is tokenized and before other processes start.
+        """
+        trainer, model, data = self.trainer, self.model, self.datamodule
+        if not isinstance(model, MoELanguageModule):
+            return
+        model.check_world_size(trainer.world_size)
+        if isinstance(data, TextDataModule):
+            vocab_size = data.vocab_size_arg
+            if data.tokenizer_path is not None:
+                from lightning_moe.data.tokenizer import load_tokenizer
+
+                vocab_size = load_tokenizer(data.tokenizer_path).get_vocab_size()
+            model.check_data(vocab_size, data.block_size)
+        check_sizes = getattr(trainer.strategy, "check_sizes", None)  # ExpertParallelStrategy
+        if check_sizes is not None:
+            check_sizes(model.model)
+
+    def before_fit(self) -> None:  # noqa: D102
+        self._check_run()
+
+    def before_validate(self) -> None:  # noqa: D102
+        self._check_run()
+
+    def before_test(self) -> None:  # noqa: D102
+        self._check_run()
+
+    def before_predict(self) -> None:  # noqa: D102
+        self._check_run()
+
     def after_fit(self) -> None:
         """Print validation loss against the unigram entropy, and where the logs and checkpoint are."""
         trainer, data = self.trainer, self.datamodule

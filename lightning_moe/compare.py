@@ -92,6 +92,8 @@ class CompareConfig:
             raise ValueError("upcycle_steps > 0 is invalid without 'active' in dense: upcycling continues that model")
         if not self.seeds:
             raise ValueError("seeds=[] is invalid: give at least one seed")
+        if not all(0 <= seed < 2**32 for seed in self.seeds):
+            raise ValueError(f"seeds={self.seeds!r} is invalid: each seed must be in [0, 2**32 - 1]")
         for name in ("max_steps", "val_every", "val_batches", "block_size", "batch_size", "max_bytes", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")

@@ -134,9 +134,10 @@ class MoELanguageModule(L.LightningModule):
             raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be an int >= 0")
         if mtp_loss_coef is not None and not 0 <= mtp_loss_coef < math.inf:
             raise ValueError(f"mtp_loss_coef={mtp_loss_coef!r} is invalid: must be a finite number >= 0")
-        if reuse_expert_grad_memory_min_mib < 0:
+        if not 0 <= reuse_expert_grad_memory_min_mib < math.inf:
             raise ValueError(
-                f"reuse_expert_grad_memory_min_mib={reuse_expert_grad_memory_min_mib!r} is invalid: must be >= 0"
+                f"reuse_expert_grad_memory_min_mib={reuse_expert_grad_memory_min_mib!r} is invalid: must be a finite "
+                "number >= 0"
             )
         self.save_hyperparameters(ignore=["upcycle_from"])
         if init_from is not None and (upcycle_from is not None or upcycle is not None):
@@ -236,13 +237,8 @@ class MoELanguageModule(L.LightningModule):
         Also warns when fitting in ``16-true`` precision (float16 weights, no loss scaling), and refuses
         ``nan_policy='skip'`` with several processes (Lightning cannot skip a step on one rank only).
         """
-        if stage == "fit" and self._trainer is not None and self.hparams.nan_policy == "skip":
-            if self.trainer.world_size > 1:
-                raise ValueError(
-                    f"nan_policy='skip' is invalid with {self.trainer.world_size} processes: a rank that skips its "
-                    "batch leaves the others waiting in the step's collectives (Lightning refuses it at the first "
-                    "non-finite loss); use 'raise'"
-                )
+        if stage == "fit" and self._trainer is not None:
+            self.check_world_size(self.trainer.world_size)
         if stage == "fit" and self._trainer is not None and str(self.trainer.precision) == "16-true":
             rank_zero_warn(
                 "precision='16-true' trains float16 weights without loss scaling: small updates round away and "
@@ -252,18 +248,37 @@ class MoELanguageModule(L.LightningModule):
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if data is None or getattr(data, "tokenizer", None) is None:
             return
-        if data.vocab_size > self.config.vocab_size:
+        self.check_data(data.vocab_size, data.block_size)
+        self.tokenizer_json = data.tokenizer.to_str()
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse ``nan_policy='skip'`` with several processes (``lightning-moe fit`` checks before it starts them).
+
+        Raises:
+            ValueError: If ``nan_policy`` is ``'skip'`` and ``world_size > 1``.
+        """
+        if self.hparams.nan_policy == "skip" and world_size > 1:
             raise ValueError(
-                f"data.vocab_size={data.vocab_size} is invalid: the tokenizer's vocabulary exceeds the model's "
+                f"nan_policy='skip' is invalid with {world_size} processes: a rank that skips its batch leaves the "
+                "others waiting in the step's collectives (Lightning refuses it at the first non-finite loss); use "
+                "'raise'"
+            )
+
+    def check_data(self, vocab_size: int, block_size: int) -> None:
+        """Check the data's vocabulary and block size against the model (``lightning-moe`` checks before tokenizing).
+
+        Raises:
+            ValueError: If the vocabulary exceeds the model's ``vocab_size`` or the blocks its ``max_seq_len``.
+        """
+        if vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"data.vocab_size={vocab_size} is invalid: the tokenizer's vocabulary exceeds the model's "
                 f"vocab_size={self.config.vocab_size} ({self.hparams.arch}); lower data.vocab_size or set "
                 "model.overrides.vocab_size"
             )
         max_len = getattr(self.config, "max_seq_len", None)
-        if max_len is not None and data.block_size > max_len:
-            raise ValueError(
-                f"data.block_size={data.block_size} is invalid: longer than the model's max_seq_len={max_len}"
-            )
-        self.tokenizer_json = data.tokenizer.to_str()
+        if max_len is not None and block_size > max_len:
+            raise ValueError(f"data.block_size={block_size} is invalid: longer than the model's max_seq_len={max_len}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the tokenizer with the weights so ``generate`` needs nothing else, and the training samples seen."""
@@ -673,18 +688,22 @@ class Seq2SeqLMModule(MoELanguageModule):
         self.save_hyperparameters()
         self.decoder_start_id = 0
 
-    def setup(self, stage: str) -> None:
+    def check_data(self, vocab_size: int, block_size: int) -> None:
         """Also check that the sentinels fit above the tokenizer's vocabulary."""
+        super().check_data(vocab_size, block_size)
+        _, spans = span_counts(block_size + 1, self.hparams.noise_density, self.hparams.mean_span_length)
+        if vocab_size + spans > self.config.vocab_size:
+            raise ValueError(
+                f"data.vocab_size={vocab_size} is invalid: span corruption needs {spans} sentinel ids above the "
+                f"tokenizer's vocabulary, and the model's vocab_size is {self.config.vocab_size}"
+            )
+
+    def setup(self, stage: str) -> None:
+        """Also take the decoder start id (the padding token) from the data's tokenizer."""
         super().setup(stage)
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if data is None or getattr(data, "tokenizer", None) is None:
             return
-        _, spans = span_counts(data.block_size + 1, self.hparams.noise_density, self.hparams.mean_span_length)
-        if data.vocab_size + spans > self.config.vocab_size:
-            raise ValueError(
-                f"data.vocab_size={data.vocab_size} is invalid: span corruption needs {spans} sentinel ids above the "
-                f"tokenizer's vocabulary, and the model's vocab_size is {self.config.vocab_size}"
-            )
         pad = data.tokenizer.token_to_id(PAD_TOKEN)
         self.decoder_start_id = pad if pad is not None else 0
 

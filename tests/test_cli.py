@@ -200,6 +200,38 @@ def test_a_broken_or_foreign_checkpoint_is_refused_by_name(tmp_path, subcommand)
                 run_cli([subcommand, "--config", config, *_small(tmp_path), "--ckpt_path", path])
 
 
+class Forbidden(Exception):
+    pass
+
+
+def _forbid(*args, **kwargs):
+    raise Forbidden("the run went past its checks")
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--data.vocab_size", "2048"], r"data.vocab_size=2048 is invalid: the tokenizer's vocabulary exceeds"),
+        (["--data.block_size", "2000"], r"data.block_size=2000 is invalid: longer than the model's max_seq_len=1024"),
+        (["--model.init_args.nan_policy", "skip", "--config", "EP"], r"nan_policy='skip' is invalid with 2 processes"),
+        (["--config", "EP", "--trainer.devices", "3"], r"num_experts=8 is invalid for expert_parallel_size=3"),
+        (["--config", "EP", "--trainer.strategy.init_args.expert_parallel_size", "4"],
+         r"expert_parallel_size=4 is invalid: must divide the world size 2"),
+    ],
+)  # fmt: skip
+def test_mismatches_are_refused_before_tokenizing_or_starting_processes(tmp_path, monkeypatch, args, match):
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    from lightning_moe.data import TextDataModule
+
+    monkeypatch.setattr(TextDataModule, "prepare_data", _forbid)
+    monkeypatch.setattr(_SubprocessScriptLauncher, "launch", _forbid)
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    args = [str(configs / "expert-parallel.yaml") if a == "EP" else a for a in args]
+    with pytest.raises(ValueError, match=match):
+        run_cli(["fit", "--config", str(configs / "mixtral-tiny.yaml"), *_small(tmp_path), *args])
+
+
 class LrRecorder(Callback):
     """Keeps the learning rate each training step ran with (used through --trainer.callbacks+)."""
 

@@ -56,6 +56,7 @@ def test_compare_config_errors(tmp_path):
     ("argv", "match"),
     [
         (["--seeds", "[0.5]"], r"seeds=\[0.5\] is invalid: expected a list of ints"),
+        (["--seeds", "[-1]"], r"seeds=\[-1\] is invalid: each seed must be in \[0, 2\*\*32 - 1\]"),
         (["--max_steps", "abc"], r"max_steps='abc' is invalid: must be an int"),
         (["--upcycle_steps", "-5"], r"upcycle_steps=-5 is invalid: must be >= 0"),
         (["--lr", "0"], r"lr=0 is invalid: must be > 0"),

@@ -194,8 +194,9 @@ def test_expert_grad_memory_is_kept_by_default_only_for_large_experts():
     assert all(kept(CausalLMModule(arch="mixtral-tiny", overrides=large)))
     assert not any(kept(CausalLMModule(arch="mixtral-tiny", overrides=large, reuse_expert_grad_memory_min_mib=32.01)))
     assert not any(kept(CausalLMModule(arch="mixtral-tiny", overrides=large, reuse_expert_grad_memory=False)))
-    with pytest.raises(ValueError, match=r"reuse_expert_grad_memory_min_mib=-1 is invalid: must be >= 0"):
-        CausalLMModule(arch="mixtral-tiny", reuse_expert_grad_memory_min_mib=-1)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"reuse_expert_grad_memory_min_mib={bad} is invalid: must be a finite"):
+            CausalLMModule(arch="mixtral-tiny", reuse_expert_grad_memory_min_mib=bad)
 
 
 def test_reused_expert_grad_memory_trains_like_fresh_memory():

@@ -112,11 +112,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, expert_grad_sca
     for layer in moe_layers(model):
         experts = layer.experts
         if experts.num_experts % ep:
-            raise ValueError(
-                f"num_experts={experts.num_experts} is invalid for expert_parallel_size={ep}: must be divisible; "
-                "set ExpertParallelStrategy(expert_parallel_size=...) (--trainer.strategy.init_args."
-                "expert_parallel_size) to a divisor of both num_experts and the world size ('auto' is the world size)"
-            )
+            raise ValueError(_indivisible_experts(experts.num_experts, ep))
         for name in ("w1", "w3", "w2"):
             weight = getattr(experts, name)
             if weight is None or isinstance(weight, DTensor):
@@ -332,13 +328,29 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         """The 1-D mesh of the ranks holding the same experts as this one."""
         return self.device_mesh["data_parallel"]
 
-    @override
-    def setup_environment(self) -> None:
-        # The parent builds a (data_parallel, tensor_parallel) mesh; its second dim is our expert-parallel dim.
+    def check_sizes(self, model: nn.Module | None = None) -> int:
+        """Check the expert-parallel size against the world size and ``model``'s expert counts; return it.
+
+        Needs only the trainer's settings (``devices``, ``num_nodes``), so ``lightning-moe fit`` calls it before
+        any process starts.
+
+        Raises:
+            ValueError: If the size does not divide the world size, or a layer's expert count.
+        """
         world = self.num_nodes * self.num_processes
         ep = world if self.expert_parallel_size == "auto" else self.expert_parallel_size
         if world % ep:
             raise ValueError(f"expert_parallel_size={ep} is invalid: must divide the world size {world}")
+        for layer in moe_layers(model) if model is not None else []:
+            if layer.experts.num_experts % ep:
+                raise ValueError(_indivisible_experts(layer.experts.num_experts, ep))
+        return ep
+
+    @override
+    def setup_environment(self) -> None:
+        # The parent builds a (data_parallel, tensor_parallel) mesh; its second dim is our expert-parallel dim.
+        ep = self.check_sizes()
+        world = self.num_nodes * self.num_processes
         self._data_parallel_size, self._tensor_parallel_size = world // ep, ep
         super().setup_environment()
 
@@ -452,6 +464,14 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             if self.activation_checkpointing:
                 apply_activation_checkpointing(target)
             apply_fsdp(target, world_mesh, self.expert_data_parallel_mesh, self.reshard_after_forward, mp_policy)
+
+
+def _indivisible_experts(num_experts: int, ep: int) -> str:
+    return (
+        f"num_experts={num_experts} is invalid for expert_parallel_size={ep}: must be divisible; set "
+        "ExpertParallelStrategy(expert_parallel_size=...) (--trainer.strategy.init_args.expert_parallel_size) to a "
+        "divisor of both num_experts and the world size ('auto' is the world size)"
+    )
 
 
 def _remove(path: Path) -> None:

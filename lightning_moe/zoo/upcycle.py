@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -73,12 +74,15 @@ def upcycle(
             f"upcycle does not support an MoE model ({type(cfg).__name__} with dense=None): give a dense baseline "
             "built with dense='active' or 'total'"
         )
-    if num_experts < 1:
-        raise ValueError(f"num_experts={num_experts!r} is invalid: must be >= 1")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k!r} is invalid: must be in [1, num_experts={num_experts}]")
-    if noise_std < 0:
-        raise ValueError(f"noise_std={noise_std!r} is invalid: must be >= 0")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts={num_experts!r} is invalid: must be an int >= 1")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k!r} is invalid: must be an int in [1, num_experts={num_experts}]")
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not 0 <= noise_std < math.inf:
+        raise ValueError(f"noise_std={noise_std!r} is invalid: must be a finite number >= 0")
+    for name, value in (("split_hidden", split_hidden), ("zero_router", zero_router)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} is invalid: must be true or false")
 
     with torch.device("meta"):
         reference = registry.build(dataclasses.replace(cfg, dense=None))

@@ -67,3 +67,12 @@ def test_upcycling_an_unsupported_model_names_what_is_unsupported():
         zoo.upcycle(zoo.build("mixtral-tiny-dense"), 3, 1, split_hidden=True)
     with pytest.raises(ValueError, match="top_k=9 is invalid"):
         zoo.upcycle(zoo.build("mixtral-tiny-dense"), 8, 9)
+    dense = zoo.build("mixtral-tiny-dense")
+    for kwargs, match in [
+        ({"num_experts": "many"}, r"num_experts='many' is invalid: must be an int >= 1"),
+        ({"noise_std": float("inf")}, r"noise_std=inf is invalid: must be a finite number >= 0"),
+        ({"split_hidden": "maybe"}, r"split_hidden='maybe' is invalid: must be true or false"),
+        ({"zero_router": 1}, r"zero_router=1 is invalid: must be true or false"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            zoo.upcycle(dense, **{"num_experts": 8, "top_k": 2, **kwargs})
