@@ -572,6 +572,7 @@ class CausalLMModule(MoELanguageModule):
         top_k: int | None = None,
         use_cache: bool = True,
         stop_id: int | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Continue ``(B, T)`` prompts: greedy when ``temperature == 0``, else sampling (optionally top-k).
 
@@ -587,17 +588,32 @@ class CausalLMModule(MoELanguageModule):
             use_cache: Decode with a key/value cache.
             stop_id: A token that ends a sequence (the tokenizer's ``<|endoftext|>``): a sequence that produced
                 it continues with it, and generation stops once every sequence has (``None``: never stops early).
+            attention_mask: ``(B, T)`` 1/True for prompt tokens, 0/False for padding, for prompts of different
+                lengths padded on the left (each row's last position must be a real token); each row then
+                continues as it would alone.
 
         Returns:
             ``(B, T + n)`` token ids, ``n <= max_new_tokens`` (``n < max_new_tokens`` only with ``stop_id``).
         """
         check_generation(max_new_tokens, temperature, top_k)
         check_prompt(input_ids, max_new_tokens, getattr(self.config, "max_seq_len", None))
+        mask = attention_mask
+        if mask is not None:
+            if mask.shape != input_ids.shape or mask.is_floating_point():
+                raise ValueError(
+                    f"attention_mask of shape {tuple(mask.shape)} and dtype {mask.dtype} is invalid: expected a bool "
+                    f"or integer mask shaped like input_ids {tuple(input_ids.shape)}"
+                )
+            if not mask[:, -1].bool().all():
+                raise ValueError(
+                    "attention_mask is invalid: a row ends in padding; pad prompts on the left, so that every row's "
+                    "last position is the token generation continues from"
+                )
         was_training = self.training
         self.eval()
         cache = self.model.new_cache() if use_cache and hasattr(self.model, "new_cache") else None
         ids = input_ids
-        logits = self.model(ids, cache=cache).logits[:, -1] if cache is not None else self.model(ids).logits[:, -1]
+        logits = self.model(ids, mask, cache=cache).logits[:, -1]
         done_B1 = torch.zeros_like(ids[:, :1], dtype=torch.bool)
         for step in range(max_new_tokens):
             next_ids = sample_next(logits.float(), temperature, top_k)
@@ -607,10 +623,12 @@ class CausalLMModule(MoELanguageModule):
             ids = torch.cat([ids, next_ids], dim=1)
             if step == max_new_tokens - 1 or bool(done_B1.all()):
                 break
+            if mask is not None:  # the cache's masks cover every position, past and new
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             if cache is not None:
-                logits = self.model(next_ids, cache=cache).logits[:, -1]
+                logits = self.model(next_ids, mask, cache=cache).logits[:, -1]
             else:
-                logits = self.model(ids).logits[:, -1]
+                logits = self.model(ids, mask).logits[:, -1]
         self.train(was_training)
         return ids
 

@@ -118,6 +118,21 @@ def test_generation_stops_at_the_stop_id_per_sequence():
         assert (out[b, end:] == stop_id).all()
 
 
+@pytest.mark.parametrize("arch", ["mixtral-tiny", "deepseek-tiny"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_prompts_continue_as_they_would_alone(arch, use_cache):
+    module = _module(arch).double()
+    short, long = torch.randint(3, 1000, (1, 3)), torch.randint(3, 1000, (1, 6))
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    out = module.generate(batch, 5, use_cache=use_cache, attention_mask=mask)
+    assert torch.equal(out[0, 3:], module.generate(short, 5)[0])
+    assert torch.equal(out[1], module.generate(long, 5)[0])
+    with pytest.raises(ValueError, match=r"attention_mask is invalid: a row ends in padding; pad prompts on the left"):
+        module.generate(batch, 2, attention_mask=mask.flip(1))
+
+
 def test_generation_refuses_empty_prompts_and_running_past_max_seq_len():
     torch.manual_seed(0)
     module = CausalLMModule(arch="mixtral-tiny", overrides={"num_layers": 1, "max_seq_len": 12})
