@@ -25,9 +25,11 @@ the checkpoint is read one tensor at a time, so peak memory stays near one copy 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,9 +183,34 @@ def _silu(f: _Fields) -> None:
     f.expect("hidden_act", ("silu", "swish"), "the experts and FFNs are SwiGLU (silu)")
 
 
-def _aux_coef(f: _Fields, top_k: int, default: float) -> float:
-    """Hugging Face's ``router_aux_loss_coef`` in our normalisation (its loss is ``top_k`` times ours)."""
-    return float(f.get("router_aux_loss_coef", default / top_k)) * top_k
+def _aux_coef(f: _Fields, top_k: int, moe_layers: int, default: float) -> float:
+    """Hugging Face's ``router_aux_loss_coef`` ``c`` as our ``load_balance_coef``: ``c * top_k / moe_layers``.
+
+    transformers computes one load-balancing loss for the whole model from the statistics of all its MoE layers
+    pooled, ``top_k * E * sum_e mean_l(f_le) * mean_l(P_le)`` (``top_k`` when balanced); we add one loss per layer,
+    ``E * sum_e f_le * P_le`` (1 when balanced), as Switch, GShard and Megatron-Core do. ``c * top_k / L`` gives the
+    same total when balanced and about the same weight on each layer's router; with one MoE layer the two losses
+    are equal. ``default`` is ours, used when the field and its class default are absent.
+    """
+    layers = max(1, moe_layers)
+    return float(f.get("router_aux_loss_coef", default * layers / top_k)) * top_k / layers
+
+
+def _hf_aux_coef(coef: float, top_k: int, moe_layers: int) -> float:
+    """The inverse of :func:`_aux_coef`."""
+    return coef * max(1, moe_layers) / top_k
+
+
+def _warn_dropout(f: _Fields) -> None:
+    """Warn that a configured dropout is not applied: our models have none (inference is unaffected)."""
+    rates = {k: f.raw[k] for k in ("attention_dropout", "dropout_rate") if isinstance(f.raw.get(k), (int, float))}
+    rates = {k: v for k, v in rates.items() if v > 0}
+    if rates:
+        warnings.warn(
+            f"{f.model_type} config sets {rates}: lightning-moe models have no dropout, so training runs without it "
+            "(outputs in eval mode are unaffected)",
+            stacklevel=3,
+        )
 
 
 def _mixtral_config(f: _Fields) -> MixtralConfig:
@@ -206,7 +233,7 @@ def _mixtral_config(f: _Fields) -> MixtralConfig:
         sliding_window=f.get("sliding_window", None),
         router_jitter=f.get("router_jitter_noise", 0.0),
         tie_embeddings=f.get("tie_word_embeddings", False),
-        load_balance_coef=_aux_coef(f, top_k, MixtralConfig.load_balance_coef),
+        load_balance_coef=_aux_coef(f, top_k, f.get("num_hidden_layers"), MixtralConfig.load_balance_coef),
     )
 
 
@@ -222,7 +249,7 @@ def _qwen_config(f: _Fields) -> QwenMoEConfig:
     head_dim = f.get("head_dim", None)
     if qwen3:
         f.expect("attention_bias", (False,), "Qwen3-MoE with attention biases (incl. o_proj) is not supported")
-    return QwenMoEConfig(
+    cfg = QwenMoEConfig(
         vocab_size=f.get("vocab_size"),
         dim=dim,
         num_layers=f.get("num_hidden_layers"),
@@ -243,8 +270,18 @@ def _qwen_config(f: _Fields) -> QwenMoEConfig:
         rope_theta=_rope(f, yarn=False, default_theta=10000.0).theta,
         norm_eps=f.get("rms_norm_eps", 1e-6),
         tie_embeddings=f.get("tie_word_embeddings", False),
-        load_balance_coef=_aux_coef(f, top_k, QwenMoEConfig.load_balance_coef / 4),
     )
+    coef = _aux_coef(f, top_k, _moe_layer_count(cfg), QwenMoEConfig.load_balance_coef)
+    return dataclasses.replace(cfg, load_balance_coef=coef)
+
+
+def _moe_layer_count(cfg: ModelConfig) -> int:
+    """How many of the model's layers are MoE (decoder families; for Switch, the sparse layers of one stack)."""
+    if isinstance(cfg, QwenMoEConfig):
+        return sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    if isinstance(cfg, SwitchConfig):
+        return sum(1 for i in range(cfg.num_layers) if cfg.sparse_step == 1 or i % cfg.sparse_step == 1)
+    return cfg.num_layers
 
 
 def _deepseek_config(f: _Fields) -> DeepSeekConfig:
@@ -331,7 +368,7 @@ def _switch_config(f: _Fields) -> SwitchConfig:
     # transformers reads router_ignore_padding_tokens nowhere; padding takes no capacity in our layer.
     f.ignore("router_ignore_padding_tokens", "add_router_probs")
     f.expect("is_gated_act", (False,), "transformers' Switch experts are not gated")
-    return SwitchConfig(
+    cfg = SwitchConfig(
         vocab_size=f.get("vocab_size"),
         dim=f.get("d_model"),
         num_layers=layers,
@@ -352,9 +389,13 @@ def _switch_config(f: _Fields) -> SwitchConfig:
         max_distance=f.get("relative_attention_max_distance", 128),
         norm_eps=f.get("layer_norm_epsilon", 1e-6),
         tie_embeddings=f.get("tie_word_embeddings", True),
-        load_balance_coef=float(f.get("router_aux_loss_coef", 0.01)),
-        z_loss_coef=float(f.get("router_z_loss_coef", 0.001)),
     )
+    # transformers averages each stack's z-losses over its sparse layers, and pools a stack's load statistics into
+    # one loss (per sequence), where we add one loss per layer: a coefficient per layer of c / (sparse layers per
+    # stack) gives the same totals when balanced (and, for the z-loss, whenever there is no padding).
+    per_stack = max(1, _moe_layer_count(cfg))
+    aux, z = f.get("router_aux_loss_coef", 0.01), f.get("router_z_loss_coef", 0.001)
+    return dataclasses.replace(cfg, load_balance_coef=float(aux) / per_stack, z_loss_coef=float(z) / per_stack)
 
 
 _CONFIG_READERS: dict[str, Callable[[_Fields], ModelConfig]] = {
@@ -381,6 +422,7 @@ def hf_config_to_ours(hf_config: dict[str, Any]) -> ModelConfig:
         )
     cfg = _CONFIG_READERS[fields.model_type](fields)
     fields.finish()
+    _warn_dropout(fields)
     return cfg
 
 
@@ -741,8 +783,8 @@ def _hf_config(cfg: ModelConfig, family: str) -> dict[str, Any]:
             "relative_attention_max_distance": cfg.max_distance,
             "layer_norm_epsilon": cfg.norm_eps,
             "dense_act_fn": activation,
-            "router_aux_loss_coef": cfg.load_balance_coef,
-            "router_z_loss_coef": cfg.z_loss_coef,
+            "router_aux_loss_coef": cfg.load_balance_coef * sparse,
+            "router_z_loss_coef": cfg.z_loss_coef * sparse,
             "dropout_rate": 0.0,
             "is_encoder_decoder": True,
             "decoder_start_token_id": 0,
@@ -769,7 +811,7 @@ def _hf_config(cfg: ModelConfig, family: str) -> dict[str, Any]:
             "rope_theta": cfg.rope_theta,
             "sliding_window": cfg.sliding_window,
             "router_jitter_noise": cfg.router_jitter,
-            "router_aux_loss_coef": cfg.load_balance_coef / cfg.top_k,
+            "router_aux_loss_coef": _hf_aux_coef(cfg.load_balance_coef, cfg.top_k, _moe_layer_count(cfg)),
         }
     if isinstance(cfg, QwenMoEConfig):
         qwen = base | {
@@ -783,7 +825,7 @@ def _hf_config(cfg: ModelConfig, family: str) -> dict[str, Any]:
             "mlp_only_layers": list(cfg.mlp_only_layers),
             "rope_theta": cfg.rope_theta,
             "use_sliding_window": False,
-            "router_aux_loss_coef": cfg.load_balance_coef / cfg.top_k,
+            "router_aux_loss_coef": _hf_aux_coef(cfg.load_balance_coef, cfg.top_k, _moe_layer_count(cfg)),
         }
         if family == "qwen3_moe":
             return qwen | {
@@ -826,6 +868,9 @@ def _hf_config(cfg: ModelConfig, family: str) -> dict[str, Any]:
         "routed_scaling_factor": cfg.routed_scaling_factor,
         "norm_topk_prob": cfg.normalize_topk,
         "rope_parameters": rope,
+        # DeepSeek's own config fields (transformers keeps them): its sequence-wise balance loss.
+        "aux_loss_alpha": cfg.seq_balance_coef,
+        "seq_aux": True,
     }
     if v3:
         return deepseek | {"rope_interleave": True, "num_nextn_predict_layers": 0}

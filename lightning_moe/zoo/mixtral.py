@@ -54,7 +54,7 @@ class MixtralConfig(ModelConfig):
     router_jitter: float = 0.0
     tie_embeddings: bool = False
     capacity_factor: float | None = None
-    # HF's router_aux_loss_coef=0.02 on a loss top_k times ours.
+    # Per MoE layer: HF's router_aux_loss_coef=0.02 times top_k (its loss for one MoE layer is top_k times ours).
     load_balance_coef: float = 0.04
 
 

@@ -28,7 +28,8 @@ from lightning_moe.nn.rope import RopeConfig
 from lightning_moe.nn.transformer import DecoderLayer, DecoderLM, init_weights
 from lightning_moe.zoo.registry import ModelConfig, register_family
 
-# Hugging Face's router_aux_loss_coef for every Qwen MoE; HF's loss is top_k times ours (see ModelConfig).
+# Hugging Face's router_aux_loss_coef for every Qwen MoE; the presets use it times top_k per MoE layer (HF's loss
+# for one MoE layer is top_k times ours; see ModelConfig).
 HF_ROUTER_AUX_LOSS_COEF = 0.001
 
 

@@ -34,8 +34,10 @@ class ModelConfig:
         num_layers: Decoder layers (encoder and decoder layers each, for encoder-decoder models).
         max_seq_len: Longest sequence the model is meant for (its published context length).
         init_std: Standard deviation of the weight initialisation.
-        load_balance_coef: Default coefficient of the Switch/GShard load-balancing loss (our normalisation:
-            1.0 when balanced; a Hugging Face ``router_aux_loss_coef`` ``c`` is ``c * top_k`` here).
+        load_balance_coef: Default coefficient of the Switch/GShard load-balancing loss, added per MoE layer (our
+            normalisation: 1.0 when balanced). Hugging Face's Mixtral/Qwen loss pools all layers' statistics
+            into one loss, ``top_k`` when balanced: ``from_hf`` maps its ``router_aux_loss_coef`` ``c`` to
+            ``c * top_k / L`` for ``L`` MoE layers (equal losses for one layer).
         z_loss_coef: Default coefficient of the router z-loss.
         seq_balance_coef: Default coefficient of the DeepSeek sequence-wise balance loss.
         bias_update_speed: Default speed ``gamma`` of the auxiliary-loss-free bias update (0: off).

@@ -237,6 +237,49 @@ def test_router_gate_precision_against_hugging_face_under_bf16_autocast(case):
         assert not torch.equal(default, compute)  # bf16 rounding shows: the two precisions differ
 
 
+def _one_moe_layer(family):
+    common = dict(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, router_aux_loss_coef=0.03, attn_implementation="eager")  # fmt: skip
+    if family == "mixtral":
+        return transformers.MixtralForCausalLM(
+            transformers.MixtralConfig(intermediate_size=24, num_local_experts=4, **common)
+        )
+    cfg = transformers.Qwen3MoeConfig(intermediate_size=40, head_dim=8, num_experts=6, moe_intermediate_size=12,
+                                      norm_topk_prob=False, **common)  # fmt: skip
+    return transformers.Qwen3MoeForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3"])
+def test_one_moe_layer_gets_hugging_faces_load_balancing_loss(family):
+    hf = _perturb(_one_moe_layer(family))
+    ours = from_hf(hf)
+    assert ours.zoo_config.load_balance_coef == pytest.approx(0.03 * 2)
+    ids = torch.randint(0, 97, (3, 10))
+    with torch.no_grad():
+        theirs = hf.config.router_aux_loss_coef * hf(ids, output_router_logits=True).aux_loss
+        (stats,) = ours(ids).router_stats
+    torch.testing.assert_close(ours.zoo_config.load_balance_coef * stats.losses["load_balance"], theirs)
+
+
+@pytest.mark.parametrize(
+    ("make", "layers"),
+    [(lambda: mixtral(), 2), (lambda: qwen2(mlp_only=(0,)), 2), (lambda: qwen2(step=3, mlp_only=()), 1)],
+)
+def test_the_load_balance_coefficient_weighs_each_layer_as_hugging_faces_pooled_loss(make, layers, tmp_path):
+    # transformers pools the statistics of all MoE layers into one loss (top_k when balanced); we add one per layer
+    # (1 when balanced): c * top_k / L gives the same total when balanced, and exports back to c.
+    hf = make()
+    top_k = hf.config.num_experts_per_tok
+    ours = from_hf(hf)
+    assert sum(isinstance(m, MoELayer) for m in ours.modules()) == layers
+    coef = ours.zoo_config.load_balance_coef
+    assert coef == pytest.approx(hf.config.router_aux_loss_coef * top_k / layers)
+    to_hf(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["router_aux_loss_coef"] == pytest.approx(
+        hf.config.router_aux_loss_coef
+    )
+
+
 def switch(capacity=1000, tied=True, sparse=2, experts=4):
     cfg = transformers.SwitchTransformersConfig(
         vocab_size=96,
@@ -296,6 +339,31 @@ def test_switch_without_drops_matches_hugging_face(tied, sparse):
     assert sum(assert_switch_matches(hf, ours)) == 0
 
 
+def test_switch_z_loss_totals_hugging_faces_and_the_coefficients_round_trip(tmp_path):
+    # transformers averages each stack's z-losses over its sparse layers; we add one per layer with c / n.
+    hf = switch(sparse=2)
+    ours = from_hf(hf)
+    assert ours.zoo_config.z_loss_coef == pytest.approx(hf.config.router_z_loss_coef / 2)
+    assert ours.zoo_config.load_balance_coef == pytest.approx(hf.config.router_aux_loss_coef / 2)
+    torch.manual_seed(1)
+    ids, dec = torch.randint(0, 96, (3, 20)), torch.randint(0, 96, (3, 14))
+    with torch.no_grad():
+        out = hf(input_ids=ids, decoder_input_ids=dec, output_router_logits=True)
+        theirs = hf.config.router_z_loss_coef * (out.encoder_z_loss + out.decoder_z_loss)
+        stats = ours.eval()(ids, dec).router_stats
+    assert len(stats) == 4
+    torch.testing.assert_close(ours.zoo_config.z_loss_coef * sum(s.losses["z_loss"] for s in stats), theirs)
+    to_hf(ours, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["router_z_loss_coef"] == pytest.approx(hf.config.router_z_loss_coef)
+    assert saved["router_aux_loss_coef"] == pytest.approx(hf.config.router_aux_loss_coef)
+
+
+def test_a_configured_dropout_is_named_in_a_warning():
+    with pytest.warns(UserWarning, match=r"sets \{'dropout_rate': 0.1\}: lightning-moe models have no dropout"):
+        hf_config_to_ours(switch().config.to_dict() | {"dropout_rate": 0.1})
+
+
 def test_switch_drops_the_same_tokens_as_hugging_face():
     hf = switch(capacity=3, experts=4)
     ours = from_hf(hf)
@@ -333,7 +401,15 @@ def test_round_trip_through_to_hf_and_from_pretrained(case, tmp_path):
         bias = [m.e_score_correction_bias for m in _routers(reloaded)]
         assert all(torch.equal(a, b.e_score_correction_bias) for a, b in zip(bias, _routers(hf), strict=True))
     assert_causal_matches(reloaded.float(), ours, hf.config.vocab_size)
-    _assert_same_logits(from_hf(tmp_path), ours)
+    back = from_hf(tmp_path)
+    _assert_same_logits(back, ours)
+    # The training settings travel too (DeepSeek's aux_loss_alpha was dropped, so a re-import took a default).
+    changed = {"seq_balance_coef": 0.0456} if case.startswith("deepseek") else {"load_balance_coef": 0.123}
+    tuned = dataclasses.replace(ours.zoo_config, **changed)
+    to_hf(ours, tmp_path / "tuned", config=tuned)
+    again = hf_config_to_ours(json.loads((tmp_path / "tuned" / "config.json").read_text()))
+    assert {k: getattr(again, k) for k in changed} == pytest.approx(changed)
+    assert dataclasses.replace(again, **changed) == tuned
 
 
 def test_switch_round_trip(tmp_path):
