@@ -85,6 +85,7 @@ class ExpertLoadMonitor(Callback):
         self.last_metrics: dict[str, float] = {}
         self.last_load: Tensor | None = None
         self._window: dict[str, Tensor] | None = None
+        self._world_size = 1
         self._steps = StepBoundary()
         self._names_logged = False
 
@@ -126,6 +127,9 @@ class ExpertLoadMonitor(Callback):
         if not moe_layers(pl_module):
             rank_zero_warn("ExpertLoadMonitor: the model has no MoE layer; nothing to log")
         self._steps.start(trainer)  # windows close when the step count moves on from here
+        self._world_size = trainer.world_size
+        if trainer.global_rank != 0:  # a restored window is summed over the ranks when it closes: keep one copy
+            self._window = None
 
     @override
     def on_train_batch_end(
@@ -196,12 +200,16 @@ class ExpertLoadMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"window": self._window}
+        # The open window (this rank's counts; Lightning writes rank 0's state), and how many ranks added to it.
+        return {"window": self._window, "window_world_size": self._world_size}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         window = state_dict.get("window")
-        self._window = window if window is not None and "experts" in window else None  # older files: start afresh
+        # A window of one process resumes whole (on rank 0 only, see on_train_start); one of several holds only
+        # rank 0's share, and older files lack the count: the window starts afresh.
+        whole = window is not None and "experts" in window and state_dict.get("window_world_size") == 1
+        self._window = window if whole else None
 
 
 def _add_count_histogram(writer: Any, tag: str, counts_E: np.ndarray, step: int) -> None:

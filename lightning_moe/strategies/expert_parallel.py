@@ -15,7 +15,10 @@ the experts. Every rank reads its own slice of the global batch.
   (gloo has no ``PREMUL_SUM``, so FSDP's gradient divide factor cannot do this on CPU).
 * Router statistics and auxiliary losses are computed on each rank's own tokens (data-parallel
   semantics, like a gradient-accumulation micro-batch). The cross-entropy, z-loss and sequence-balance
-  loss average to the global-batch values. The Switch load-balancing loss is a product of two means, so
+  loss average to the global-batch values when every rank holds as many real tokens (with padding they are
+  a mean of per-rank means). An expert capacity (``capacity_scope="batch"``) is counted from each rank's
+  tokens, so drops differ from one process on the global batch; ``capacity_scope="sequence"`` matches it
+  exactly. The Switch load-balancing loss is a product of two means, so
   the strategy gives every MoE layer a ``reduce_counts`` hook (:class:`SumOverRanks`) that sums the expert
   counts over all ranks: the per-rank losses then average to the global batch's loss. Callbacks reduce
   ``MoEStats`` counts across ranks before logging.

@@ -119,6 +119,26 @@ def test_open_window_survives_a_checkpoint_round_trip(tmp_path):
     assert float(restored._window["routed"].sum()) == 3 * 4 * 16 * 2 * 2  # 3 steps, 2 layers, top-2
 
 
+def test_a_restored_window_is_counted_once_across_ranks():
+    # The file holds rank 0's open window: from one process it resumes on rank 0 only (the closing sum over the
+    # ranks would count it once per rank); from several it is only rank 0's share and starts afresh.
+    from types import SimpleNamespace
+
+    window = {
+        "routed": torch.ones(2, 4),
+        "kept": torch.ones(2, 4),
+        "scalars": torch.zeros(2, 10),
+        "experts": torch.tensor([4, 4]),
+    }
+    module = tiny_mixtral()
+    for saved_world, rank, kept in [(1, 0, True), (1, 1, False), (2, 0, False), (None, 0, False)]:
+        monitor = ExpertLoadMonitor(logging_interval=4)
+        monitor.load_state_dict({"window": window, "window_world_size": saved_world})
+        monitor.on_train_start(SimpleNamespace(world_size=2, global_rank=rank, global_step=3), module)
+        assert (monitor._window is not None) == kept, (saved_world, rank)
+        assert monitor.state_dict()["window_world_size"] == 2
+
+
 class _TwoSizes(L.LightningModule):
     """Two MoE layers with 2 and 8 experts; keeps every batch's routed counts."""
 
