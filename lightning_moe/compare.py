@@ -5,8 +5,9 @@ baselines (``dense="active"``: equal active parameters; ``dense="total"``: equal
 into ``out_dir``: ``results.md`` (final validation loss, tokens/s, peak memory, active/total parameters, as mean
 and spread over seeds), ``results.json`` (every curve), ``val_loss.png`` (validation loss against tokens and
 against training wall-clock) and one TensorBoard directory ``tb/`` with a run per model and seed. With
-``upcycle_steps > 0`` it also continues each seed's equal-active dense model for ``upcycle_steps`` more steps,
-once as it is and once upcycled into an MoE model (:func:`lightning_moe.zoo.upcycle`), and reports both curves
+``upcycle_steps > 0`` it also continues each seed's equal-active dense model for ``upcycle_steps`` more steps on
+the batches that follow in its data order, once as it is and once upcycled into an MoE model
+(:func:`lightning_moe.zoo.upcycle`), each with a fresh warmup and cosine schedule, and reports both curves
 (``upcycle.md``, ``upcycle.png``).
 
     lightning-moe compare --config configs/compare/mixtral-tiny.yaml
@@ -156,12 +157,18 @@ def _train(
     steps: int,
     module_kwargs: dict[str, Any],
     init_state: dict[str, torch.Tensor] | None = None,
+    data_start: tuple[tuple[int, int], int] | None = None,
 ) -> dict[str, Any]:
-    """One run; returns its curve and measurements (and keeps the trained module's weights under ``"state"``)."""
+    """One run; returns its curve and measurements (and keeps the trained module's weights under ``"state"``).
+
+    ``data_start`` (a run's ``"data_end"``: its data position and samples seen) continues that run's data order.
+    """
     L.seed_everything(seed, verbose=False)
     module = CausalLMModule(lr=cfg.lr, warmup_steps=cfg.warmup_steps, **module_kwargs)
     if init_state is not None:
         module.model.load_state_dict(init_state)
+    if data_start is not None:
+        module.train_data_position, module.train_samples_seen = data_start
     data = TextDataModule(
         max_bytes=cfg.max_bytes,
         vocab_size=cfg.vocab_size,
@@ -199,6 +206,7 @@ def _train(
         "active_params": counts.active,
         "total_params": counts.total,
         "state": {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()},
+        "data_end": (module.train_data_position, module.train_samples_seen),
     }
 
 
@@ -278,10 +286,10 @@ def run(cfg: CompareConfig) -> dict[str, Path]:
         for variant in variants:
             overrides = {} if variant is None else {"dense": variant}
             result = _train(cfg, VARIANTS[variant], seed, cfg.max_steps, {"arch": cfg.arch, "overrides": overrides})
-            state = result.pop("state")
+            state, data_end = result.pop("state"), result.pop("data_end")
             runs.append(result)
             if variant == "active" and cfg.upcycle_steps:
-                upcycle_runs += _continue_dense(cfg, seed, state)
+                upcycle_runs += _continue_dense(cfg, seed, state, data_end)
     files = {"tensorboard": out / "tb", "table": out / "results.md", "json": out / "results.json"}
     budget = cfg.max_steps * cfg.batch_size * cfg.block_size
     title = f"{cfg.arch} vs dense baselines, {budget:,} tokens, seeds {cfg.seeds}"
@@ -301,20 +309,32 @@ def run(cfg: CompareConfig) -> dict[str, Path]:
     return files
 
 
-def _continue_dense(cfg: CompareConfig, seed: int, dense_state: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """Continue a trained equal-active dense model as it is and upcycled, for ``upcycle_steps`` steps each."""
+def _continue_dense(
+    cfg: CompareConfig, seed: int, dense_state: dict[str, torch.Tensor], data_end: tuple[tuple[int, int], int]
+) -> list[dict[str, Any]]:
+    """Continue a trained equal-active dense model as it is and upcycled, for ``upcycle_steps`` steps each.
+
+    Both continue the dense run's data order where it stopped (batches it has not trained on), each with a fresh
+    optimizer and learning-rate schedule (warmup, then cosine over the continuation), as upcycling starts a new
+    run with a new router.
+    """
     kwargs = {"arch": cfg.arch, "overrides": {"dense": "active"}}
     results = []
     for label, extra in (("dense-continued", {}), ("upcycled-moe", {"upcycle": {}})):
         # The upcycled module builds the dense model, loads the weights, then upcycles: pass the weights in first.
-        result = _train_from_dense(cfg, label, seed, {**kwargs, **extra}, dense_state)
-        result.pop("state")
+        result = _train_from_dense(cfg, label, seed, {**kwargs, **extra}, dense_state, data_end)
+        result.pop("state"), result.pop("data_end")
         results.append(result)
     return results
 
 
 def _train_from_dense(
-    cfg: CompareConfig, label: str, seed: int, kwargs: dict[str, Any], dense_state: dict[str, torch.Tensor]
+    cfg: CompareConfig,
+    label: str,
+    seed: int,
+    kwargs: dict[str, Any],
+    dense_state: dict[str, torch.Tensor],
+    data_end: tuple[tuple[int, int], int],
 ) -> dict[str, Any]:
     checkpoint = Path(cfg.out_dir) / f".dense-seed{seed}.ckpt"
     hparams = {"arch": kwargs["arch"], "overrides": kwargs["overrides"], "upcycle": None, "init_from": None}
@@ -322,8 +342,8 @@ def _train_from_dense(
                checkpoint)  # fmt: skip
     try:
         if "upcycle" in kwargs:
-            return _train(cfg, label, seed, cfg.upcycle_steps, {"upcycle_from": str(checkpoint)})
-        return _train(cfg, label, seed, cfg.upcycle_steps, kwargs, init_state=dense_state)
+            return _train(cfg, label, seed, cfg.upcycle_steps, {"upcycle_from": str(checkpoint)}, data_start=data_end)
+        return _train(cfg, label, seed, cfg.upcycle_steps, kwargs, init_state=dense_state, data_start=data_end)
     finally:
         checkpoint.unlink()
 

@@ -187,6 +187,9 @@ class MoELanguageModule(L.LightningModule):
         # Training samples seen by all ranks together, saved in checkpoints: where the data resumes, also at
         # another world size.
         self.train_samples_seen: int | None = 0
+        # Where the training data stands, (epoch, samples of it consumed by all ranks), kept through the data module
+        # (TextDataModule.advance_position) and saved in checkpoints: a resume continues there at any world size.
+        self.train_data_position: tuple[int, int] | None = (0, 0)
         self._step_start = 0.0
         self._train_seed: int | None = None  # see on_train_batch_start
 
@@ -285,6 +288,7 @@ class MoELanguageModule(L.LightningModule):
         if self.tokenizer_json is not None:
             checkpoint["tokenizer_json"] = self.tokenizer_json
         checkpoint["train_samples_seen"] = self.train_samples_seen
+        checkpoint["train_data_position"] = self.train_data_position
         checkpoint["train_seed"] = self._train_seed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -324,6 +328,8 @@ class MoELanguageModule(L.LightningModule):
             )
         self.tokenizer_json = saved_tokenizer
         self.train_samples_seen = checkpoint.get("train_samples_seen")  # None in older files: the step count then
+        position = checkpoint.get("train_data_position")  # None in older files: the data module reads the count
+        self.train_data_position = None if position is None else (int(position[0]), int(position[1]))
         self._train_seed = checkpoint.get("train_seed")
         hp = self.hparams
         ratio = hp.lr / saved["lr"] if saved.get("lr") else 1.0
@@ -367,9 +373,14 @@ class MoELanguageModule(L.LightningModule):
             self._train_seed = torch.initial_seed()
         place = self.train_samples_seen if self.train_samples_seen is not None else self.global_step
         torch.manual_seed(hash((self._train_seed, place, self.trainer.global_rank)) % 2**63)
-        if self.train_samples_seen is not None:  # every rank's batch has this size (full batches only)
-            rows = batch.shape[0] if isinstance(batch, Tensor) else len(batch)
+        rows = batch.shape[0] if isinstance(batch, Tensor) else len(batch)  # every rank's (full batches only)
+        if self.train_samples_seen is not None:
             self.train_samples_seen += rows * self.trainer.world_size
+        advance = getattr(self.trainer.datamodule, "advance_position", None)
+        if self.train_data_position is not None and advance is not None:
+            self.train_data_position = advance(
+                self.train_data_position, rows * self.trainer.world_size, self.trainer.world_size
+            )
         self._step_start = time.perf_counter()
 
     def log_train(self, loss: Tensor, ce: Tensor, terms: dict[str, Tensor], num_tokens: int) -> None:

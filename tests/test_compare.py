@@ -75,3 +75,25 @@ def test_compare_reads_numbers_and_single_seeds_as_meant():
     cfg = load_config(["--lr", "3e-3", "--seeds", "3", "--dense", "active"])  # YAML 1.1: 3e-3 is a string
     assert cfg.lr == 3e-3 and cfg.seeds == [3] and cfg.dense == ["active"]
     assert load_config(["--out_dir", "2024"]).out_dir == "2024"  # a string field keeps its text
+
+
+def test_the_upcycling_continuation_trains_on_the_batches_after_the_dense_run(tmp_path, monkeypatch):
+    from lightning_moe.module import CausalLMModule
+
+    batches: dict[int, list] = {}
+    original = CausalLMModule.training_step
+
+    def recording(self, batch, batch_idx):
+        batches.setdefault(id(self), []).append(batch.clone())
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(CausalLMModule, "training_step", recording)
+    main([
+        "compare", "--config", str(CONFIG), "--out_dir", str(tmp_path / "cmp"), "--seeds", "[0]", "--max_steps", "3",
+        "--val_every", "3", "--val_batches", "1", "--block_size", "32", "--batch_size", "4", "--dense", "[active]",
+        "--max_bytes", "200000", "--warmup_steps", "1", "--upcycle_steps", "2",
+    ])  # fmt: skip
+    moe, dense, continued, upcycled = batches.values()
+    assert all(a.equal(b) for a, b in zip(moe, dense, strict=True))  # same data order for every model
+    assert all(a.equal(b) for a, b in zip(continued, upcycled, strict=True))
+    assert not any(c.equal(d) for c in continued for d in dense)  # not the dense run's batches again

@@ -71,9 +71,10 @@ class ResumableShuffle(DistributedSampler):
     Each epoch ``e`` visits a permutation drawn from ``seed + e``. With ``num_replicas`` ranks, rank ``r`` takes
     every ``num_replicas``-th index of it from position ``r`` (the tail that cannot give every rank one more is
     dropped), so the ranks' batches of one step are disjoint and together are one global batch. Where an
-    iteration starts: with ``consumed_samples``, from the samples this rank's share of training consumed so far
-    (epoch and position in it); else :meth:`skip_to` sets the epoch and the samples of it already consumed for the next
-    iteration, and :meth:`set_epoch`, which Lightning calls at each epoch start, a new epoch from its beginning.
+    iteration starts: with ``position``, at the epoch and the global sample of it that training reached (rank ``r``
+    then takes every ``num_replicas``-th index from there, so a resume at another world size continues the same
+    global order); else :meth:`skip_to` sets the epoch and the samples of it already consumed on this rank for the
+    next iteration, and :meth:`set_epoch`, which Lightning calls at each epoch start, a new epoch from its beginning.
     Being a ``DistributedSampler``, it is not replaced by Lightning's distributed wrapper, whose own reshuffling
     would lose the position.
 
@@ -82,9 +83,9 @@ class ResumableShuffle(DistributedSampler):
         seed: Base seed.
         num_replicas: Ranks sharing the data.
         rank: This rank.
-        batch_size: Samples per batch (with ``consumed_samples``; an epoch uses only full batches).
-        consumed_samples: Returns this rank's share of the samples training consumed so far (``None``: use
-            :meth:`set_epoch` and :meth:`skip_to`).
+        batch_size: Samples per batch (with ``position``: an epoch uses only full global batches).
+        position: Returns ``(epoch, samples of it consumed by all ranks)`` (see :func:`advance_position`;
+            ``None``: use :meth:`set_epoch` and :meth:`skip_to`).
     """
 
     def __init__(
@@ -94,16 +95,16 @@ class ResumableShuffle(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         batch_size: int = 1,
-        consumed_samples: Callable[[], int] | None = None,
+        position: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=True)  # fmt: skip
         self._skip = 0
         self.batch_size = batch_size
-        self.consumed_samples = consumed_samples
+        self.position = position
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch`` (ignored with ``consumed_samples``: the count places the data)."""
+        """Select the permutation of ``epoch`` (ignored with ``position``: it places the data)."""
         if epoch != self.epoch:
             self._skip = 0
         self.epoch = epoch
@@ -118,17 +119,37 @@ class ResumableShuffle(DistributedSampler):
         return self.num_samples
 
     def __iter__(self):
-        if self.consumed_samples is not None:
-            # Where the data stream stands, from the samples training consumed: each new iterator continues it,
-            # however the trainer counts its epochs (a run that stopped at max_steps mid-epoch is saved with that
-            # epoch counted as finished, and its extension would otherwise start the next permutation).
-            per_epoch = max(1, self.num_samples // self.batch_size * self.batch_size)  # full batches only
-            self.epoch, self._skip = divmod(self.consumed_samples(), per_epoch)
+        if self.position is not None:
+            # Where the data stream stands, from what training consumed: each new iterator continues it, however
+            # the trainer counts its epochs (a run that stopped at max_steps mid-epoch is saved with that epoch
+            # counted as finished, and its extension would otherwise start the next permutation).
+            self.epoch, start = self.position()
+            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            rows = epoch_rows(len(self.dataset), start, self.num_replicas, self.batch_size)
+            return iter(order.tolist()[start + self.rank : start + rows * self.num_replicas : self.num_replicas])
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
         mine = order[self.rank : self.total_size : self.num_replicas]
         skip, self._skip = self._skip, 0
         return iter(mine[skip:])
+
+
+def epoch_rows(num_samples: int, start: int, world: int, batch_size: int) -> int:
+    """Samples each of ``world`` ranks takes from global position ``start`` of an epoch to its end (full batches)."""
+    return max(0, num_samples - start) // (world * batch_size) * batch_size
+
+
+def advance_position(
+    position: tuple[int, int], samples: int, num_samples: int, world: int, batch_size: int
+) -> tuple[int, int]:
+    """The data position ``(epoch, global sample)`` after training consumed ``samples`` more (all ranks together).
+
+    An epoch ends where fewer than one full global batch (``world * batch_size``) is left: the next starts at 0.
+    """
+    epoch, start = position[0], position[1] + samples
+    if epoch_rows(num_samples, start, world, batch_size) == 0:
+        return epoch + 1, 0
+    return epoch, start
 
 
 class StepResumedLoader(DataLoader):
@@ -342,17 +363,23 @@ class TextDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-        def consumed_samples() -> int:
-            # Training's samples over all ranks (the module's count, saved in its checkpoints; else the step count),
-            # this rank's share of them. A run resumed at another world size continues at the same global sample:
-            # rank r of n takes every n-th index of the permutation, so the first g are any n ranks' first g / n.
-            seen = getattr(trainer.lightning_module, "train_samples_seen", None)
+        def position() -> tuple[int, int]:
+            # The module's (epoch, global sample), kept by advance_position and saved in its checkpoints. Files
+            # without it: its sample count (else the step count), read as if every step ran at this world size.
+            module = trainer.lightning_module
+            kept = getattr(module, "train_data_position", None)
+            if kept is not None:
+                return int(kept[0]), int(kept[1])
+            seen = getattr(module, "train_samples_seen", None)
             if seen is None:
-                return trainer.global_step * trainer.accumulate_grad_batches * self.batch_size
-            return seen // world
+                seen = trainer.global_step * trainer.accumulate_grad_batches * self.batch_size * world
+            per_epoch = max(1, epoch_rows(len(self.train_set), 0, world, self.batch_size) * world)
+            epoch, start = divmod(seen, per_epoch)
+            return epoch, start
 
-        consumed = consumed_samples if trainer is not None else None
-        sampler = ResumableShuffle(len(self.train_set), self.seed, world, rank, self.batch_size, consumed)
+        sampler = ResumableShuffle(
+            len(self.train_set), self.seed, world, rank, self.batch_size, position if trainer is not None else None
+        )
         batches_per_epoch = len(sampler) // self.batch_size
         if batches_per_epoch == 0:
             raise ValueError(
@@ -368,6 +395,10 @@ class TextDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def advance_position(self, position: tuple[int, int], samples: int, world: int) -> tuple[int, int]:
+        """The training data position after ``samples`` more (see :func:`advance_position`); the module calls it."""
+        return advance_position(position, samples, len(self.train_set), world, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         """Validation blocks in a fixed order."""

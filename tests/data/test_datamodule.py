@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_moe.data import TextDataModule, load_tokenizer, read_documents, stdlib_files, unigram_entropy
-from lightning_moe.data.datamodule import ResumableShuffle
+from lightning_moe.data.datamodule import ResumableShuffle, advance_position
 
 TEXT = "def add(a, b):\n    return a + b\n\n# numbers: 1 2 3 4 5 6 7 8 9 10\nclass Point:\n    x: int\n" * 40
 
@@ -220,24 +220,51 @@ def test_resumable_shuffle_shards_one_permutation_over_ranks_and_resumes_per_ran
     assert len(list(resumed)) == num_samples // world  # the next epoch starts from its beginning
 
 
-def test_resumable_shuffle_places_each_iteration_by_the_samples_consumed():
+def test_resumable_shuffle_places_each_iteration_at_the_position_training_reached():
     num_samples, seed, batch = 23, 5, 4  # 5 full batches (20 samples) per epoch; the last 3 are never used
-    consumed = [0]
-    sampler = ResumableShuffle(num_samples, seed, batch_size=batch, consumed_samples=lambda: consumed[0])
+    position = [(0, 0)]
+    sampler = ResumableShuffle(num_samples, seed, batch_size=batch, position=lambda: position[0])
     epochs = [torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + e)).tolist() for e in (0, 1)]
-    assert list(sampler) == epochs[0]
-    consumed[0] = 28  # epoch 1, 8 samples in: whatever epoch number the trainer passes, the data continues there
+    assert list(sampler) == epochs[0][:20]
+    position[0] = (1, 8)  # epoch 1, 8 samples in: whatever epoch number the trainer passes, the data continues there
     sampler.set_epoch(5)
-    assert list(sampler) == epochs[1][8:]
+    assert list(sampler) == epochs[1][8:20]
 
 
 def test_resuming_at_another_world_size_continues_at_the_same_global_sample():
     num_samples, seed, batch = 64, 3, 2
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
     # Two ranks consumed 3 batches each: the permutation's first 12 samples. Four ranks resume there.
-    seen = 2 * 3 * batch
-    shares = [list(ResumableShuffle(num_samples, seed, 4, rank, batch, lambda: seen // 4)) for rank in range(4)]
-    assert [shares[i % 4][i // 4] for i in range(4 * len(shares[0]))] == order[seen:]
+    position = advance_position((0, 0), 2 * 3 * batch, num_samples, 2, batch)
+    shares = [list(ResumableShuffle(num_samples, seed, 4, rank, batch, lambda: position)) for rank in range(4)]
+    assert [shares[i % 4][i // 4] for i in range(4 * len(shares[0]))] == order[12:60]
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "batch", "before", "after", "steps"), [(20, 4, 2, 1, 5), (24, 3, 2, 4, 1), (31, 2, 3, 2, 7)]
+)
+def test_each_epoch_sample_is_trained_once_across_a_world_size_change(num_samples, batch, before, after, steps):
+    # A run at `before` ranks stops after `steps` steps (crossing epochs of its own length), then resumes at `after`
+    # ranks: the samples of the interrupted epoch are never repeated, and the epoch's global order goes on.
+    def run(world, position, num_steps):
+        trained = []
+        for _ in range(num_steps):
+            epoch, start = position
+            shares = [
+                iter(ResumableShuffle(num_samples, 7, world, r, batch, lambda p=position: p)) for r in range(world)
+            ]
+            step = [[next(shares[r]) for _ in range(batch)] for r in range(world)]
+            trained.append((epoch, [i for r in range(world) for i in step[r]]))
+            position = advance_position(position, world * batch, num_samples, world, batch)
+        return trained, position
+
+    first, position = run(before, (0, 0), steps)
+    second, _ = run(after, position, 2)
+    epoch = second[0][0]
+    seen = [i for e, step in first + second if e == epoch for i in step]
+    assert len(seen) == len(set(seen))
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+    assert sorted(seen) == sorted(order[: len(seen)])  # the epoch's first samples, whatever the world sizes
 
 
 def test_jsonl_reading_keeps_unicode_line_separators_and_stops_at_max_bytes(tmp_path):
