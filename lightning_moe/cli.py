@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_moe.data import TextDataModule, unigram_entropy
@@ -122,7 +123,7 @@ class MoECLI(LightningCLI):
                 from lightning_moe.data.tokenizer import load_tokenizer
 
                 vocab_size = load_tokenizer(data.tokenizer_path).get_vocab_size()
-            model.check_data(vocab_size, data.block_size)
+            model.check_data(vocab_size, data.block_size, data.tokenizer_path)
         check_sizes = getattr(trainer.strategy, "check_sizes", None)  # ExpertParallelStrategy
         if check_sizes is not None:
             check_sizes(model.model)
@@ -151,9 +152,12 @@ class MoECLI(LightningCLI):
             lines.append(f"validation loss {float(val):.3f} nats/token (perplexity {torch.exp(val).item():.1f})")
             lines.append(f"unigram entropy of the validation tokens {entropy:.3f} nats/token (a context-free model)")
         if trainer.logger is not None and trainer.logger.log_dir:
-            lines.append(
-                f"TensorBoard logs: {trainer.logger.log_dir}  (tensorboard --logdir {trainer.logger.save_dir})"
-            )
+            if isinstance(trainer.logger, TensorBoardLogger):
+                lines.append(
+                    f"TensorBoard logs: {trainer.logger.log_dir}  (tensorboard --logdir {trainer.logger.save_dir})"
+                )
+            else:
+                lines.append(f"logs ({type(trainer.logger).__name__}): {trainer.logger.log_dir}")
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.last_model_path:
             lines.append(f"last checkpoint: {checkpoint.last_model_path}")
@@ -167,15 +171,15 @@ class MoECLI(LightningCLI):
     def predict(self, **kwargs: Any) -> list[Any] | None:
         """``trainer.predict``, then the continuations decoded: the first few printed, all written to a file.
 
-        Each prediction of ``CausalLMModule`` is a prompt (the first half of a validation block) followed by its
-        greedy continuation; decoded with the checkpoint's tokenizer they go to ``predictions.txt`` in the run's
-        log folder, one prompt and continuation per record.
+        Each prediction is a prompt (the first half of a validation block) followed by its greedy continuation
+        (``Seq2SeqLMModule``: what the decoder writes for that encoder input); decoded with the checkpoint's
+        tokenizer they go to ``predictions.txt`` in the run's log folder, one prompt and continuation per record.
         """
         trainer = self.trainer
         predictions = trainer.predict(**kwargs)
         module, data = trainer.lightning_module, self.datamodule
         # Every rank takes part in what follows (log_dir and the gather are collective under several processes).
-        if not isinstance(module, CausalLMModule) or module.tokenizer_json is None:
+        if not isinstance(module, MoELanguageModule) or module.tokenizer_json is None:
             return predictions
         from tokenizers import Tokenizer
 
@@ -279,6 +283,11 @@ def generate_main(argv: Sequence[str]) -> str:
     if not args.prompt:
         raise ValueError("prompt='' is invalid: generate continues a prompt of at least one character")
     check_generation(args.max_new_tokens, args.temperature, args.top_k)
+    if args.top_k is not None and args.temperature == 0:
+        raise ValueError(
+            f"top_k={args.top_k} is invalid with temperature=0: greedy decoding takes the top token; pass "
+            "--temperature > 0 to sample among the top_k"
+        )
     path = Path(args.ckpt_path)
     if not (path.is_dir() or path.is_file()):
         raise ValueError(f"ckpt_path={args.ckpt_path!r} is invalid: no such file or checkpoint directory")

@@ -140,14 +140,17 @@ class MoELanguageModule(L.LightningModule):
                 "number >= 0"
             )
         self.save_hyperparameters(ignore=["upcycle_from"])
+        # The tokenizer the starting weights were trained with (upcycle_from, init_from): the data's must match.
+        self._start_tokenizer: tuple[str, str | None] | None = None
         if init_from is not None and (upcycle_from is not None or upcycle is not None):
             raise ValueError(f"init_from={init_from!r} is invalid with upcycle_from or upcycle: pick one start")
         dense_state = None
         if upcycle_from is not None:
             if overrides:
                 raise ValueError(f"overrides={overrides!r} is invalid with upcycle_from: the checkpoint sets them")
-            arch, overrides, dense_state = _read_dense_checkpoint(upcycle_from)
+            arch, overrides, dense_state, tokenizer_json = _read_dense_checkpoint(upcycle_from)
             self.hparams.arch, self.hparams.overrides = arch, overrides
+            self._start_tokenizer = (f"upcycle_from={upcycle_from!r}", tokenizer_json)
         if init_from is not None:
             if overrides:
                 raise ValueError(
@@ -157,6 +160,9 @@ class MoELanguageModule(L.LightningModule):
 
             self.model = from_hf(init_from)
             self.config = self.model.zoo_config
+            tokenizer_file = Path(init_from) / "tokenizer.json"
+            tokenizer_json = tokenizer_file.read_text(encoding="utf-8") if tokenizer_file.is_file() else None
+            self._start_tokenizer = (f"init_from={init_from!r}", tokenizer_json)
         else:
             self.config = zoo.config(arch, **(overrides or {}))
             self.model = zoo.build(self.config)
@@ -191,6 +197,7 @@ class MoELanguageModule(L.LightningModule):
         # (TextDataModule.advance_position) and saved in checkpoints: a resume continues there at any world size.
         self.train_data_position: tuple[int, int] | None = (0, 0)
         self._step_start = 0.0
+        self._step_tokens = 0
         self._train_seed: int | None = None  # see on_train_batch_start
 
     # -- shared pieces --------------------------------------------------------------------------------
@@ -251,8 +258,27 @@ class MoELanguageModule(L.LightningModule):
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if data is None or getattr(data, "tokenizer", None) is None:
             return
-        self.check_data(data.vocab_size, data.block_size)
+        self.check_data(data.vocab_size, data.block_size, getattr(data, "tokenizer_path", None))
         self.tokenizer_json = data.tokenizer.to_str()
+        if stage == "fit" and self._start_tokenizer is not None:
+            self._check_start_tokenizer(data.tokenizer)
+
+    def _check_start_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse data whose tokenizer differs from the one the starting weights learnt (token ids mean text)."""
+        from tokenizers import Tokenizer
+
+        source, saved = self._start_tokenizer
+        if saved is None:
+            rank_zero_warn(
+                f"{source} holds no tokenizer: the data's tokenizer must be the one those weights were trained with "
+                "(data.tokenizer_path), or every token id stands for other text"
+            )
+        elif Tokenizer.from_str(saved).to_str() != tokenizer.to_str():
+            raise ValueError(
+                f"{source} is invalid with this data: its weights were trained with another tokenizer, so every token "
+                "id would stand for other text; use that run's data settings, or its tokenizer as data.tokenizer_path "
+                "(to_hf writes it as tokenizer.json)"
+            )
 
     def check_world_size(self, world_size: int) -> None:
         """Refuse ``nan_policy='skip'`` with several processes (``lightning-moe fit`` checks before it starts them).
@@ -267,17 +293,27 @@ class MoELanguageModule(L.LightningModule):
                 "'raise'"
             )
 
-    def check_data(self, vocab_size: int, block_size: int) -> None:
+    def check_data(self, vocab_size: int, block_size: int, tokenizer_path: str | None = None) -> None:
         """Check the data's vocabulary and block size against the model (``lightning-moe`` checks before tokenizing).
+
+        Args:
+            vocab_size: The tokenizer's vocabulary size.
+            block_size: Tokens per training block.
+            tokenizer_path: The tokenizer file the vocabulary comes from (``None``: ``data.vocab_size``).
 
         Raises:
             ValueError: If the vocabulary exceeds the model's ``vocab_size`` or the blocks its ``max_seq_len``.
         """
         if vocab_size > self.config.vocab_size:
+            model = f"the model's vocab_size={self.config.vocab_size} ({self.hparams.arch})"
+            if tokenizer_path is not None:
+                raise ValueError(
+                    f"data.tokenizer_path={tokenizer_path!r} is invalid: its {vocab_size} tokens exceed {model}; set "
+                    f"model.overrides.vocab_size to at least {vocab_size}"
+                )
             raise ValueError(
-                f"data.vocab_size={vocab_size} is invalid: the tokenizer's vocabulary exceeds the model's "
-                f"vocab_size={self.config.vocab_size} ({self.hparams.arch}); lower data.vocab_size or set "
-                "model.overrides.vocab_size"
+                f"data.vocab_size={vocab_size} is invalid: the tokenizer's vocabulary exceeds {model}; lower "
+                "data.vocab_size or set model.overrides.vocab_size"
             )
         max_len = getattr(self.config, "max_seq_len", None)
         if max_len is not None and block_size > max_len:
@@ -384,16 +420,22 @@ class MoELanguageModule(L.LightningModule):
         self._step_start = time.perf_counter()
 
     def log_train(self, loss: Tensor, ce: Tensor, terms: dict[str, Tensor], num_tokens: int) -> None:
-        """Log training loss, perplexity, each auxiliary term, learning rate and throughput."""
-        elapsed = max(time.perf_counter() - self._step_start, 1e-9)
+        """Log training loss, perplexity, each auxiliary term and learning rate (throughput: ``on_train_batch_end``)."""
         self.log("train/loss", ce, prog_bar=True)
         self.log("train/total_loss", loss)
         self.log("train/ppl", torch.exp(ce.detach().clamp(max=30)))
         for term, value in terms.items():
             self.log(f"train/aux/{term}", value)
-        self.log("train/tokens_per_sec", num_tokens / elapsed)
+        self._step_tokens = num_tokens * (self.trainer.world_size if self._trainer is not None else 1)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log ``train/tokens_per_sec``: the tokens of all ranks over the whole step (forward, backward, optimizer)."""
+        if outputs is not None and self._step_tokens:
+            elapsed = max(time.perf_counter() - self._step_start, 1e-9)
+            self.log("train/tokens_per_sec", self._step_tokens / elapsed)
+        self._step_tokens = 0
 
     def on_validation_epoch_end(self) -> None:
         """Log the mean validation loss and its perplexity."""
@@ -496,8 +538,8 @@ def _can_fuse_adamw(params: list[Tensor]) -> bool:
     )
 
 
-def _read_dense_checkpoint(path: str) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
-    """The ``arch``, ``overrides`` and model weights of a dense run's Lightning checkpoint."""
+def _read_dense_checkpoint(path: str) -> tuple[str, dict[str, Any], dict[str, Tensor], str | None]:
+    """The ``arch``, ``overrides``, model weights and tokenizer (JSON, if saved) of a dense run's checkpoint."""
     if not Path(path).is_file():
         raise ValueError(f"upcycle_from={path!r} is invalid: no such file")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
@@ -507,7 +549,7 @@ def _read_dense_checkpoint(path: str) -> tuple[str, dict[str, Any], dict[str, Te
     if hparams.get("upcycle") is not None or hparams.get("init_from") is not None:
         raise ValueError(f"upcycle_from={path!r} is invalid: an upcycled or imported run, not a dense zoo baseline")
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    return hparams["arch"], dict(hparams.get("overrides") or {}), state
+    return hparams["arch"], dict(hparams.get("overrides") or {}), state, checkpoint.get("tokenizer_json")
 
 
 def _upcycle_args(config: zoo.ModelConfig, given: dict[str, Any]) -> dict[str, Any]:
@@ -717,9 +759,9 @@ class Seq2SeqLMModule(MoELanguageModule):
         self.save_hyperparameters()
         self.decoder_start_id = 0
 
-    def check_data(self, vocab_size: int, block_size: int) -> None:
+    def check_data(self, vocab_size: int, block_size: int, tokenizer_path: str | None = None) -> None:
         """Also check that the sentinels fit above the tokenizer's vocabulary."""
-        super().check_data(vocab_size, block_size)
+        super().check_data(vocab_size, block_size, tokenizer_path)
         _, spans = span_counts(block_size + 1, self.hparams.noise_density, self.hparams.mean_span_length)
         if vocab_size + spans > self.config.vocab_size:
             raise ValueError(
@@ -783,8 +825,8 @@ class Seq2SeqLMModule(MoELanguageModule):
         self.log("test/loss", ce)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        """Greedy decoding of 32 tokens for each input in the batch."""
-        return self.generate(batch, max_new_tokens=32)
+        """Each encoder input followed by the 32 tokens greedy decoding writes for it (without the start id)."""
+        return torch.cat([batch, self.generate(batch, max_new_tokens=32)[:, 1:]], dim=1)
 
     @torch.no_grad()
     def generate(

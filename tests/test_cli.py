@@ -1,5 +1,6 @@
 """The lightning-moe command: every config runs, tiny presets learn through the CLI, generation works."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -297,6 +298,7 @@ def test_a_preset_of_the_other_kind_is_refused_before_training(tmp_path):
         (["--temperature", "-1"], r"temperature=-1.0 is invalid: must be a finite number >= 0"),
         (["--temperature", "nan"], r"temperature=nan is invalid: must be a finite number >= 0"),
         (["--top_k", "0"], r"top_k=0 is invalid: must be an int >= 1"),
+        (["--top_k", "5"], r"top_k=5 is invalid with temperature=0: greedy decoding takes the top token"),
     ],
 )
 def test_generate_arguments_are_checked_before_loading(args, match):
@@ -320,6 +322,32 @@ def test_generate_refuses_an_encoder_decoder_checkpoint(tmp_path, capsys):
     loaded = Seq2SeqLMModule.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path)
     assert loaded.decoder_start_id == trained_start
     assert loaded.generate(torch.tensor([[5, 6, 7]]), 2)[0, 0] == trained_start
+    # predict writes what the decoder makes of each input (it silently wrote nothing for Seq2SeqLMModule).
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    predict = run_cli(["predict", "--config", config, *_small(tmp_path), "--trainer.limit_predict_batches", "1",
+                       "--ckpt_path", ckpt])  # fmt: skip
+    written = (Path(predict.trainer.log_dir) / "predictions.txt").read_text()
+    assert written.count("PROMPT") == 8 and written.count("CONTINUATION") == 8
+
+
+class SlowOptimizerStep(Callback):
+    """Sleeps 0.2 s before every optimizer step (used through --trainer.callbacks+)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        time.sleep(0.2)
+
+
+def test_the_summary_names_the_logger_and_throughput_covers_the_whole_step(tmp_path, capsys):
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    cli = run_cli(["fit", "--config", config, *_small(tmp_path), "--trainer.max_steps", "2",
+                   "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+                   "--trainer.callbacks+", "tests.test_cli.SlowOptimizerStep",
+                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir",
+                   str(tmp_path / "csv")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "logs (CSVLogger):" in out and "TensorBoard" not in out
+    tokens = 8 * 64  # batch 8 x block 64, one process
+    assert float(cli.trainer.callback_metrics["train/tokens_per_sec"]) < tokens / 0.2  # the optimizer step counts
 
 
 def test_validate_without_a_checkpoint_warns_that_the_model_is_untrained(tmp_path):
@@ -345,3 +373,18 @@ def test_top_level_help_lists_the_subcommands_main_dispatches_itself(capsys):
     assert "fit" in out  # LightningCLI's part
     for name in ("generate", "compare", "demo"):
         assert f"  {name}  " in out
+
+
+def test_a_tokenizer_file_larger_than_the_model_is_named(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models
+
+    from lightning_moe.data import TextDataModule
+
+    vocab = {f"w{i}": i for i in range(1999)} | {"<|endoftext|>": 1999, "<|unk|>": 2000}
+    path = tmp_path / "big.json"
+    Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>")).save(str(path))
+    monkeypatch.setattr(TextDataModule, "prepare_data", _forbid)
+    config = Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml"
+    match = rf"data.tokenizer_path='{path}' is invalid: its 2001 tokens exceed the model's vocab_size=1024"
+    with pytest.raises(ValueError, match=match):
+        run_cli(["fit", "--config", str(config), *_small(tmp_path), "--data.tokenizer_path", str(path)])

@@ -302,3 +302,41 @@ def test_last_finds_the_checkpoint_of_a_sharded_save_killed_during_its_swap(tmp_
     last.mkdir()  # swapped in: nothing to recover
     assert interrupted_swap(last) is None
     assert callback._find_last_checkpoints(trainer) == {str(last)}
+
+
+def test_the_final_step_is_saved_as_a_periodic_save_of_that_step_would_be(tmp_path):
+    # Saved after the loops had finished, the final checkpoint's counters were a step ahead: a resumed run logged
+    # every step one later (and one more per resume) and counted the epoch as done.
+    def loops(path):
+        state = torch.load(path, weights_only=False)
+        return state["global_step"], state["epoch"], state["loops"]["fit_loop"]["epoch_loop.state_dict"]
+
+    _fit(tmp_path / "periodic", 5, every=5, checkpoint=LastCheckpoint)
+    _fit(tmp_path / "final", 5, every=1000, checkpoint=LastCheckpoint)
+    assert loops(tmp_path / "final" / "ckpt" / "last.ckpt") == loops(tmp_path / "periodic" / "ckpt" / "last.ckpt")
+
+
+def test_starting_weights_are_refused_with_data_of_another_tokenizer(tmp_path):
+    # upcycle_from and init_from start from trained weights: data tokenized otherwise would scramble every token.
+    from lightning_moe.interop import to_hf
+
+    options = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                   limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
+    dense = CausalLMModule(arch="mixtral-tiny-dense", overrides={"dim": 32, "ffn_hidden": 32})
+    trainer = L.Trainer(max_steps=1, **options)
+    trainer.fit(dense, _data(tmp_path))
+    trainer.save_checkpoint(tmp_path / "dense.ckpt")
+    to_hf(
+        CausalLMModule(arch="mixtral-tiny", overrides={"dim": 32, "ffn_hidden": 32}, warmup_steps=1), tmp_path / "none"
+    )
+    trained = CausalLMModule(arch="mixtral-tiny", overrides={"dim": 32, "ffn_hidden": 32})
+    L.Trainer(max_steps=1, **options).fit(trained, _data(tmp_path))
+    to_hf(trained, tmp_path / "hf")  # a fit module carries its tokenizer: written as tokenizer.json
+    assert (tmp_path / "hf" / "tokenizer.json").is_file() and not (tmp_path / "none" / "tokenizer.json").exists()
+    for start in ({"upcycle_from": str(tmp_path / "dense.ckpt")}, {"init_from": str(tmp_path / "hf")}):
+        ((key, value),) = start.items()
+        with pytest.raises(ValueError, match=rf"{key}='{value}' is invalid with this data: its weights were trained"):
+            L.Trainer(max_steps=1, **options).fit(CausalLMModule(**start), _data(tmp_path, vocab_size=280))
+        L.Trainer(max_steps=1, **options).fit(CausalLMModule(**start), _data(tmp_path))  # the same data: fine
+    with pytest.warns(UserWarning, match=r"init_from='.*none' holds no tokenizer: the data's tokenizer must be"):
+        L.Trainer(max_steps=1, **options).fit(CausalLMModule(init_from=str(tmp_path / "none")), _data(tmp_path))

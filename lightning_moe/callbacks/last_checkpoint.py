@@ -17,7 +17,8 @@ from lightning_moe.strategies.checkpoint import interrupted_swap, staging_path
 class LastCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` with fixes for resumable runs.
 
-    - ``last.ckpt`` is written when training ends, unless the final step was already saved. Lightning's own
+    - ``last.ckpt`` is written at the final step (``max_steps``, at the end of its batch like a periodic save, so
+      a resumed run logs at the same steps) or when training ends otherwise. Lightning's own
       end-of-training save is skipped once any ``last.ckpt`` was written during the run, so with
       ``every_n_train_steps: 250`` a 260-step run kept step 250 and lost the last 10 steps.
     - ``enable_version_counter`` defaults to ``False``: a new run of the same config rewrites ``last.ckpt``
@@ -42,6 +43,17 @@ class LastCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # The final step is saved here, at the end of its batch as periodic saves are: saved after the loops have
+        # finished (on_train_end), its loop counters are one step ahead, and every step a resumed run logged moved.
+        last_step = 0 < trainer.max_steps <= trainer.global_step
+        if self.save_last and last_step and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -939,8 +939,13 @@ def _remove_stale_shards(out: Path) -> None:
             path.unlink()
 
 
-def to_hf(model: nn.Module, out_dir: str | os.PathLike, config: ModelConfig | None = None) -> Path:
+def to_hf(
+    model: nn.Module, out_dir: str | os.PathLike, config: ModelConfig | None = None, tokenizer: Any = None
+) -> Path:
     """Write ``config.json`` and ``model.safetensors`` that ``transformers`` loads into the same model.
+
+    With a tokenizer (given, or the ``tokenizer_json`` a ``lightning-moe fit`` module carries) it also writes
+    ``tokenizer.json``, which ``init_from`` checks the data against and ``--data.tokenizer_path`` can name.
 
     Args:
         model: Our zoo model (or a LightningModule holding it as ``.model`` with its ``.config``).
@@ -950,6 +955,7 @@ def to_hf(model: nn.Module, out_dir: str | os.PathLike, config: ModelConfig | No
             files are left alone.
         config: The model's zoo config (default: ``model.zoo_config``, set by :func:`from_hf`, or
             ``model.config`` of a :class:`~lightning_moe.module.MoELanguageModule`).
+        tokenizer: A ``tokenizers.Tokenizer`` or its JSON string (default: ``model.tokenizer_json``, if any).
 
     Returns:
         ``out_dir``.
@@ -965,6 +971,8 @@ def to_hf(model: nn.Module, out_dir: str | os.PathLike, config: ModelConfig | No
         config = getattr(model, "zoo_config", None) or getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise ValueError("config=None is invalid: pass the model's zoo config (model.zoo_config is not set)")
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer_json", None)
     if hasattr(model, "model") and isinstance(model.model, nn.Module) and not hasattr(model, "layers"):
         model = model.model
     family = _family_of(config)
@@ -991,7 +999,12 @@ def to_hf(model: nn.Module, out_dir: str | os.PathLike, config: ModelConfig | No
     # Each file is written under a temporary name and renamed: an export that fails leaves the folder as it was.
     save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
     (out / "config.json.tmp").write_text(json.dumps(_hf_config(config, family), indent=2) + "\n")
+    if tokenizer is not None:
+        text = tokenizer if isinstance(tokenizer, str) else tokenizer.to_str()
+        (out / "tokenizer.json.tmp").write_text(text, encoding="utf-8")
     os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
     os.replace(out / "config.json.tmp", out / "config.json")
+    if tokenizer is not None:
+        os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
     _remove_stale_shards(out)
     return out
