@@ -37,6 +37,16 @@ def layer_config(num_experts: int, mode: str) -> MoEConfig:
                      experts=ExpertsConfig(hidden_dim=hidden))  # fmt: skip
 
 
+def inputs(args: argparse.Namespace) -> list[torch.Tensor]:
+    """The layer's inputs: four in turn under bf16, as ``moe_layer.py`` does.
+
+    Each expert's row count then changes between steps as in training: oneDNN caches a bf16 kernel per shape,
+    which one fixed input would always hit.
+    """
+    count = 4 if args.bf16 else 1
+    return [torch.randn(args.tokens, 512, device=args.device, requires_grad=True) for _ in range(count)]
+
+
 def interleaved(args: argparse.Namespace) -> None:
     """Every count's layer with kept gradient memory, all interleaved; one line of ratios per round."""
     counts = [int(e) for e in args.experts.split(",")]
@@ -45,8 +55,7 @@ def interleaved(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         layer = MoELayer(layer_config(num_experts, args.mode)).to(args.device)
         reuse_expert_grad_memory(layer)
-        x = torch.randn(args.tokens, 512, device=args.device, requires_grad=True)
-        steps[num_experts] = fwd_bwd(layer, x, torch.randn(args.tokens, 512, device=args.device), args.bf16)
+        steps[num_experts] = fwd_bwd(layer, inputs(args), torch.randn(args.tokens, 512, device=args.device), args.bf16)
     print("| round | " + " | ".join(f"{e} experts (s)" for e in counts) + " | " +
           " | ".join(f"{e} vs {counts[0]}" for e in counts[1:]) + " |")  # fmt: skip
     print("|---" * (2 * len(counts)) + "|")
@@ -89,7 +98,7 @@ def main() -> None:
         loop = MoELayer(MoEConfig(**{**cfg.__dict__, "dispatch": "loop"})).to(args.device)
         for layer in (reused, loop):
             layer.load_state_dict(grouped.state_dict())
-        x = torch.randn(args.tokens, 512, device=args.device, requires_grad=True)
+        x = inputs(args)
         grad = torch.randn(args.tokens, 512, device=args.device)
         steps = {name: fwd_bwd(layer, x, grad, args.bf16) for name, layer in (("grouped", grouped), ("reused", reused))}
         t = measure(steps, args.repeats, 1)

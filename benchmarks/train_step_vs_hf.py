@@ -1,7 +1,9 @@
 """Training-step throughput and peak memory: our zoo models against Hugging Face's, same weights, same batch.
 
-For each family a ~50M-parameter config is built as a random ``transformers`` model (eager experts, its
-fastest CPU path; SDPA attention), converted with :func:`lightning_moe.interop.from_hf`, and both run the
+For each family a ~50M-parameter config is built as a random ``transformers`` model (SDPA attention; experts
+``--hf-experts eager`` by default, the per-expert loop the issue names its fastest CPU path, or ``grouped_mm``,
+transformers' default, which a later check with transformers 5.23 and torch 2.13 found faster on this CPU),
+converted with :func:`lightning_moe.interop.from_hf`, and both run the
 same training step on the same batch, interleaved (the order alternating between repeats): forward and
 cross-entropy, ``zero_grad``, backward, fused AdamW step, in the order Lightning's automatic optimization
 runs them (so the previous step's gradients are alive during the forward, for both models). In float32, or
@@ -126,7 +128,7 @@ SHAPES = {
 }
 
 
-def hf_model(shape: str) -> torch.nn.Module:
+def hf_model(shape: str, experts: str = "eager") -> torch.nn.Module:
     import transformers
 
     config_name, kwargs = SHAPES[shape]
@@ -143,7 +145,7 @@ def hf_model(shape: str) -> torch.nn.Module:
         hidden_size=DIM,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
-        experts_implementation="eager",
+        experts_implementation=experts,
         attn_implementation="sdpa",
         **kwargs,
     )
@@ -152,12 +154,12 @@ def hf_model(shape: str) -> torch.nn.Module:
     return model.float().train()
 
 
-def models(shape: str, reuse: bool = True) -> dict[str, torch.nn.Module]:
+def models(shape: str, reuse: bool = True, experts: str = "eager") -> dict[str, torch.nn.Module]:
     from lightning_moe.interop import from_hf
     from lightning_moe.nn import reuse_expert_grad_memory
     from lightning_moe.nn.experts import FRESH_PAGES_MIN_BYTES
 
-    hf = hf_model(shape)
+    hf = hf_model(shape, experts)
     ours = from_hf(hf).train()
     reuse_expert_grad_memory(ours, enabled=reuse, min_bytes=FRESH_PAGES_MIN_BYTES)  # as CausalLMModule does
     return {"hf": hf, "ours": ours}
@@ -207,7 +209,14 @@ def kept_bytes(model: torch.nn.Module) -> int:
 
 
 def peak_memory(
-    shape: str, which: str, batch_size: int, seq: int, reuse: bool, bf16: bool = False, full_logits: bool = False
+    shape: str,
+    which: str,
+    batch_size: int,
+    seq: int,
+    reuse: bool,
+    bf16: bool = False,
+    full_logits: bool = False,
+    experts: str = "eager",
 ) -> dict:
     """Peak memory of training steps in MiB, after the model is built: resident and live tensors.
 
@@ -221,7 +230,7 @@ def peak_memory(
     plus the memory our experts keep between steps, which exists before the step and would otherwise be left
     out (our expert gradients live there). The parameters and the optimizer state are left out of both.
     """
-    model = models(shape, reuse)[which]
+    model = models(shape, reuse, experts)[which]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = torch.randint(0, VOCAB, (batch_size, seq + 1), generator=torch.Generator().manual_seed(0))
     with open("/proc/self/clear_refs", "w") as f:
@@ -243,6 +252,8 @@ def run_json(cmd: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--hf-experts", default="eager", choices=["eager", "grouped_mm"],
+                        help="transformers' experts_implementation for its model")  # fmt: skip
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
@@ -255,7 +266,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        memory = peak_memory(*args.memory_child, args.batch, args.seq, not args.no_reuse, args.bf16, args.full_logits)
+        memory = peak_memory(
+            *args.memory_child, args.batch, args.seq, not args.no_reuse, args.bf16, args.full_logits, args.hf_experts
+        )
         print(json.dumps(memory))
         return
     tokens = args.batch * args.seq
@@ -264,7 +277,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {args.threads} threads, {'bf16-mixed' if args.bf16 else 'float32'}, "
         f"{tokens} tokens/step, "
-        f"median of {args.repeats}; {reuse}"
+        f"median of {args.repeats}; {reuse}; Hugging Face experts: {args.hf_experts}"
     )
     columns = ["shape", "params", "HF step (s)", "ours step (s)", "speed-up", "HF tok/s", "ours tok/s"]
     columns += ["HF peak RSS MiB", "ours peak RSS MiB", "HF peak live MiB", "ours peak live MiB"]
@@ -272,7 +285,7 @@ def main() -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for shape in args.shapes.split(","):
-        pair = models(shape, not args.no_reuse)
+        pair = models(shape, not args.no_reuse, args.hf_experts)
         params = sum(p.numel() for p in pair["ours"].parameters())
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in pair.items()}
         batch = torch.randint(0, VOCAB, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
@@ -290,7 +303,7 @@ def main() -> None:
         for k in pair:
             cmd = [sys.executable, __file__, "--memory-child", shape, k, "--batch", str(args.batch), "--seq",
                    str(args.seq), "--threads", str(args.threads)] + ["--no-reuse"] * args.no_reuse  # fmt: skip
-            cmd += ["--bf16"] * args.bf16 + ["--full-logits"] * args.full_logits
+            cmd += ["--bf16"] * args.bf16 + ["--full-logits"] * args.full_logits + ["--hf-experts", args.hf_experts]
             runs = [run_json(cmd) for _ in range(args.memory_runs)]
             rss[k] = statistics.median(run["rss"] for run in runs)
             live[k] = statistics.median(run["live"] for run in runs)
