@@ -268,8 +268,10 @@ class MoEConfig:
         eval_capacity_factor: Capacity factor in eval mode (``None``: same as ``capacity_factor``).
         expert_capacity: Absolute per-expert capacity in token copies; overrides the factors.
         drop_priority: Which copies an over-full expert keeps: ``"position"`` (all first choices before
-            second choices, earlier tokens first; GShard/Switch) or ``"weight"`` (highest router weight
-            first; batch-prioritised routing).
+            second choices, earlier tokens first; GShard/Switch) or ``"weight"`` (each copy ranked by its own
+            router weight, highest first, so a strong second choice can beat a weak first choice; V-MoE's
+            batch-prioritised routing instead ranks tokens by their top-1 weight and fills every first choice
+            before any second one).
         capacity_scope: Over which tokens capacity is counted: ``"batch"`` (all tokens of the forward) or
             ``"sequence"`` (each sequence of a ``(B, S, D)`` input separately, with the capacity computed from
             that sequence's real tokens; Hugging Face's Switch Transformers).

@@ -52,9 +52,9 @@ def load_balancing_loss(
 
     ``L = E * sum_i f_i * P_i`` where ``f_i`` is the fraction of the ``T * K`` token copies routed to expert
     ``i`` and ``P_i`` the mean router probability of expert ``i`` over the ``T`` tokens. It is 1 when
-    routing is uniform and ``E`` when every token goes to one expert. (Hugging Face's Mixtral/Qwen loss is
-    ``K`` times this: it divides the counts by ``T`` rather than ``T * K``.) ``f`` is not differentiable;
-    the gradient flows through ``P`` into the router.
+    routing is uniform and at most ``E / K``, reached when every token goes to the same ``K`` experts (``E``
+    for top-1). (Hugging Face's Mixtral/Qwen loss is ``K`` times this: it divides the counts by ``T`` rather
+    than ``T * K``.) ``f`` is not differentiable; the gradient flows through ``P`` into the router.
 
     Args:
         probs_TE: Per-token distribution over experts (softmax, or normalised sigmoid scores).

@@ -157,7 +157,9 @@ class Router(nn.Module):
         """Router logits ``(T, E)`` in the router dtype, with training-only jitter on the input."""
         dtype = router_dtype(x_TD.dtype)
         if self.config.gate_precision == "compute":  # the matmul as autocast (or the input dtype) has it
-            return self.gate(self._jitter(x_TD)).to(dtype)
+            # The weight in the input's dtype: outside autocast F.linear needs both alike (a no-op when they are;
+            # under autocast it casts both to its dtype anyway).
+            return F.linear(self._jitter(x_TD), self.gate.weight.to(x_TD.dtype)).to(dtype)
         with torch.autocast(x_TD.device.type, enabled=False):  # float32 even under mixed precision
             return F.linear(self._jitter(x_TD.to(dtype)), self.gate.weight.to(dtype))
 
@@ -190,18 +192,25 @@ class Router(nn.Module):
             The routing of every token copy.
 
         Raises:
-            ValueError: If ``x_TD`` is not ``(T, D)`` or ``mask_T`` not ``(T,)``.
+            ValueError: If ``x_TD`` is not ``(T, D)``, ``mask_T`` not ``(T,)``, or expert choice gets no ``capacity``
+                or one outside ``[0, T]``.
         """
         if x_TD.dim() != 2 or x_TD.shape[1] != self.gate.in_features:
             raise ValueError(f"x_TD.shape={tuple(x_TD.shape)} is invalid: expected (T, {self.gate.in_features})")
         if mask_T is not None and mask_T.shape != x_TD.shape[:1]:
             raise ValueError(f"mask_T.shape={tuple(mask_T.shape)} is invalid: expected ({x_TD.shape[0]},)")
         check_token_mask("mask_T", mask_T)
-        mask_T = None if mask_T is None else mask_T.bool()
-        logits_TE = self.logits(x_TD)
         if self.config.kind == "expert_choice":
             if capacity is None:
                 raise ValueError("capacity=None is invalid: expert-choice routing needs the tokens per expert C")
+            if not 0 <= capacity <= x_TD.shape[0]:
+                raise ValueError(
+                    f"capacity={capacity} is invalid: an expert takes each token at most once, so C must be in "
+                    f"[0, {x_TD.shape[0]}] (the token count)"
+                )
+        mask_T = None if mask_T is None else mask_T.bool()
+        logits_TE = self.logits(x_TD)
+        if self.config.kind == "expert_choice":
             return self._expert_choice(logits_TE, mask_T, capacity, live_capacity)
         return self._token_choice(logits_TE, mask_T)
 
