@@ -64,6 +64,20 @@ def check_field_types(config: object) -> None:
         _check(ok, spec.name, value, f"must be {_SCALAR_KINDS[kind]}{' or None' if optional else ''}")
 
 
+def config_from_dict(name: str, value: object, kind: type) -> object:
+    """``kind(**value)`` for a dict ``value`` (a nested config written out in YAML or Python), else ``value``.
+
+    Raises:
+        ValueError: If the dict has keys that are not fields of ``kind``, naming them and the allowed ones.
+    """
+    if not isinstance(value, dict):
+        return value
+    allowed = [f.name for f in dataclasses.fields(kind)]
+    unknown = sorted(set(value) - set(allowed))
+    _check(not unknown, name, value, f"has unknown keys {unknown}; {kind.__name__} takes {allowed}")
+    return kind(**value)
+
+
 def check_token_mask(name: str, mask: Tensor | None) -> None:
     """Raise unless ``mask`` is ``None`` or a bool/integer token mask (True or nonzero: a real token, else padding).
 
@@ -295,10 +309,8 @@ class MoEConfig:
     dispatch: str = "grouped"
 
     def __post_init__(self) -> None:
-        if isinstance(self.router, dict):
-            self.router = RouterConfig(**self.router)
-        if isinstance(self.experts, dict):
-            self.experts = ExpertsConfig(**self.experts)
+        self.router = config_from_dict("router", self.router, RouterConfig)
+        self.experts = config_from_dict("experts", self.experts, ExpertsConfig)
         for name, kind in (("router", RouterConfig), ("experts", ExpertsConfig)):
             value = getattr(self, name)
             _check(isinstance(value, kind), name, value, f"must be {kind.__name__}(...) or a dict of its fields")

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.nn.attention import Attention, AttentionConfig, KVCache, attention_bias
-from lightning_moe.nn.config import ExpertsConfig, MoEConfig, RouterConfig
+from lightning_moe.nn.config import ExpertsConfig, MoEConfig, RouterConfig, config_from_dict
 from lightning_moe.nn.cross_entropy import linear_cross_entropy
 from lightning_moe.nn.ffn import FeedForward
 from lightning_moe.nn.mla import MLAConfig, MultiHeadLatentAttention, mla_softmax_scale
@@ -106,8 +106,7 @@ class DeepSeekConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rope, dict):
-            self.rope = RopeConfig(**self.rope)
+        self.rope = config_from_dict("rope", self.rope, RopeConfig)
         if not isinstance(self.rope, RopeConfig):
             raise ValueError(f"rope={self.rope!r} is invalid: must be RopeConfig(...) or a dict of its fields")
         if self.dense_hidden < 1:

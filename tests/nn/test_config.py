@@ -80,6 +80,17 @@ def test_nested_dicts_become_configs():
     assert isinstance(cfg.experts, ExpertsConfig) and cfg.experts.hidden_dim == 16
 
 
+def test_nested_dicts_with_unknown_keys_name_them_and_the_fields_allowed():
+    from lightning_moe.zoo.deepseek import DeepSeekConfig
+
+    with pytest.raises(ValueError, match=r"router=.* is invalid: has unknown keys \['topk'\]; RouterConfig takes"):
+        MoEConfig(dim=8, router={"num_experts": 4, "top_k": 1, "topk": 2}, experts={"hidden_dim": 16})
+    with pytest.raises(ValueError, match=r"experts=.* is invalid: has unknown keys \['hidden'\]; ExpertsConfig"):
+        MoEConfig(dim=8, router={"num_experts": 4, "top_k": 1}, experts={"hidden": 16})
+    with pytest.raises(ValueError, match=r"rope=.* is invalid: has unknown keys \['base'\]; RopeConfig takes"):
+        DeepSeekConfig(rope={"base": 10000.0})
+
+
 def test_unknown_activation_function_raises():
     with pytest.raises(ValueError, match=r"activation='tanh' is invalid"):
         activation_fn("tanh")
