@@ -205,6 +205,12 @@ class RouterConfig:
                 UserWarning,
                 stacklevel=3,
             )
+        if self.kind == "token_choice" and self.top_k == 1 and self.random_routing:
+            warnings.warn(
+                "RouterConfig(random_routing=True) has no effect with top_k=1: it only drops choices after the first",
+                UserWarning,
+                stacklevel=3,
+            )
         _check(
             not self.softmax_after_topk or self.score_func == "softmax",
             "softmax_after_topk",

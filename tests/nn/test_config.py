@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -222,6 +224,14 @@ def test_top1_with_weights_normalised_to_one_warns_that_the_router_gets_no_task_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         RouterConfig(num_experts=4, top_k=1)  # Switch: softmax over all experts, no warning
+
+
+def test_random_routing_with_top1_warns_that_it_does_nothing():
+    with pytest.warns(UserWarning, match=r"random_routing=True\) has no effect with top_k=1"):
+        RouterConfig(num_experts=4, top_k=1, random_routing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RouterConfig(num_experts=4, top_k=2, random_routing=True)
 
 
 def test_per_sequence_capacity_needs_sequences():
