@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,14 +12,37 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lightning_moe.nn.moe import MoELayer, MoEStats
+from lightning_moe.strategies.checkpoint import clean_name
 
 
 def moe_layers(pl_module: pl.LightningModule) -> list[tuple[str, MoELayer]]:
-    """The module's MoE layers with their names, in forward order (the order of ``router_stats``)."""
+    """The module's MoE layers with their names, in forward order (the order of ``router_stats``).
+
+    The names are those of the state dict, without the prefixes of wrappers (activation checkpointing,
+    ``torch.compile``), so what callbacks key by name (and save in checkpoints) is the same with or without them.
+    """
     layers = getattr(pl_module, "moe_layers", None)
     if layers is None:
         layers = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, MoELayer)]
-    return list(layers)
+    return [(clean_name(name), layer) for name, layer in layers]
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> None:
+    """Raise ``ValueError`` naming the argument unless ``value`` is an int (not a bool) and at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or (minimum is not None and value < minimum):
+        allowed = "an int" if minimum is None else f"an int >= {minimum}"
+        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming the argument unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid: must be True or False")
+
+
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool): an argument that range checks can compare."""
+    return not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
 
 
 def router_stats(outputs: Any) -> list[MoEStats] | None:

@@ -15,6 +15,8 @@ from typing_extensions import override
 
 from lightning_moe.callbacks._utils import (
     StepBoundary,
+    check_int,
+    is_real,
     log_scalars,
     moe_layers,
     reduce_sum,
@@ -69,7 +71,7 @@ class ExpertCollapseDetector(Callback):
         seed: Seed of the revival noise.
 
     Raises:
-        ValueError: If an argument is out of range.
+        ValueError: If an argument is out of range or of the wrong type.
 
     Example::
 
@@ -90,16 +92,16 @@ class ExpertCollapseDetector(Callback):
     ) -> None:
         if action not in ACTIONS:
             raise ValueError(f"action={action!r} is invalid: must be one of {', '.join(map(repr, ACTIONS))}")
-        if patience < 1:
-            raise ValueError(f"patience={patience!r} is invalid: must be >= 1")
-        if not 0.0 <= min_load < 1.0:
+        check_int("patience", patience, 1)
+        if not (is_real(min_load) and 0.0 <= min_load < 1.0):
             raise ValueError(f"min_load={min_load!r} is invalid: must be in [0, 1)")
-        if max_share is not None and not 0.0 < max_share <= 1.0:
+        if max_share is not None and not (is_real(max_share) and 0.0 < max_share <= 1.0):
             raise ValueError(f"max_share={max_share!r} is invalid: must be in (0, 1] or None")
-        if min_entropy is not None and not 0.0 < min_entropy < 1.0:
+        if min_entropy is not None and not (is_real(min_entropy) and 0.0 < min_entropy < 1.0):
             raise ValueError(f"min_entropy={min_entropy!r} is invalid: must be in (0, 1) or None")
-        if noise < 0:
-            raise ValueError(f"noise={noise!r} is invalid: must be >= 0")
+        if not (is_real(noise) and noise >= 0):
+            raise ValueError(f"noise={noise!r} is invalid: must be a finite number >= 0")
+        check_int("seed", seed)
         self.action = action
         self.patience = patience
         self.min_load = min_load
@@ -190,8 +192,9 @@ class ExpertCollapseDetector(Callback):
                 self._low_entropy[i] = 0
             if collapsed:
                 if self.action == "revive" and layer is not None:
-                    # Donors: the live experts from the most loaded down, one per dead expert, round robin.
-                    donors = [e for e in share_E.argsort(descending=True).tolist() if e not in collapsed]
+                    # Donors: the live experts (none starving, so not the collapsed ones) from the most loaded down,
+                    # one per dead expert, round robin. With min_load < 1 the most loaded one is always live.
+                    donors = [e for e in share_E.argsort(descending=True).tolist() if not starving_E[e]]
                     for j, expert in enumerate(collapsed if donors else []):
                         self._revive(trainer, layer, i, expert, donors[j % len(donors)], step)
                 self._starving[i][collapsed] = 0
@@ -218,7 +221,8 @@ class ExpertCollapseDetector(Callback):
     @torch.no_grad()
     def _revive(self, trainer: pl.Trainer, layer: MoELayer, index: int, expert: int, donor: int, step: int) -> None:
         """Copy the donor expert (weights, router row, bias) into ``expert`` with noise; zero its optimizer state."""
-        generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 1009 + index) * 1009 + expert)
+        mixed = ((self.seed * 1_000_003 + step) * 1009 + index) * 1009 + expert
+        generator = torch.Generator().manual_seed(mixed % 2**63)  # manual_seed takes 64 bits; large seeds overflow
         touched: list[torch.nn.Parameter] = []
         params = [p for p in layer.experts.parameters(recurse=False) if p.dim() >= 1]
         params.append(layer.router.gate.weight)

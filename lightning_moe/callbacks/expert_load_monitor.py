@@ -15,6 +15,8 @@ from typing_extensions import override
 
 from lightning_moe.callbacks._utils import (
     StepBoundary,
+    check_bool,
+    check_int,
     log_scalars,
     moe_layers,
     reduce_sum,
@@ -58,7 +60,8 @@ class ExpertLoadMonitor(Callback):
         log_heatmap: Log the heatmap image (TensorBoard).
 
     Raises:
-        ValueError: If ``logging_interval < 1`` or ``max_expert_scalars < 0``.
+        ValueError: If ``logging_interval`` is not an int >= 1, ``max_expert_scalars`` not an int >= 0, or a flag
+            not a bool.
 
     Example::
 
@@ -74,10 +77,10 @@ class ExpertLoadMonitor(Callback):
         log_histograms: bool = True,
         log_heatmap: bool = True,
     ) -> None:
-        if logging_interval < 1:
-            raise ValueError(f"logging_interval={logging_interval!r} is invalid: must be >= 1")
-        if max_expert_scalars < 0:
-            raise ValueError(f"max_expert_scalars={max_expert_scalars!r} is invalid: must be >= 0")
+        check_int("logging_interval", logging_interval, 1)
+        check_int("max_expert_scalars", max_expert_scalars, 0)
+        check_bool("log_histograms", log_histograms)
+        check_bool("log_heatmap", log_heatmap)
         self.logging_interval = logging_interval
         self.max_expert_scalars = max_expert_scalars
         self.log_histograms = log_histograms

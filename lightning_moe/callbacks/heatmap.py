@@ -8,6 +8,9 @@ bottom, with tick marks at 0x, 1x and ``vmax``.
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
+
 import numpy as np
 
 # Diverging blue-white-red anchors (value in [0, 1] on the relative-load scale -> RGB).
@@ -49,10 +52,10 @@ def load_heatmap(load_LE: np.ndarray, cell: int = 24, vmax: float = 2.0) -> np.n
     load_LE = np.asarray(load_LE, dtype=np.float64)
     if load_LE.ndim != 2 or load_LE.size == 0:
         raise ValueError(f"load_LE.shape={load_LE.shape} is invalid: expected a non-empty (layers, experts) array")
-    if cell < 2:
-        raise ValueError(f"cell={cell!r} is invalid: must be >= 2")
-    if vmax <= 1.0:
-        raise ValueError(f"vmax={vmax!r} is invalid: must be > 1")
+    if isinstance(cell, bool) or not isinstance(cell, Integral) or cell < 2:
+        raise ValueError(f"cell={cell!r} is invalid: must be an int >= 2")
+    if isinstance(vmax, bool) or not isinstance(vmax, Real) or not 1.0 < vmax < math.inf:
+        raise ValueError(f"vmax={vmax!r} is invalid: must be a finite number > 1")
     num_layers, num_experts = load_LE.shape
     present_LE = ~np.isnan(load_LE)  # NaN: past the experts of a layer with fewer
     load_LE = np.where(present_LE, load_LE, 0.0)

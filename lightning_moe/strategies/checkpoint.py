@@ -190,7 +190,7 @@ def optimizer_state_by_name(
             f"the checkpoint's optimizer has parameter groups of sizes {saved_sizes} and this run's {sizes}: "
             "they must match"
         )
-    names = {id(param): _clean_name(name) for name, param in module.named_parameters()}
+    names = {id(param): clean_name(name) for name, param in module.named_parameters()}
     name_at: dict[int, str] = {}
     for group, saved_group in zip(optimizer.param_groups, saved_groups, strict=True):
         for param, position in zip(group["params"], saved_group["params"], strict=True):
@@ -207,6 +207,6 @@ def optimizer_state_by_name(
     }
 
 
-def _clean_name(name: str) -> str:
+def clean_name(name: str) -> str:
     """A parameter name without the wrappers' prefixes (as ``torch.distributed.checkpoint`` names it)."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
