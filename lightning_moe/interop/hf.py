@@ -45,7 +45,7 @@ from lightning_moe.zoo.deepseek import DeepSeekConfig
 from lightning_moe.zoo.mixtral import MixtralConfig
 from lightning_moe.zoo.qwen_moe import QwenMoEConfig
 from lightning_moe.zoo.registry import ModelConfig
-from lightning_moe.zoo.switch import SwitchConfig
+from lightning_moe.zoo.switch import SwitchConfig, is_moe_layer
 
 __all__ = ["CheckpointMismatchError", "UnsupportedConfigError", "from_hf", "hf_config_to_ours", "to_hf"]
 
@@ -754,16 +754,35 @@ def from_hf(source: str | os.PathLike | nn.Module) -> nn.Module:
     return model
 
 
+def _hf_num_sparse_layers(cfg: SwitchConfig) -> int:
+    """The ``num_sparse_{encoder,decoder}_layers`` for which ``transformers`` makes the same layers sparse as ours.
+
+    ``transformers`` derives a step ``num_layers // num_sparse`` and makes layer ``i`` sparse when
+    ``i % step == 1`` (every layer for step 1). That is not always ``num_sparse`` layers (11 layers, 3 sparse: step
+    3, layers 1, 4, 7 and 10), so every count is tried, the number of our sparse layers first.
+
+    Raises:
+        UnsupportedConfigError: If no count gives our layers (no sparse layer at all, or e.g. ``sparse_step=3`` with
+            ``num_layers=5``: layers 1 and 4).
+    """
+    layers = cfg.num_layers
+    ours = [is_moe_layer(i, cfg.sparse_step) for i in range(layers)]
+    for num_sparse in (sum(ours), *range(1, layers + 1)):
+        step = layers // num_sparse if num_sparse else layers
+        if [is_moe_layer(i, step) for i in range(layers)] == ours:
+            return num_sparse
+    sparse_layers = [i for i, moe in enumerate(ours) if moe]
+    raise UnsupportedConfigError(
+        f"sparse_step={cfg.sparse_step} with num_layers={layers} is unsupported: transformers makes layer i sparse "
+        f"when i % (num_layers // num_sparse_layers) == 1, and no count places them at layers {sparse_layers}"
+    )
+
+
 def _hf_config(cfg: ModelConfig, family: str) -> dict[str, Any]:
     """The ``config.json`` of our config (the inverse of :func:`hf_config_to_ours`)."""
     common = {"model_type": family, "torch_dtype": "float32", "tie_word_embeddings": cfg.tie_embeddings}
     if isinstance(cfg, SwitchConfig):
-        sparse = sum(1 for i in range(cfg.num_layers) if cfg.sparse_step == 1 or i % cfg.sparse_step == 1)
-        if cfg.num_layers // sparse != cfg.sparse_step and not (cfg.sparse_step == 1 and sparse == cfg.num_layers):
-            raise UnsupportedConfigError(
-                f"sparse_step={cfg.sparse_step} with num_layers={cfg.num_layers} is unsupported: transformers derives "
-                "the step from the sparse layer count and would place the sparse layers elsewhere"
-            )
+        sparse, num_sparse = _moe_layer_count(cfg), _hf_num_sparse_layers(cfg)
         activation = {v: k for k, v in _ACTIVATIONS.items() if k != "gelu_pytorch_tanh"}[cfg.activation]
         return common | {
             "architectures": ["SwitchTransformersForConditionalGeneration"],
@@ -774,8 +793,8 @@ def _hf_config(cfg: ModelConfig, family: str) -> dict[str, Any]:
             "num_heads": cfg.num_heads,
             "num_layers": cfg.num_layers,
             "num_decoder_layers": cfg.num_layers,
-            "num_sparse_encoder_layers": sparse,
-            "num_sparse_decoder_layers": sparse,
+            "num_sparse_encoder_layers": num_sparse,
+            "num_sparse_decoder_layers": num_sparse,
             "num_experts": cfg.num_experts,
             "expert_capacity": cfg.expert_capacity,
             "router_jitter_noise": cfg.router_jitter,
@@ -898,8 +917,7 @@ def _family_of(cfg: ModelConfig) -> str:
             require(not cfg.qkv_bias, "qkv_bias", "Qwen3-MoE has no q/k/v biases")
             require(cfg.shared_expert_hidden == 0, "shared_expert_hidden", "Qwen3-MoE has no shared expert")
             family = "qwen3_moe"
-        else:
-            require(cfg.shared_expert_hidden > 0, "shared_expert_hidden", "Qwen2-MoE always has a shared expert")
+        else:  # shared_expert_hidden=0 too: transformers then builds a width-0 shared expert (see to_hf)
             family = "qwen2_moe"
         require(cfg.capacity_factor is None, "capacity_factor", "Qwen-MoE is dropless")
         return family
@@ -907,10 +925,19 @@ def _family_of(cfg: ModelConfig) -> str:
         require(cfg.attention == "mla", "attention", "transformers has DeepSeek-V2/V3 (MLA) only")
         require(cfg.mtp_depth == 0, "mtp_depth", "transformers' DeepSeek-V3 has no MTP modules")
         require(cfg.capacity_factor is None, "capacity_factor", "DeepSeek is dropless")
+        rope = cfg.rope
+        if rope.scaling == "yarn" and rope.mscale_all_dim and not rope.mscale:
+            raise UnsupportedConfigError(
+                f"rope.mscale={rope.mscale!r} with rope.mscale_all_dim={rope.mscale_all_dim!r} cannot be exported to "
+                "Hugging Face: transformers reads mscale=0 as unset and scales cos/sin by yarn_mscale(factor), not "
+                "yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)"
+            )
         if cfg.score_func == "sigmoid":
-            require(cfg.score_bias and cfg.group_score == "top2_sum", "score_bias", "V3 routing needs it with top2_sum")
+            require(cfg.score_bias, "score_bias", "transformers' DeepSeek-V3 (sigmoid scores) always adds the bias")
+            require(cfg.group_score == "top2_sum", "group_score", "DeepSeek-V3 scores groups by their top-2 sum")
             return "deepseek_v3"
-        require(not cfg.score_bias and cfg.group_score == "max", "group_score", "V2 routing scores groups by max")
+        require(not cfg.score_bias, "score_bias", "transformers' DeepSeek-V2 (softmax scores) has no correction bias")
+        require(cfg.group_score == "max", "group_score", "DeepSeek-V2 scores groups by their best expert")
         require(not cfg.normalize_topk, "normalize_topk", "transformers' DeepSeek-V2 never renormalises")
         return "deepseek_v2"
     if isinstance(cfg, SwitchConfig):
@@ -920,6 +947,30 @@ def _family_of(cfg: ModelConfig) -> str:
         require(cfg.activation in ("relu", "gelu", "gelu_tanh"), "activation", "no transformers name for it")
         return "switch_transformers"
     raise UnsupportedConfigError(f"config of type {type(cfg).__name__} has no Hugging Face counterpart")
+
+
+def _empty_shared_experts(model: nn.Module, cfg: ModelConfig, family: str) -> dict[str, Tensor]:
+    """The tensors ``transformers`` builds for a shared expert of width 0, which our model leaves out.
+
+    Qwen2-MoE with ``shared_expert_intermediate_size=0`` and DeepSeek with ``n_shared_experts=0`` still build the
+    shared expert's projections, with no rows (Qwen2-MoE also its gate, on the expert's zero output), and
+    ``save_pretrained`` stores them: written here too, the checkpoint holds every tensor ``from_pretrained`` expects.
+    """
+    if family == "qwen2_moe" and cfg.shared_expert_hidden == 0:
+        prefix, gate = "shared_expert", True
+    elif family.startswith("deepseek") and cfg.n_shared_experts == 0:
+        prefix, gate = "shared_experts", False
+    else:
+        return {}
+    tensors: dict[str, Tensor] = {}
+    for i, layer in enumerate(model.layers):
+        if layer.is_moe:
+            hf = f"model.layers.{i}.mlp"
+            for name, shape in (("gate_proj", (0, cfg.dim)), ("up_proj", (0, cfg.dim)), ("down_proj", (cfg.dim, 0))):
+                tensors[f"{hf}.{prefix}.{name}.weight"] = torch.zeros(shape)
+            if gate:
+                tensors[f"{hf}.shared_expert_gate.weight"] = torch.zeros(1, cfg.dim)
+    return tensors
 
 
 _SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
@@ -976,6 +1027,7 @@ def to_hf(
     if hasattr(model, "model") and isinstance(model.model, nn.Module) and not hasattr(model, "layers"):
         model = model.model
     family = _family_of(config)
+    hf_config = _hf_config(config, family)  # may refuse too: before anything is written
     state = model.state_dict()
     sharded = sorted(k for k, v in state.items() if isinstance(v, DTensor))
     if sharded:
@@ -994,11 +1046,12 @@ def to_hf(
                 tensor = tensor.clone()
             pointers.add(tensor.data_ptr())
             tensors[key] = tensor
+    tensors |= _empty_shared_experts(model, config, family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Each file is written under a temporary name and renamed: an export that fails leaves the folder as it was.
     save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
-    (out / "config.json.tmp").write_text(json.dumps(_hf_config(config, family), indent=2) + "\n")
+    (out / "config.json.tmp").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
         text = tokenizer if isinstance(tokenizer, str) else tokenizer.to_str()
         (out / "tokenizer.json.tmp").write_text(text, encoding="utf-8")
