@@ -58,6 +58,8 @@ class MoECLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            _check_ckpt_path_exists(str(ckpt_path))  # else Lightning finds out after the corpus is tokenized
         if ckpt_path and (Path(ckpt_path).is_dir() or Path(ckpt_path).is_file()):
             read_checkpoint(ckpt_path)  # a clear error for a cut, empty or foreign file before any work
         # A sharded checkpoint (a folder, written by ExpertParallelStrategy) keeps its hyperparameters in meta.pt.
@@ -223,6 +225,18 @@ def _check_sharded_checkpoint_strategy(ckpt_path: str, strategy: Any) -> None:
             "folder written by ExpertParallelStrategy); read it with that strategy (--config "
             "configs/expert-parallel.yaml) or convert it into one file with lightning_moe.strategies.full_checkpoint"
         )
+
+
+def _check_ckpt_path_exists(ckpt_path: str) -> None:
+    """Raise unless ``ckpt_path`` is a file or folder, one of Lightning's names (``last``, ...) or a remote URL.
+
+    Raises:
+        ValueError: Naming ``ckpt_path``, for a local path with nothing there.
+    """
+    if ckpt_path in ("best", "last", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path:
+        return
+    if not Path(ckpt_path).exists():
+        raise ValueError(f"ckpt_path={ckpt_path!r} is invalid: no such file or checkpoint directory")
 
 
 def _import_class(class_path: str) -> type | None:

@@ -556,7 +556,7 @@ def _upcycle_args(config: zoo.ModelConfig, given: dict[str, Any]) -> dict[str, A
     """``zoo.upcycle`` arguments: ``given`` over the defaults (the preset's ``num_experts`` and ``top_k``)."""
     args = {
         "num_experts": getattr(config, "num_experts", None),
-        "top_k": getattr(config, "top_k", None),
+        "top_k": getattr(config, "top_k", 1),  # Switch's config has no top_k: it routes each token to one expert
         "noise_std": 0.0,
         "split_hidden": False,
         "zero_router": False,
@@ -613,8 +613,8 @@ class CausalLMModule(MoELanguageModule):
         self.log("test/loss", ce)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        """Greedy continuation of 32 tokens for each prompt in the batch."""
-        return self.generate(batch, max_new_tokens=32)
+        """Greedy continuation of 32 tokens for each prompt in the batch (fewer where ``max_seq_len`` ends first)."""
+        return self.generate(batch, max_new_tokens=_predict_new_tokens(self.config, batch.shape[1]))
 
     @torch.no_grad()
     def generate(
@@ -684,6 +684,15 @@ class CausalLMModule(MoELanguageModule):
                 logits = self.model(ids, mask).logits[:, -1]
         self.train(was_training)
         return ids
+
+
+def _predict_new_tokens(config: Any, prompt_len: int, wanted: int = 32) -> int:
+    """Tokens ``predict`` adds to a prompt of ``prompt_len``: ``wanted``, or fewer to stay within ``max_seq_len``.
+
+    At least one, so that a prompt that already fills ``max_seq_len`` gets :func:`check_prompt`'s error.
+    """
+    max_len = getattr(config, "max_seq_len", None)
+    return wanted if max_len is None else max(1, min(wanted, max_len - prompt_len))
 
 
 def check_generation(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
@@ -756,7 +765,9 @@ class Seq2SeqLMModule(MoELanguageModule):
     def __init__(self, *args: Any, noise_density: float = 0.15, mean_span_length: float = 3.0, **kwargs: Any):
         check_span_settings(noise_density, mean_span_length)
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters()
+        # Only this class's arguments: the base class keeps the model's (``upcycle_from`` left out, the checkpoint's
+        # ``arch`` and ``overrides``, the completed ``upcycle``), which saving all of them again would overwrite.
+        self.save_hyperparameters("noise_density", "mean_span_length")
         self.decoder_start_id = 0
 
     def check_data(self, vocab_size: int, block_size: int, tokenizer_path: str | None = None) -> None:
@@ -825,8 +836,12 @@ class Seq2SeqLMModule(MoELanguageModule):
         self.log("test/loss", ce)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        """Each encoder input followed by the 32 tokens greedy decoding writes for it (without the start id)."""
-        return torch.cat([batch, self.generate(batch, max_new_tokens=32)[:, 1:]], dim=1)
+        """Each encoder input followed by the 32 tokens greedy decoding writes for it (without the start id).
+
+        Fewer tokens where the decoder's ``max_seq_len`` (the start id included) ends first.
+        """
+        decoded = self.generate(batch, max_new_tokens=_predict_new_tokens(self.config, 1))
+        return torch.cat([batch, decoded[:, 1:]], dim=1)
 
     @torch.no_grad()
     def generate(
