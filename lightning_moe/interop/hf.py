@@ -934,10 +934,16 @@ def _family_of(cfg: ModelConfig) -> str:
             )
         if cfg.score_func == "sigmoid":
             require(cfg.score_bias, "score_bias", "transformers' DeepSeek-V3 (sigmoid scores) always adds the bias")
-            require(cfg.group_score == "top2_sum", "group_score", "DeepSeek-V3 scores groups by their top-2 sum")
+            grouped = cfg.n_group > 1  # one group: the group score picks nothing
+            require(
+                not grouped or cfg.group_score == "top2_sum", "group_score", "DeepSeek-V3 scores groups by top-2 sum"
+            )
             return "deepseek_v3"
         require(not cfg.score_bias, "score_bias", "transformers' DeepSeek-V2 (softmax scores) has no correction bias")
-        require(cfg.group_score == "max", "group_score", "DeepSeek-V2 scores groups by their best expert")
+        grouped = cfg.n_group > 1
+        require(
+            not grouped or cfg.group_score == "max", "group_score", "DeepSeek-V2 scores groups by their best expert"
+        )
         require(not cfg.normalize_topk, "normalize_topk", "transformers' DeepSeek-V2 never renormalises")
         return "deepseek_v2"
     if isinstance(cfg, SwitchConfig):
@@ -947,6 +953,30 @@ def _family_of(cfg: ModelConfig) -> str:
         require(cfg.activation in ("relu", "gelu", "gelu_tanh"), "activation", "no transformers name for it")
         return "switch_transformers"
     raise UnsupportedConfigError(f"config of type {type(cfg).__name__} has no Hugging Face counterpart")
+
+
+# The training-only coefficients each family's config.json holds; the others are left out of an export.
+_EXPORTED_TRAINING_FIELDS = {
+    "mixtral": ("load_balance_coef",),
+    "qwen2_moe": ("load_balance_coef",),
+    "qwen3_moe": ("load_balance_coef",),
+    "deepseek_v2": ("seq_balance_coef",),
+    "deepseek_v3": ("seq_balance_coef",),
+    "switch_transformers": ("load_balance_coef", "z_loss_coef"),
+}
+
+
+def _warn_dropped_training_fields(cfg: ModelConfig, family: str) -> None:
+    """Warn about the training-only settings ``config.json`` cannot hold (the forward pass does not use them)."""
+    fields = ("load_balance_coef", "z_loss_coef", "seq_balance_coef", "bias_update_speed")
+    dropped = {f: getattr(cfg, f) for f in fields if getattr(cfg, f) and f not in _EXPORTED_TRAINING_FIELDS[family]}
+    if dropped:
+        warnings.warn(
+            f"training settings {dropped} have no place in a Hugging Face {family} config and are not exported: the "
+            "exported model computes the same logits, but training it in transformers will not use these settings",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _empty_shared_experts(model: nn.Module, cfg: ModelConfig, family: str) -> dict[str, Tensor]:
@@ -1028,6 +1058,7 @@ def to_hf(
         model = model.model
     family = _family_of(config)
     hf_config = _hf_config(config, family)  # may refuse too: before anything is written
+    _warn_dropped_training_fields(config, family)
     state = model.state_dict()
     sharded = sorted(k for k, v in state.items() if isinstance(v, DTensor))
     if sharded:

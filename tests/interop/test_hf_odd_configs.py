@@ -5,6 +5,7 @@ Every case builds a tiny random ``transformers`` model, so ``transformers`` 5 is
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -274,6 +275,34 @@ def test_deepseek_export_refusal_names_the_field_that_prevents_it(changes, messa
     with pytest.raises(UnsupportedConfigError, match=message):
         to_hf(zoo.build(_deepseek_tiny(**changes)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_deepseek_with_one_group_exports_whatever_its_group_score(score_func, tmp_path):
+    # One group: the group score selects nothing, so the V2/V3 group score need not match.
+    other = "top2_sum" if score_func == "softmax" else "max"
+    cfg = _deepseek_tiny(
+        score_func=score_func, score_bias=score_func == "sigmoid", normalize_topk=score_func == "sigmoid",
+        n_group=1, topk_group=1, group_score=other,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ours = zoo.build(cfg).eval()
+    to_hf(ours, tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_warns_about_training_settings_the_hugging_face_config_cannot_hold(tmp_path):
+    cfg = dataclasses.replace(_deepseek_tiny(), bias_update_speed=1e-3, z_loss_coef=1e-4, seq_balance_coef=1e-3)
+    with pytest.warns(UserWarning, match=r"'z_loss_coef': 0.0001, 'bias_update_speed': 0.001\} have no place"):
+        to_hf(zoo.build(cfg), tmp_path / "ds")
+    assert json.loads((tmp_path / "ds" / "config.json").read_text())["aux_loss_alpha"] == 1e-3  # exported, no warning
+    mixtral_cfg = dataclasses.replace(zoo.config("mixtral-tiny"), vocab_size=VOCAB, num_layers=1, z_loss_coef=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its load-balance coefficient is router_aux_loss_coef: nothing dropped
+        to_hf(zoo.build(dataclasses.replace(mixtral_cfg, seq_balance_coef=0.0, bias_update_speed=0.0)), tmp_path / "m")
 
 
 def test_yarn_mscale_zero_with_mscale_all_dim_is_refused_on_export(tmp_path):
