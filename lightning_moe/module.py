@@ -117,24 +117,25 @@ class MoELanguageModule(L.LightningModule):
             )
         if isinstance(lr, bool) or not 0 < lr < math.inf:
             raise ValueError(f"lr={lr!r} is invalid: must be a finite number > 0")
-        if not 0 <= weight_decay < math.inf:
+        if not _is_number(weight_decay) or weight_decay < 0:
             raise ValueError(f"weight_decay={weight_decay!r} is invalid: must be a finite number >= 0")
-        if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+        pair = isinstance(betas, (tuple, list)) and len(betas) == 2
+        if not pair or not all(_is_number(beta) and 0 <= beta < 1 for beta in betas):
             raise ValueError(f"betas={betas!r} is invalid: must be two numbers in [0, 1)")
-        if not 0 <= min_lr_ratio <= 1:
+        if not _is_number(min_lr_ratio) or not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={min_lr_ratio!r} is invalid: must be in [0, 1]")
         for name, coef in (
             ("load_balance_coef", load_balance_coef),
             ("z_loss_coef", z_loss_coef),
             ("seq_balance_coef", seq_balance_coef),
         ):
-            if coef is not None and not 0 <= coef < math.inf:
+            if coef is not None and not (_is_number(coef) and coef >= 0):
                 raise ValueError(f"{name}={coef!r} is invalid: must be a finite number >= 0, or None for the preset's")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be an int >= 0")
-        if mtp_loss_coef is not None and not 0 <= mtp_loss_coef < math.inf:
+        if mtp_loss_coef is not None and not (_is_number(mtp_loss_coef) and mtp_loss_coef >= 0):
             raise ValueError(f"mtp_loss_coef={mtp_loss_coef!r} is invalid: must be a finite number >= 0")
-        if not 0 <= reuse_expert_grad_memory_min_mib < math.inf:
+        if not (_is_number(reuse_expert_grad_memory_min_mib) and reuse_expert_grad_memory_min_mib >= 0):
             raise ValueError(
                 f"reuse_expert_grad_memory_min_mib={reuse_expert_grad_memory_min_mib!r} is invalid: must be a finite "
                 "number >= 0"
@@ -465,6 +466,11 @@ class MoELanguageModule(L.LightningModule):
             fused=_can_fuse_adamw(decay + no_decay) and "16-mixed" != str(self._trainer and self.trainer.precision),
         )
         total = self._total_steps()
+        if self._trainer is not None and hp.warmup_steps >= total:
+            rank_zero_warn(
+                f"warmup_steps={hp.warmup_steps} is not below the run's {total} optimizer steps: the learning rate "
+                f"rises for the whole run and never reaches lr={hp.lr} (lower --model.warmup_steps)"
+            )
 
         def schedule(step: int) -> float:
             if step < hp.warmup_steps:
@@ -522,7 +528,19 @@ class MoELanguageModule(L.LightningModule):
             steps = self.trainer.estimated_stepping_batches
         except Exception:  # noqa: BLE001  (no dataloader yet, e.g. in unit tests)
             return 1000
-        return int(steps) if math.isfinite(steps) else 1000
+        if math.isfinite(steps):
+            return int(steps)
+        rank_zero_warn(
+            "the run has no step limit (max_steps=-1 and max_epochs=-1): the cosine schedule decays over 1000 "
+            "optimizer steps and then stays at min_lr_ratio * lr (set trainer.max_steps or max_epochs for a schedule "
+            "over the whole run)"
+        )
+        return 1000
+
+
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float, not a bool (``True`` would pass a range check as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _can_fuse_adamw(params: list[Tensor]) -> bool:

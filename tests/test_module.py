@@ -308,6 +308,15 @@ def test_mtp_loss_is_added_with_its_coefficient_and_trains_the_mtp_modules():
         (dict(lr=True), r"lr=True is invalid: must be a finite number > 0"),
         (dict(warmup_steps=2.5), r"warmup_steps=2.5 is invalid: must be an int >= 0"),
         (dict(mtp_loss_coef=float("inf")), r"mtp_loss_coef=inf is invalid: must be a finite number >= 0"),
+        # A bool passes a range check as 0 or 1, a string fails it with a TypeError naming nothing.
+        (dict(weight_decay=True), r"weight_decay=True is invalid: must be a finite number >= 0"),
+        (dict(betas=(True, 0.9)), r"betas=\(True, 0.9\) is invalid: must be two numbers in \[0, 1\)"),
+        (dict(betas=(0.9,)), r"betas=\(0.9,\) is invalid"),
+        (dict(betas=0.9), r"betas=0.9 is invalid"),
+        (dict(min_lr_ratio=False), r"min_lr_ratio=False is invalid: must be in \[0, 1\]"),
+        (dict(z_loss_coef="0.1"), r"z_loss_coef='0.1' is invalid: must be a finite number >= 0"),
+        (dict(mtp_loss_coef=True), r"mtp_loss_coef=True is invalid"),
+        (dict(reuse_expert_grad_memory_min_mib=True), r"reuse_expert_grad_memory_min_mib=True is invalid"),
     ],
 )
 def test_optimizer_and_loss_arguments_are_checked(kwargs, match):
@@ -328,6 +337,19 @@ def test_span_corruption_settings_are_checked_at_construction(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         Seq2SeqLMModule(arch="switch-tiny", **kwargs)
+
+
+def test_schedules_that_cannot_do_what_they_say_warn():
+    import lightning as L
+
+    module = _module()
+    kwargs = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module.trainer = L.Trainer(max_steps=3, **kwargs)
+    with pytest.warns(UserWarning, match=r"warmup_steps=50 is not below the run's 3 optimizer steps"):
+        module.configure_optimizers()
+    module.trainer = L.Trainer(max_steps=-1, max_epochs=-1, **kwargs)
+    with pytest.warns(UserWarning, match=r"no step limit .* decays over 1000 optimizer steps"):
+        assert module._total_steps() == 1000
 
 
 def test_fitting_in_float16_without_loss_scaling_warns():
