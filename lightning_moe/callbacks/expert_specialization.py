@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keyword
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,10 +59,13 @@ class ExpertSpecialization(Callback):
     and, with a TensorBoard logger, written as one markdown table per layer under the text tag
     ``specialization/layer_{i}``. Decoder-only modules route ``batch[:, :-1]``; for the encoder-decoder module
     (:class:`~lightning_moe.module.Seq2SeqLMModule`) the validation span corruption (seeded by the batch index)
-    is replayed to recover encoder and decoder inputs. Layers whose token count matches neither are skipped.
+    is replayed to recover encoder and decoder inputs. A DeepSeek multi-token-prediction layer of depth ``k``
+    counts each position as the token it embeds, ``batch[:, k:-1]``. Layers whose token count matches none of
+    these are skipped.
 
     Args:
-        layers: Indices into ``pl_module.moe_layers`` (negative counts from the end); ``None``: first and last.
+        layers: Indices into ``pl_module.moe_layers`` (negative counts from the end); ``None``: the first and last
+            MoE layers of the model itself (multi-token-prediction modules left out).
         top_n: Tokens listed per expert.
 
     Raises:
@@ -95,8 +99,9 @@ class ExpertSpecialization(Callback):
         self._tokenizer: Any = None
         self._classes: Tensor | None = None
 
-    def _selected(self, num_layers: int) -> list[int]:
-        wanted = [0, num_layers - 1] if self.layers is None else self.layers
+    def _selected(self, num_layers: int, names: Sequence[str] = ()) -> list[int]:
+        main = [i for i, name in enumerate(names[:num_layers]) if _mtp_depth(name) == 0] or [0, num_layers - 1]
+        wanted = [main[0], main[-1]] if self.layers is None else self.layers
         selected = []
         for index in wanted:
             if not -num_layers <= index < num_layers:
@@ -143,7 +148,7 @@ class ExpertSpecialization(Callback):
         names = [name for name, _ in moe_layers(pl_module)]
         streams = _token_streams(pl_module, batch, batch_idx)
         vocab = int(getattr(getattr(pl_module, "config", None), "vocab_size", 0) or 0)
-        for index in self._selected(len(stats)):
+        for index in self._selected(len(stats), names):
             ids_TK = stats[index].expert_ids
             if ids_TK is None:
                 continue
@@ -232,7 +237,7 @@ def _special_ids(tokenizer: Any) -> set[int]:
 
 
 def _token_streams(pl_module: pl.LightningModule, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
-    """The token ids each kind of MoE layer routed, flattened: ``"decoder"`` (and ``"encoder"``)."""
+    """The token ids each kind of MoE layer routed, ``(B, T)``: ``"decoder"`` (and ``"encoder"``)."""
     from lightning_moe.module import Seq2SeqLMModule
 
     if isinstance(pl_module, Seq2SeqLMModule):
@@ -247,14 +252,23 @@ def _token_streams(pl_module: pl.LightningModule, batch: Tensor, batch_idx: int)
             torch.Generator().manual_seed(batch_idx),
         )
         start = torch.full_like(targets[:, :1], pl_module.decoder_start_id)
-        return {"encoder": inputs.reshape(-1), "decoder": torch.cat([start, targets[:, :-1]], dim=1).reshape(-1)}
-    return {"decoder": batch[:, :-1].reshape(-1)}
+        return {"encoder": inputs, "decoder": torch.cat([start, targets[:, :-1]], dim=1)}
+    return {"decoder": batch[:, :-1]}
+
+
+def _mtp_depth(layer_name: str) -> int:
+    """The depth ``k`` of the multi-token-prediction module holding a layer (``model.mtp.{k - 1}....``), else 0."""
+    found = re.search(r"(?:^|\.)mtp\.(\d+)\.", layer_name)
+    return 0 if found is None else int(found.group(1)) + 1
 
 
 def _pick_stream(streams: dict[str, Tensor], layer_name: str, num_tokens: int) -> Tensor | None:
     kind = "encoder" if "encoder" in layer_name and "encoder" in streams else "decoder"
     tokens = streams.get(kind)
-    return tokens if tokens is not None and tokens.numel() == num_tokens else None
+    if tokens is None:
+        return None
+    tokens = tokens[:, _mtp_depth(layer_name) :].reshape(-1)  # depth k embeds the tokens k positions on
+    return tokens if tokens.numel() == num_tokens else None
 
 
 def _markdown(name: str, per_expert: dict[int, dict[str, Any]]) -> str:

@@ -9,7 +9,7 @@ from tokenizers.models import WordLevel
 from lightning_moe.callbacks import ExpertSpecialization
 from lightning_moe.callbacks.expert_specialization import TOKEN_CLASSES, token_class
 from lightning_moe.module import CausalLMModule
-from tests.callbacks._helpers import VOCAB, loader, read_events, tiny_mixtral, trainer
+from tests.callbacks._helpers import VOCAB, loader, read_events, tiny_deepseek, tiny_mixtral, trainer
 
 E = 8
 WORDS = {
@@ -66,6 +66,38 @@ def test_report_counts_tokens_per_expert_and_class_shares(tmp_path):
         assert info["classes"] == pytest.approx(expected)
     text = read_events(tmp_path).Tags()["tensors"]
     assert "specialization/layer_1/text_summary" in text
+
+
+class AllStatsRecorder(Callback):
+    def __init__(self) -> None:
+        self.batches: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.batches.append((batch, [s.expert_ids for s in outputs["router_stats"]]))
+
+
+def test_multi_token_prediction_layers_count_the_tokens_they_embed(tmp_path):
+    # DeepSeek with one MTP module: MoE layers model.layers.1.ffn (the model's) and model.mtp.0.layer.ffn
+    # (depth 1, which embeds tokens 1.. of the input). The default reports the model's own first and last.
+    torch.manual_seed(0)
+    module = tiny_deepseek(mtp_depth=1)
+    assert [name for name, _ in module.moe_layers] == ["model.layers.1.ffn", "model.mtp.0.layer.ffn"]
+    default, mtp = ExpertSpecialization(top_n=3), ExpertSpecialization(layers=[-1], top_n=3)
+    recorder = AllStatsRecorder()
+    trainer(tmp_path, [default, mtp, recorder], max_steps=1, limit_val_batches=1.0).validate(module, loader(2))
+    assert list(default.results) == ["model.layers.1.ffn"]
+    assert list(mtp.results) == ["model.mtp.0.layer.ffn"]
+    for results, index, shift in ((default.results, 0, 0), (mtp.results, 1, 1)):
+        counts = torch.zeros(E, VOCAB)  # independent count: position i of depth k routes token i + k of the input
+        for batch, ids in recorder.batches:
+            tokens = batch[:, :-1][:, shift:].reshape(-1)
+            for k in range(ids[index].shape[1]):
+                counts.index_put_((ids[index][:, k], tokens), torch.ones(len(tokens)), accumulate=True)
+        report = next(iter(results.values()))
+        assert sum(info["copies"] for info in report.values()) == 2 * 4 * (16 - shift) * 2
+        for expert, info in report.items():
+            assert info["copies"] == int(counts[expert].sum())
+            assert [c for _, c in info["top_tokens"]] == counts[expert].topk(3).values.int().tolist()
 
 
 @pytest.mark.parametrize(("words", "cls"), [(ws, c) for c, ws in WORDS.items()])
