@@ -54,7 +54,9 @@ class MixtralConfig(ModelConfig):
     router_jitter: float = 0.0
     tie_embeddings: bool = False
     capacity_factor: float | None = None
-    # Per MoE layer: HF's router_aux_loss_coef=0.02 times top_k (its loss for one MoE layer is top_k times ours).
+    # Per MoE layer, as Switch, GShard and Megatron-Core weight the loss: HF's router_aux_loss_coef=0.02 times top_k
+    # (HF's loss for one layer is top_k times ours). from_hf of the published config gives c * top_k / L instead
+    # (0.00125 for 8x7B), because HF pools all L layers into one loss; see ModelConfig.load_balance_coef.
     load_balance_coef: float = 0.04
 
 
@@ -101,8 +103,15 @@ def build(cfg: MixtralConfig) -> DecoderLM:
 PRESETS = {
     "mixtral-8x7b": MixtralConfig(),
     "mixtral-8x22b": MixtralConfig(
-        vocab_size=32768, dim=6144, num_layers=56, num_heads=48, num_kv_heads=8, ffn_hidden=16384, max_seq_len=65536
-    ),
+        vocab_size=32768,
+        dim=6144,
+        num_layers=56,
+        num_heads=48,
+        num_kv_heads=8,
+        ffn_hidden=16384,
+        max_seq_len=65536,
+        load_balance_coef=0.001 * 2,  # its config.json has router_aux_loss_coef=0.001 (8x7B: 0.02)
+    ),  # fmt: skip
     "mixtral-tiny": MixtralConfig(
         vocab_size=1024,
         dim=128,

@@ -10,7 +10,8 @@ then top-k. The two generations differ in a handful of switches, kept as plain f
   top-k weights, and an explicit ``head_dim`` of 128 (``num_heads * head_dim`` exceeds the width).
 
 Sizes from the Hugging Face ``config.json`` of ``Qwen/Qwen1.5-MoE-A2.7B``, ``Qwen/Qwen2-57B-A14B``,
-``Qwen/Qwen3-30B-A3B`` and ``Qwen/Qwen3-235B-A22B``.
+``Qwen/Qwen3-30B-A3B`` and ``Qwen/Qwen3-235B-A22B``. ``max_seq_len`` is their ``max_position_embeddings``: 8192,
+131072, 40960 and 40960.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from lightning_moe.nn.transformer import DecoderLayer, DecoderLM, init_weights
 from lightning_moe.zoo.registry import ModelConfig, register_family
 
 # Hugging Face's router_aux_loss_coef for every Qwen MoE; the presets use it times top_k per MoE layer (HF's loss
-# for one MoE layer is top_k times ours; see ModelConfig).
+# for one MoE layer is top_k times ours), while from_hf of a published config divides that by the MoE layer count,
+# since HF pools all layers into one loss (see ModelConfig.load_balance_coef).
 HF_ROUTER_AUX_LOSS_COEF = 0.001
 
 
@@ -61,6 +63,7 @@ class QwenMoEConfig(ModelConfig):
     vocab_size: int = 151936
     dim: int = 2048
     num_layers: int = 24
+    max_seq_len: int = 8192
     num_heads: int = 16
     num_kv_heads: int = 16
     head_dim: int | None = None
@@ -155,6 +158,7 @@ def _qwen3(**fields: object) -> QwenMoEConfig:
     """A Qwen3-MoE config: q/k norm, no QKV bias, no shared expert, renormalised top-k, head_dim 128."""
     base = {
         "num_layers": 48,
+        "max_seq_len": 40960,
         "num_heads": 32,
         "num_kv_heads": 4,
         "head_dim": 128,
@@ -176,6 +180,7 @@ PRESETS = {
     "qwen2-57b-a14b": QwenMoEConfig(
         dim=3584,
         num_layers=28,
+        max_seq_len=131072,
         num_heads=28,
         num_kv_heads=4,
         num_experts=64,
@@ -195,6 +200,7 @@ PRESETS = {
         vocab_size=1024,
         dim=128,
         num_layers=3,
+        max_seq_len=4096,
         num_heads=4,
         num_kv_heads=2,
         num_experts=16,
@@ -209,6 +215,7 @@ PRESETS = {
         vocab_size=1024,
         dim=128,
         num_layers=2,
+        max_seq_len=4096,
         num_heads=4,
         num_kv_heads=2,
         head_dim=64,

@@ -75,6 +75,18 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 0")
         if getattr(self, "norm_eps", 1.0) <= 0:  # every family's norms have one
             raise ValueError(f"norm_eps={self.norm_eps!r} is invalid: must be > 0")
+        # Family fields the blocks receive under other names (hidden_dim, shared_hidden_dim, jitter_eps, theta) or
+        # not at all (a dense FFN of negative width fails in torch): checked here, so the error names the field set.
+        for name in ("ffn_hidden", "expert_hidden", "moe_hidden"):
+            if getattr(self, name, 1) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
+        for name in ("shared_expert_hidden", "n_shared_experts"):
+            if getattr(self, name, 0) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 0")
+        if not 0 <= getattr(self, "router_jitter", 0.0) < 1:
+            raise ValueError(f"router_jitter={self.router_jitter!r} is invalid: must be in [0, 1)")
+        if getattr(self, "rope_theta", 1.0) <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta!r} is invalid: must be > 0")
         if self.dense is not None and self.dense not in DENSE_MODES:
             raise ValueError(f"dense={self.dense!r} is invalid: must be None, 'active' or 'total'")
         if self.expert_kernel not in EXPERT_KERNELS:
