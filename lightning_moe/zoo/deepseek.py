@@ -324,7 +324,8 @@ _V3 = DeepSeekConfig(
     normalize_topk=True,
     score_bias=True,
     rope=_yarn(1.0),
-    # V3 paper: bias update speed 0.001, sequence-wise balance factor 0.0001.
+    # V3 paper: bias update speed 0.001, sequence-wise balance factor 0.0001 (its published config.json has
+    # aux_loss_alpha=0.001, which from_hf reads; the preset follows the paper).
     seq_balance_coef=1e-4,
     bias_update_speed=1e-3,
 )
