@@ -86,9 +86,10 @@ def linear_cross_entropy(
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x_ND.dtype
     loss_dtype = router_dtype(x_ND.dtype)
     chunk = chunk_size or default_chunk_size(weight_VD.shape[0], loss_dtype)
+    targets_N = targets_N.reshape(-1).long()  # gather's index: any integer dtype F.cross_entropy takes (uint8 too)
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(
-            x_ND.reshape(-1, x_ND.shape[-1]), weight_VD, targets_N.reshape(-1), ignore_index, chunk, compute_dtype
+            x_ND.reshape(-1, x_ND.shape[-1]), weight_VD, targets_N, ignore_index, chunk, compute_dtype
         )
 
 
@@ -145,6 +146,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
     ) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the gradients were computed in the forward, without a graph
+            raise RuntimeError("linear_cross_entropy has no second derivatives: create_graph=True is unsupported")
         grad_x_ND, grad_w_VD, count = ctx.saved_tensors
         scale = grad_loss / count.clamp(min=1)  # every target ignored: zero gradients, as F.cross_entropy
         x_dtype, w_dtype = ctx.dtypes

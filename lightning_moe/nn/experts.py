@@ -37,6 +37,8 @@ PAD_MAX_WASTE = 0.25
 # padded (bf16 with kept memory: batching 1024-row blocks measured 3-9% faster layers, DeepSeek- and Qwen-like).
 PAD_GROUP = 4
 PAD_MAX_ROWS_BY_LOAD = 2048
+# The input dtypes torch._grouped_mm takes (kernel="grouped_mm").
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class GradBuffers:
@@ -86,7 +88,10 @@ class GradBuffers:
             free = self._use_count(buffer) == alone
             if free and buffer.shape == like.shape and buffer.dtype == dtype and buffer.device == like.device:
                 return buffer.detach()
-        buffer = torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
+        # A normal tensor even when first asked for under torch.inference_mode (a validation before the first
+        # training step): an inference tensor could be neither written nor saved for backward outside that mode.
+        with torch.inference_mode(False):
+            buffer = torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
         self._buffers[key] = (buffer, self._use_count(buffer))
         return buffer.detach()
 
@@ -199,12 +204,23 @@ def _expert_selectors(
     return selectors
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs the expert matmuls in for input ``x``; ``None`` where it leaves them as they are.
+
+    Autocast casts no float64 operand (``torch.mm`` of float64 stays float64), so neither do the experts.
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _casts_on_kept_memory(x: Tensor, weight: Tensor, grad_buffers: GradBuffers | None) -> bool:
     """Whether the fused kernel casts the weights itself, onto kept memory (CPU autocast to another dtype)."""
-    device_type = x.device.type
-    if device_type != "cpu" or grad_buffers is None or not torch.is_autocast_enabled(device_type):
+    dtype = _autocast_dtype(x)
+    if x.device.type != "cpu" or grad_buffers is None or dtype is None:
         return False
-    return weight.dtype != torch.get_autocast_dtype(device_type)
+    return weight.dtype != dtype
 
 
 class _GroupedExpertMLP(torch.autograd.Function):
@@ -283,6 +299,8 @@ class _GroupedExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: this backward builds no graph, a second derivative would be 0
+            raise RuntimeError("the fused expert kernel has no second derivatives: create_graph=True is unsupported")
         x, rows_N, weights_N, w1_EDF, w3_EDF, w2_EFD, h1_NF, h3_NF = ctx.saved_tensors
         act, act_grad = activation_fn(ctx.activation), activation_grad_fn(ctx.activation)
         need_x, _, need_weights, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:6]
@@ -395,8 +413,7 @@ def grouped_mm_applies(x: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> bool:
     stride rule), where torch has the op; everywhere else the fused block-by-block function is faster or the
     only one that runs.
     """
-    autocast = torch.is_autocast_enabled(x.device.type)
-    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    dtype = _autocast_dtype(x) or x.dtype
     if not (x.is_cuda and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16):
         return False
     if w1_EDF.shape[1] % 8 or w1_EDF.shape[2] % 8 or w2_EFD.shape[2] % 8:
@@ -422,8 +439,8 @@ def grouped_expert_mlp(
 
     The one entry point to the expert computation: :class:`GroupedExperts` calls it with its own weights,
     the expert-parallel experts with the slice their rank owns. Under autocast the MLP runs in the autocast
-    dtype (as autocast would run each matmul); the casts are differentiable, so float32 master weights get
-    their gradients.
+    dtype (as autocast would run each matmul: float64 input stays float64); the casts are differentiable, so
+    float32 master weights get their gradients.
 
     Args:
         x: Copies sorted by expert ``(N, D)``, or, with ``rows_N``, the tokens ``(T, D)`` they come from.
@@ -447,7 +464,8 @@ def grouped_expert_mlp(
     Raises:
         ValueError: If ``counts_E`` does not match the weights or the copies (checked where that needs no wait
             for the device: list counts, or counts on the CPU), or ``expert_order`` is not a permutation of the
-            experts or comes with ``kernel="grouped_mm"``.
+            experts or comes with ``kernel="grouped_mm"``, or ``kernel="grouped_mm"`` gets a dtype or widths
+            ``torch._grouped_mm`` does not take.
     """
     if len(counts_E) != w1_EDF.shape[0]:
         raise ValueError(f"counts_E has {len(counts_E)} entries, expected num_experts={w1_EDF.shape[0]}")
@@ -461,8 +479,8 @@ def grouped_expert_mlp(
     if kernel == "auto":
         kernel = "grouped_mm" if grouped_mm_applies(x, w1_EDF, w2_EFD) else "fused"
     cast_dtype = None
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
         x = x.to(dtype)
         if kernel == "fused" and _casts_on_kept_memory(x, w1_EDF, grad_buffers):
             cast_dtype = dtype  # the fused kernel casts on kept memory and returns gradients in the weights' dtype
@@ -474,6 +492,12 @@ def grouped_expert_mlp(
         if kernel == "grouped_mm":
             if expert_order is not None:
                 raise ValueError("expert_order is invalid with kernel='grouped_mm': its copies are sorted by index")
+            if x.dtype not in GROUPED_MM_DTYPES:
+                allowed = ", ".join(map(str, GROUPED_MM_DTYPES))
+                raise ValueError(
+                    f"kernel='grouped_mm' is invalid for x.dtype={x.dtype}: torch._grouped_mm takes {allowed}; "
+                    "use kernel='fused' or 'auto'"
+                )
             dim, hidden = w1_EDF.shape[1], w1_EDF.shape[2]
             if (dim * x.element_size()) % 16 or (hidden * x.element_size()) % 16:
                 raise ValueError(
@@ -602,8 +626,7 @@ class GroupedExperts(nn.Module):
             return counts
         casts = _casts_on_kept_memory(x, self.w1, self.grad_buffers)
         group = max(PAD_GROUP if casts else 2, torch.get_num_threads()) if self.config.batch_experts else 1
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        dtype = _autocast_dtype(x) or x.dtype
         align = ROW_ALIGNMENT if dtype in (torch.bfloat16, torch.float16) else 1
         max_rows = PAD_MAX_ROWS_BY_LOAD if casts else PAD_MAX_ROWS
         return padded_counts(counts, align, group, self.runs_by_load(x), max_rows)
@@ -629,8 +652,7 @@ class GroupedExperts(nn.Module):
         """
         if _casts_on_kept_memory(x, self.w1, self.grad_buffers):
             return True
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.w1.dtype
+        dtype = _autocast_dtype(x) or self.w1.dtype
         full_precision = dtype == self.w1.dtype and dtype in (torch.float32, torch.float64)
         return full_precision and max(2, torch.get_num_threads()) == 2
 
