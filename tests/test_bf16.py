@@ -65,3 +65,19 @@ def test_bf16_mixed_runs_the_experts_in_bfloat16_and_tracks_float32_losses(tmp_p
     # 8x over the worst seed and still fails if the bf16 run drifts away from the float32 one.
     assert max(diffs) < 0.05, (fp32, bf16)
     assert bf16[-1] < bf16[0]  # and it still learns
+
+
+def test_bf16_mixed_with_kept_expert_memory_trains_after_a_validate_run(tmp_path):
+    # Trainer.validate runs under inference mode: the kernel's kept bf16 weight copy, first made there, must still
+    # serve the training forwards of a later fit (it was an inference tensor, which cannot be written outside it).
+    L.seed_everything(0, verbose=False)
+    module = CausalLMModule(arch="mixtral-tiny", warmup_steps=1, reuse_expert_grad_memory_min_mib=0)
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    data = TextDataModule(sources=[str(tmp_path / "corpus.txt")], vocab_size=300, block_size=32, batch_size=8,
+                          cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    recorder = LossRecorder()
+    options = dict(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    L.Trainer(limit_val_batches=1, inference_mode=True, **options).validate(module, data)
+    L.Trainer(max_steps=2, limit_val_batches=0, callbacks=[recorder], **options).fit(module, data)
+    assert len(recorder.losses) == 2 and all(torch.isfinite(torch.tensor(recorder.losses)))
