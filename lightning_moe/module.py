@@ -190,6 +190,7 @@ class MoELanguageModule(L.LightningModule):
         if reuse_expert_grad_memory:
             _reuse_expert_grad_memory(self.model, min_bytes=int(reuse_expert_grad_memory_min_mib * 2**20))
         self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         self.tokenizer_json: str | None = None
         # Training samples seen by all ranks together, saved in checkpoints: where the data resumes, also at
         # another world size.
@@ -447,6 +448,15 @@ class MoELanguageModule(L.LightningModule):
         self.log("val/ppl", torch.exp(loss.clamp(max=30)), sync_dist=True)
         self.val_loss.reset()
 
+    def on_test_epoch_end(self) -> None:
+        """Log the mean test loss over the tokens of all ranks, and its perplexity (as validation does)."""
+        if self.test_loss.update_count == 0:
+            return
+        loss = self.test_loss.compute()
+        self.log("test/loss", loss, sync_dist=True)
+        self.log("test/ppl", torch.exp(loss.clamp(max=30)), sync_dist=True)
+        self.test_loss.reset()
+
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (no decay on norms, biases, embeddings) with linear warmup and cosine decay."""
         decay, no_decay = [], []
@@ -626,9 +636,9 @@ class CausalLMModule(MoELanguageModule):
         return {"router_stats": [s.detach() for s in router_stats]}
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        """Log the test cross-entropy."""
-        ce, _, _, _ = self._loss(batch)
-        self.log("test/loss", ce)
+        """Accumulate the test cross-entropy, weighted by tokens (logged at the end of the test epoch)."""
+        ce, _, _, num_tokens = self._loss(batch)
+        self.test_loss.update(ce, weight=num_tokens)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Greedy continuation of 32 tokens for each prompt in the batch (fewer where ``max_seq_len`` ends first)."""
@@ -849,9 +859,9 @@ class Seq2SeqLMModule(MoELanguageModule):
         return {"router_stats": [s.detach() for s in router_stats]}
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        """Log the test cross-entropy."""
-        ce, _, _ = self._loss(batch, torch.Generator().manual_seed(batch_idx))
-        self.log("test/loss", ce)
+        """Accumulate the test cross-entropy, weighted by tokens (corruption seeded by the batch index)."""
+        ce, _, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx))
+        self.test_loss.update(ce, weight=num_tokens)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Each encoder input followed by the 32 tokens greedy decoding writes for it (without the start id).

@@ -194,6 +194,7 @@ def test_validation_loss_is_the_token_mean_over_batches_of_different_sizes():
     assert metrics["val/loss"] == pytest.approx(float(expected), rel=1e-5)
     assert metrics["val/ppl"] == pytest.approx(math.exp(float(expected)), rel=1e-5)
     assert tested["test/loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert tested["test/ppl"] == pytest.approx(math.exp(float(expected)), rel=1e-5)
 
 
 def test_predict_continues_a_prompt_up_to_the_models_max_seq_len():
