@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.profiler import record_function
 
 from lightning_moe.nn.dispatch import GroupedDispatcher
-from lightning_moe.nn.experts import GroupedExperts, grouped_expert_mlp
+from lightning_moe.nn.experts import GroupedExperts, autocast_dtype, grouped_expert_mlp
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -130,8 +130,9 @@ class AllToAllDispatcher(GroupedDispatcher):
             send_splits = counts_RL.sum(1).tolist()
             recv_splits = recv_RL.sum(1).tolist()
             x_ND = x_TD.index_select(0, token_ids_N)
-            if torch.is_autocast_enabled(x_ND.device.type):  # the experts compute in it: send half the bytes
-                x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
+            dtype = autocast_dtype(x_ND)
+            if dtype is not None:  # the experts compute in it: send half the bytes (float64 stays float64)
+                x_ND = x_ND.to(dtype)
             recv_MD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.group)
             # Rows arrive by (source rank, local expert): re-sort by local expert.
             local_ids_M = torch.arange(num_local, device=x_TD.device).repeat(world).repeat_interleave(recv_RL.flatten())

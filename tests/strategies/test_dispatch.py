@@ -95,3 +95,16 @@ def test_all_to_all_dispatch_matches_single_process(gated: bool) -> None:
 
 def test_rank_without_tokens_neither_hangs_nor_corrupts_gradients() -> None:
     run_distributed(_idle_rank, 2)
+
+
+def _float64_under_autocast(rank: int, world: int) -> None:
+    # Autocast leaves float64 alone, and so do the experts: the all-to-all must not send the copies in bf16.
+    x_TD = torch.randn(world * TOKENS, DIM, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer = _check_against_reference(rank, world, x_TD, _layer().double())
+        y, _ = layer(x_TD[:TOKENS])
+    assert y.dtype == torch.float64
+
+
+def test_float64_layer_under_autocast_stays_float64_through_the_all_to_all() -> None:
+    run_distributed(_float64_under_autocast, 2)
