@@ -1025,8 +1025,10 @@ def to_hf(
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` that ``transformers`` loads into the same model.
 
-    With a tokenizer (given, or the ``tokenizer_json`` a ``lightning-moe fit`` module carries) it also writes
-    ``tokenizer.json``, which ``init_from`` checks the data against and ``--data.tokenizer_path`` can name.
+    The tensors keep the model's dtype, and ``config.json`` names it (``torch_dtype``), so ``from_pretrained``
+    loads a bfloat16 model in bfloat16 and a float64 one in float64. With a tokenizer (given, or the
+    ``tokenizer_json`` a ``lightning-moe fit`` module carries) it also writes ``tokenizer.json``, which
+    ``init_from`` checks the data against and ``--data.tokenizer_path`` can name.
 
     Args:
         model: Our zoo model (or a LightningModule holding it as ``.model`` with its ``.config``).
@@ -1068,6 +1070,9 @@ def to_hf(
             "full_checkpoint, then call to_hf"
         )
     state = {k: v.detach().cpu() for k, v in state.items()}
+    # The weights' dtype, as save_pretrained writes it: from_pretrained's default ("auto") loads the model in it.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     slots = _tensor_map(model, config, set(), family)
     tensors, pointers = {}, set()
     for key, slot in slots.items():

@@ -74,11 +74,11 @@ def linear_cross_entropy(
     if targets_N.is_floating_point() or targets_N.is_complex() or targets_N.dtype == torch.bool:
         raise ValueError(f"targets_N.dtype={targets_N.dtype} is invalid: expected integer token ids")
     if targets_N.device.type == "cpu":  # reading the values back would wait for a GPU: checked on the CPU only
-        vocab = weight_VD.shape[0]
-        outside = (targets_N != ignore_index) & ((targets_N < 0) | (targets_N >= vocab))
+        vocab, ids_N = weight_VD.shape[0], targets_N.long()  # in int64: uint8 would compare with vocab % 256
+        outside = (ids_N != ignore_index) & ((ids_N < 0) | (ids_N >= vocab))
         if outside.any():
             raise ValueError(
-                f"targets_N holds {int(targets_N[outside][0])}, which is invalid: expected token ids in [0, {vocab}) "
+                f"targets_N holds {int(ids_N[outside][0])}, which is invalid: expected token ids in [0, {vocab}) "
                 f"or ignore_index={ignore_index}"
             )
     device_type = x_ND.device.type

@@ -204,20 +204,21 @@ def _expert_selectors(
     return selectors
 
 
-def autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype autocast runs the expert matmuls in for input ``x``; ``None`` where it leaves them as they are.
+def autocast_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """The dtype the expert matmuls of ``x`` and ``weight`` run in under autocast; ``None`` where they run as they are.
 
-    Autocast casts no float64 operand (``torch.mm`` of float64 stays float64), so neither do the experts.
+    Autocast casts no float64 operand (``torch.mm`` of float64 stays float64), so a float64 model keeps float64.
+    A float64 input to lower-precision weights (which ``torch.mm`` would refuse) runs in the autocast dtype.
     """
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+    if not torch.is_autocast_enabled(device_type) or (x.dtype == torch.float64 and weight.dtype == torch.float64):
         return None
     return torch.get_autocast_dtype(device_type)
 
 
 def _casts_on_kept_memory(x: Tensor, weight: Tensor, grad_buffers: GradBuffers | None) -> bool:
     """Whether the fused kernel casts the weights itself, onto kept memory (CPU autocast to another dtype)."""
-    dtype = autocast_dtype(x)
+    dtype = autocast_dtype(x, weight)
     if x.device.type != "cpu" or grad_buffers is None or dtype is None:
         return False
     return weight.dtype != dtype
@@ -413,7 +414,7 @@ def grouped_mm_applies(x: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> bool:
     stride rule), where torch has the op; everywhere else the fused block-by-block function is faster or the
     only one that runs.
     """
-    dtype = autocast_dtype(x) or x.dtype
+    dtype = autocast_dtype(x, w1_EDF) or x.dtype
     if not (x.is_cuda and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16):
         return False
     if w1_EDF.shape[1] % 8 or w1_EDF.shape[2] % 8 or w2_EFD.shape[2] % 8:
@@ -479,7 +480,7 @@ def grouped_expert_mlp(
     if kernel == "auto":
         kernel = "grouped_mm" if grouped_mm_applies(x, w1_EDF, w2_EFD) else "fused"
     cast_dtype = None
-    dtype = autocast_dtype(x)
+    dtype = autocast_dtype(x, w1_EDF)
     if dtype is not None:
         x = x.to(dtype)
         if kernel == "fused" and _casts_on_kept_memory(x, w1_EDF, grad_buffers):
@@ -626,7 +627,7 @@ class GroupedExperts(nn.Module):
             return counts
         casts = _casts_on_kept_memory(x, self.w1, self.grad_buffers)
         group = max(PAD_GROUP if casts else 2, torch.get_num_threads()) if self.config.batch_experts else 1
-        dtype = autocast_dtype(x) or x.dtype
+        dtype = autocast_dtype(x, self.w1) or x.dtype
         align = ROW_ALIGNMENT if dtype in (torch.bfloat16, torch.float16) else 1
         max_rows = PAD_MAX_ROWS_BY_LOAD if casts else PAD_MAX_ROWS
         return padded_counts(counts, align, group, self.runs_by_load(x), max_rows)
@@ -652,7 +653,7 @@ class GroupedExperts(nn.Module):
         """
         if _casts_on_kept_memory(x, self.w1, self.grad_buffers):
             return True
-        dtype = autocast_dtype(x) or self.w1.dtype
+        dtype = autocast_dtype(x, self.w1) or self.w1.dtype
         full_precision = dtype == self.w1.dtype and dtype in (torch.float32, torch.float64)
         return full_precision and max(2, torch.get_num_threads()) == 2
 

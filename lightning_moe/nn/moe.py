@@ -24,7 +24,7 @@ from lightning_moe.nn.config import MoEConfig, check_token_mask
 from lightning_moe.nn.dispatch import Dispatcher, GroupedDispatcher, LoopDispatcher
 from lightning_moe.nn.experts import GroupedExperts
 from lightning_moe.nn.ffn import FeedForward
-from lightning_moe.nn.router import Router, apply_keeping_float32
+from lightning_moe.nn.router import Router, apply_keeping_float32, router_dtype
 
 
 @dataclass
@@ -97,7 +97,9 @@ class MoELayer(nn.Module):
         # Sums a tensor over data-parallel ranks; a parallel strategy sets it so the load-balancing loss
         # sees the global batch's loads. The layer itself never talks to other processes.
         self.reduce_counts: Callable[[Tensor], Tensor] | None = None
-        self.register_buffer("tokens_per_expert", torch.zeros(num_experts), persistent=False)
+        # At least float32 under any default dtype (see apply_keeping_float32): bfloat16 rounds counts past 256.
+        counts_E = torch.zeros(num_experts, dtype=router_dtype(torch.get_default_dtype()))
+        self.register_buffer("tokens_per_expert", counts_E, persistent=False)
 
     def _apply(self, fn, recurse: bool = True) -> MoELayer:
         # The load counter stays float32 under .to(bfloat16): see apply_keeping_float32.

@@ -9,7 +9,7 @@ NORMS = ("rmsnorm", "layernorm")
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm: ``w * x / sqrt(mean(x^2) + eps)``, computed in float32 (T5's LayerNorm).
+    """Root-mean-square norm: ``w * x / sqrt(mean(x^2) + eps)``, computed in float32 (T5's LayerNorm), or float64.
 
     Args:
         dim: Normalised width.
@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise the last dim of ``x``."""
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # float64 stays float64
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 

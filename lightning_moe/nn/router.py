@@ -140,8 +140,10 @@ class Router(nn.Module):
         super().__init__()
         self.config = config
         self.gate = nn.Linear(dim, config.num_experts, bias=False)
-        # Selection-only correction bias (DeepSeek-V3); updated by the bias-balancing rule, never by SGD.
-        self.register_buffer("score_bias", torch.zeros(config.num_experts) if config.score_bias else None)
+        # Selection-only correction bias (DeepSeek-V3); updated by the bias-balancing rule, never by SGD. At least
+        # float32 also when built under a bfloat16 default dtype (Lightning's ``trainer.init_module()`` in bf16-true).
+        dtype = router_dtype(torch.get_default_dtype())
+        self.register_buffer("score_bias", torch.zeros(config.num_experts, dtype=dtype) if config.score_bias else None)
         self.reset_parameters()
 
     def _apply(self, fn, recurse: bool = True) -> Router:

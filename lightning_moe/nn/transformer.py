@@ -40,13 +40,16 @@ class ModelOutput:
 
 
 def check_token_ids(input_ids: Tensor, vocab_size: int, name: str = "input_ids") -> None:
-    """Raise a ``ValueError`` unless ``input_ids`` are integer ids in ``[0, vocab_size)``.
+    """Raise a ``ValueError`` unless ``input_ids`` are int64 or int32 ids in ``[0, vocab_size)``.
 
-    The range is checked on the CPU only: on a GPU it would wait for the device (the embedding's own index
-    check still fails there, less clearly).
+    Those are the index dtypes ``nn.Embedding`` takes. The range is checked on the CPU only: on a GPU it would
+    wait for the device (the embedding's own index check still fails there, less clearly).
     """
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise ValueError(f"{name}.dtype={input_ids.dtype} is invalid: expected integer token ids")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"{name}.dtype={input_ids.dtype} is invalid: expected integer token ids, int64 or int32 (the index dtypes "
+            "nn.Embedding takes)"
+        )
     if input_ids.device.type == "cpu" and input_ids.numel():
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= vocab_size:

@@ -130,7 +130,7 @@ class AllToAllDispatcher(GroupedDispatcher):
             send_splits = counts_RL.sum(1).tolist()
             recv_splits = recv_RL.sum(1).tolist()
             x_ND = x_TD.index_select(0, token_ids_N)
-            dtype = autocast_dtype(x_ND)
+            dtype = autocast_dtype(x_ND, experts.w1)
             if dtype is not None:  # the experts compute in it: send half the bytes (float64 stays float64)
                 x_ND = x_ND.to(dtype)
             recv_MD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.group)
