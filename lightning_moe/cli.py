@@ -87,6 +87,7 @@ class MoECLI(LightningCLI):
 
         Also warns when ``validate``, ``test`` or ``predict`` would run a freshly initialised model.
         """
+        self._derived_dirpaths: list[Any] = []
         if self.subcommand is None:
             return
         config = self.config[self.subcommand]
@@ -108,6 +109,17 @@ class MoECLI(LightningCLI):
             args = getattr(callback, "init_args", None)
             if args is not None and getattr(args, "dirpath", None) is None and _is_checkpoint(callback.class_path):
                 args.dirpath = folder
+                self._derived_dirpaths.append(args)
+
+    def after_instantiate_classes(self) -> None:
+        """Put back ``dirpath: null`` where the run's folder was filled in, for the ``config.yaml`` saved with the run.
+
+        The callbacks have their folder; the saved config keeps deriving it from the run name, so a rerun of that
+        file under another name writes its own folder rather than over this run's ``last.ckpt``.
+        """
+        for args in self._derived_dirpaths:
+            args.dirpath = None
+        self._derived_dirpaths.clear()
 
     def _check_run(self) -> None:
         """Check the model against the data and the process layout before any work (tokenizing, spawning).
@@ -116,6 +128,10 @@ class MoECLI(LightningCLI):
         this CLI; here they fail before the corpus is tokenized and before other processes start.
         """
         trainer, model, data = self.trainer, self.model, self.datamodule
+        accumulate = trainer.accumulate_grad_batches  # Lightning takes any value, and 0 fails inside the first step
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"trainer.accumulate_grad_batches={accumulate!r} is invalid: must be an int >= 1")
+        self._check_last_checkpoint()
         if not isinstance(model, MoELanguageModule):
             return
         model.check_world_size(trainer.world_size)
@@ -129,6 +145,27 @@ class MoECLI(LightningCLI):
         check_sizes = getattr(trainer.strategy, "check_sizes", None)  # ExpertParallelStrategy
         if check_sizes is not None:
             check_sizes(model.model)
+
+    def _check_last_checkpoint(self) -> None:
+        """Refuse ``validate``, ``test`` or ``predict`` with ``--ckpt_path last`` when the run has no last checkpoint.
+
+        Lightning then only warns and evaluates a freshly initialised model (for ``fit`` that starts a first run,
+        which is kept).
+
+        Raises:
+            ValueError: Naming the folders searched.
+        """
+        config = self.config[self.subcommand]
+        if self.subcommand == "fit" or config.get("ckpt_path") != "last":
+            return
+        callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        if any(cb._find_last_checkpoints(self.trainer) for cb in callbacks):
+            return
+        folders = ", ".join(str(cb.dirpath) for cb in callbacks) or "no checkpoint folder (no ModelCheckpoint)"
+        raise ValueError(
+            f"ckpt_path='last' is invalid for {self.subcommand}: no last checkpoint in {folders}; give the run name "
+            "its fit ran under (--trainer.logger.init_args.name) or the checkpoint file"
+        )
 
     def before_fit(self) -> None:  # noqa: D102
         self._check_run()

@@ -95,19 +95,32 @@ class CompareConfig:
             raise ValueError("seeds=[] is invalid: give at least one seed")
         if not all(0 <= seed < 2**32 for seed in self.seeds):
             raise ValueError(f"seeds={self.seeds!r} is invalid: each seed must be in [0, 2**32 - 1]")
+        if len(set(self.seeds)) != len(self.seeds):  # a repeated seed reruns the same run into the same folder
+            raise ValueError(f"seeds={self.seeds!r} is invalid: each seed must appear once")
         for name in ("max_steps", "val_every", "val_batches", "block_size", "batch_size", "max_bytes", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
-        for name in ("warmup_steps", "upcycle_steps"):
+        for name in ("warmup_steps", "upcycle_steps", "data_seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 0")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr!r} is invalid: must be > 0")
-        if zoo.config(self.arch).dense is not None:  # an unknown preset raises here, with close matches
+        model = zoo.config(self.arch)  # an unknown preset raises here, with close matches
+        if model.dense is not None:
             raise ValueError(f"arch={self.arch!r} is invalid: give the MoE preset, not a dense baseline")
         with torch.device("meta"):  # nothing allocated
             if isinstance(zoo.build(self.arch), EncoderDecoderLM):
                 raise ValueError(f"arch={self.arch!r} is invalid: compare trains decoder-only presets")
+        # The runs check these too, but only once the corpus is tokenized, and by the data module's field names.
+        if self.vocab_size > model.vocab_size:
+            raise ValueError(
+                f"vocab_size={self.vocab_size} is invalid: more than {self.arch}'s vocab_size={model.vocab_size}"
+            )
+        max_len = getattr(model, "max_seq_len", None)
+        if max_len is not None and self.block_size > max_len:
+            raise ValueError(
+                f"block_size={self.block_size} is invalid: longer than {self.arch}'s max_seq_len={max_len}"
+            )
 
 
 class CurveRecorder(Callback):
@@ -358,7 +371,14 @@ def load_config(argv: Sequence[str]) -> CompareConfig:
     args = parser.parse_args(list(argv))
     values: dict[str, Any] = {}
     if args.config:
+        if not Path(args.config).is_file():
+            raise ValueError(f"config={args.config!r} is invalid: no such file")
         values = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"config={args.config!r} is invalid: expected a mapping of CompareConfig fields, not a "
+                f"{type(values).__name__}"
+            )
         known = {f.name for f in dataclasses.fields(CompareConfig)}
         unknown = set(values) - known
         if unknown:

@@ -570,9 +570,15 @@ def _read_dense_checkpoint(path: str) -> tuple[str, dict[str, Any], dict[str, Te
     """The ``arch``, ``overrides``, model weights and tokenizer (JSON, if saved) of a dense run's checkpoint."""
     if not Path(path).is_file():
         raise ValueError(f"upcycle_from={path!r} is invalid: no such file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "arch" not in hparams or "state_dict" not in checkpoint:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001  (torch.load raises many kinds for a file that is not its own)
+        raise ValueError(
+            f"upcycle_from={path!r} is invalid: not a readable checkpoint of lightning-moe fit "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'})"
+        ) from error
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    if not isinstance(hparams, dict) or "arch" not in hparams or "state_dict" not in checkpoint:
         raise ValueError(f"upcycle_from={path!r} is invalid: not a checkpoint written by lightning-moe fit")
     if hparams.get("upcycle") is not None or hparams.get("init_from") is not None:
         raise ValueError(f"upcycle_from={path!r} is invalid: an upcycled or imported run, not a dense zoo baseline")

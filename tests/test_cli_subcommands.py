@@ -1,0 +1,143 @@
+"""Every ``lightning-moe`` subcommand's flags: outputs land where documented, bad values are refused before work."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_moe.cli import run_cli
+from lightning_moe.compare import load_config
+from lightning_moe.module import CausalLMModule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(tmp_path_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_MOE_CACHE", str(tmp_path_factory.getbasetemp() / "lightning-moe-cache"))
+    monkeypatch.chdir(tmp_path)  # the configs write logs and checkpoints relative to the working directory
+
+
+class Forbidden(Exception):
+    pass
+
+
+def _forbid(*args, **kwargs):
+    raise Forbidden("the run went past its checks")
+
+
+def _tiny(*extra):
+    return [
+        "--data.max_bytes", "60000", "--data.block_size", "32", "--data.batch_size", "4",
+        "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_model_summary", "false", *extra,
+    ]  # fmt: skip
+
+
+def test_a_saved_config_rerun_under_another_name_leaves_the_first_runs_checkpoint_alone(tmp_path):
+    # Lightning saves each run's config.yaml for reruns. The checkpoint folder follows the final run name, so a
+    # rerun of that file under another name must write its own folder, not overwrite the first run's last.ckpt.
+    config = str(CONFIGS / "mixtral-tiny.yaml")
+    first = run_cli(["fit", "--config", config, *_tiny("--trainer.max_steps", "1")])
+    first_ckpt = Path(first.trainer.checkpoint_callback.last_model_path)
+    assert first_ckpt == tmp_path / "lightning_logs/mixtral-tiny/checkpoints/last.ckpt"
+    first_bytes = first_ckpt.read_bytes()
+    saved = Path(first.trainer.log_dir) / "config.yaml"
+    second = run_cli(["fit", "--config", str(saved), "--trainer.max_steps", "2", "--trainer.logger.init_args.name",
+                      "again"])  # fmt: skip
+    assert second.trainer.global_step == 2  # started afresh: --ckpt_path was not given
+    second_ckpt = Path(second.trainer.checkpoint_callback.last_model_path)
+    assert second_ckpt == tmp_path / "lightning_logs/again/checkpoints/last.ckpt"
+    assert first_ckpt.read_bytes() == first_bytes
+    assert torch.load(first_ckpt, weights_only=True)["global_step"] == 1
+    # validate --ckpt_path last under that name finds that run's checkpoint.
+    validate = run_cli(["validate", "--config", str(saved), "--trainer.logger.init_args.name", "again",
+                        "--ckpt_path", "last"])  # fmt: skip
+    assert Path(validate.trainer.ckpt_path) == second_ckpt
+    assert "val/loss" in validate.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_ckpt_path_last_without_a_last_checkpoint_is_refused_before_evaluating(tmp_path, monkeypatch, subcommand):
+    # Lightning only warns and then evaluates a freshly initialised model: the numbers would pass for the run's.
+    from lightning_moe.data import TextDataModule
+
+    monkeypatch.setattr(TextDataModule, "prepare_data", _forbid)
+    config = str(CONFIGS / "mixtral-tiny.yaml")
+    folder = re.escape(str(tmp_path / "lightning_logs/nothing/checkpoints"))
+    match = rf"ckpt_path='last' is invalid for {subcommand}: no last checkpoint in {folder}"
+    with pytest.raises(ValueError, match=match):
+        run_cli([subcommand, "--config", config, *_tiny("--trainer.logger.init_args.name", "nothing"),
+                 "--ckpt_path", "last"])  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_accumulate_grad_batches_below_one_is_refused_before_tokenizing(monkeypatch, value):
+    # Lightning takes any int; 0 ended the first training batch with ZeroDivisionError, after the sanity check.
+    from lightning_moe.data import TextDataModule
+
+    monkeypatch.setattr(TextDataModule, "prepare_data", _forbid)
+    config = str(CONFIGS / "mixtral-tiny.yaml")
+    with pytest.raises(ValueError, match=rf"trainer.accumulate_grad_batches={value} is invalid: must be an int >= 1"):
+        run_cli(["fit", "--config", config, *_tiny("--trainer.accumulate_grad_batches", value)])
+
+
+def _not_checkpoints(tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"pytorch-lightning_version": "2.6", "state_dict": {"w": torch.zeros(1000)}}, good)
+    (tmp_path / "cut.ckpt").write_bytes(good.read_bytes()[:2000])
+    (tmp_path / "text.ckpt").write_text("model: mixtral-tiny\n")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    return ["cut.ckpt", "text.ckpt", "empty.ckpt", "list.ckpt"]
+
+
+def test_upcycle_from_a_file_that_is_no_checkpoint_is_refused_by_name(tmp_path):
+    for name in _not_checkpoints(tmp_path):
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"upcycle_from='{path}' is invalid: not a .*checkpoint"):
+            CausalLMModule(upcycle_from=path)
+
+
+def test_upcycle_from_on_the_command_line_names_the_flag(tmp_path, monkeypatch):
+    from lightning_moe.data import TextDataModule
+
+    monkeypatch.setattr(TextDataModule, "prepare_data", _forbid)
+    path = str(tmp_path / "notes.ckpt")
+    Path(path).write_text("def f(x):\n    return x\n")
+    with pytest.raises(ValueError, match=rf"upcycle_from='{path}' is invalid: not a .*checkpoint"):
+        run_cli(["fit", "--config", str(CONFIGS / "mixtral-tiny.yaml"), *_tiny("--model.init_args.upcycle_from", path)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        # The model's limits: refused by compare's own field names, before the first run tokenizes the corpus.
+        (["--vocab_size", "2048"], r"vocab_size=2048 is invalid: more than mixtral-tiny's vocab_size=1024"),
+        (["--arch", "deepseek-tiny", "--block_size", "2048"],
+         r"block_size=2048 is invalid: longer than deepseek-tiny's max_seq_len=1024"),
+        (["--data_seed", "-1"], r"data_seed=-1 is invalid: must be >= 0"),
+        # Two runs of one seed are the same run: a spread of 0 and one TensorBoard folder written twice.
+        (["--seeds", "[0, 1, 0]"], r"seeds=\[0, 1, 0\] is invalid: each seed must appear once"),
+    ],
+)  # fmt: skip
+def test_compare_settings_the_model_or_data_cannot_take_are_refused_before_any_run(tmp_path, monkeypatch, argv, match):
+    from lightning_moe.cli import main
+    from lightning_moe.data import TextDataModule
+
+    monkeypatch.setattr(TextDataModule, "prepare_data", _forbid)
+    monkeypatch.setattr(CausalLMModule, "__init__", _forbid)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        main(["compare", "--out_dir", str(out), "--max_steps", "1", *argv])
+    assert not out.exists()  # nothing was written
+
+
+def test_compare_config_file_errors_name_the_flag(tmp_path):
+    with pytest.raises(ValueError, match=r"config='nope.yaml' is invalid: no such file"):
+        load_config(["--config", "nope.yaml"])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- arch: mixtral-tiny\n")
+    with pytest.raises(ValueError, match=rf"config='{listed}' is invalid: expected a mapping of CompareConfig fields"):
+        load_config(["--config", str(listed)])
