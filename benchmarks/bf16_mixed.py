@@ -19,6 +19,7 @@ precisions of a family run back to back, their order alternating from family to 
     python benchmarks/bf16_mixed.py                          # mixtral, qwen-moe, deepseek, glam; 50 steps
     python benchmarks/bf16_mixed.py --families mixtral-tiny --steps 20
     python benchmarks/bf16_mixed.py --quick --threads 1      # unscaled presets, 5 short steps: a smoke run
+    python benchmarks/bf16_mixed.py --quick --families glam --steps 3 --batch-size 2 --seq-len 16 --data-bytes 100000
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from _args import positive_int  # a sibling module in benchmarks/
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -236,20 +238,25 @@ def main() -> None:
     """Parse the options, run every family in both precisions and print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(SCALED), help="comma-separated tiny presets (or families)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 50; 5 with --quick)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="training steps per run (default 50; 5 with --quick)"
+    )
     parser.add_argument("--skip", type=int, default=None, help="warm-up steps left out of the timing (default 3)")
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default 8)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 256)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="sequences per batch (default 8)")
+    parser.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default 256)")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument(
+        "--data-bytes", type=positive_int, default=DATA_BYTES, help=f"bytes of corpus text (default {DATA_BYTES})"
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--quick", action="store_true", help="unscaled presets, batch 4 x 64 tokens, 5 steps")
     parser.add_argument("--json", default=None, help="also write every run's per-step losses and times here")
     args = parser.parse_args()
     quick = args.quick
-    steps = args.steps or (5 if quick else 50)
+    steps = args.steps if args.steps is not None else (5 if quick else 50)
     skip = args.skip if args.skip is not None else (1 if quick else 3)
-    batch_size = args.batch_size or (4 if quick else 8)
-    seq_len = args.seq_len or (64 if quick else 256)
+    batch_size = args.batch_size if args.batch_size is not None else (4 if quick else 8)
+    seq_len = args.seq_len if args.seq_len is not None else (64 if quick else 256)
     families = [f if f.endswith("-tiny") else f"{f}-tiny" for f in args.families.split(",")]
     unknown = set(families) - set(SCALED)
     if unknown:
@@ -262,7 +269,7 @@ def main() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval).*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # lightning's own use of a deprecated torch API
-    data = TextDataModule(max_bytes=DATA_BYTES, vocab_size=VOCAB, block_size=seq_len, batch_size=batch_size)
+    data = TextDataModule(max_bytes=args.data_bytes, vocab_size=VOCAB, block_size=seq_len, batch_size=batch_size)
     data.prepare_data()
     data.setup("fit")
 
@@ -280,8 +287,9 @@ def main() -> None:
     for index, arch in enumerate(families):
         overrides = {} if quick else SCALED[arch]
         L.seed_everything(args.seed, verbose=False)
-        init = CausalLMModule(arch=arch, overrides=overrides).state_dict()
-        params = sum(v.numel() for k, v in init.items() if k.startswith("model.") and v.is_floating_point())
+        initial = CausalLMModule(arch=arch, overrides=overrides)
+        init = initial.state_dict()
+        params = sum(p.numel() for p in initial.model.parameters())  # tied weights once, buffers left out
         order = PRECISIONS if index % 2 == 0 else PRECISIONS[::-1]
         runs = {p: train(arch, overrides, init, data, p, steps, args.seed) for p in order}
         fp32, bf16 = runs["32-true"], runs["bf16-mixed"]

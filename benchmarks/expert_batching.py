@@ -8,6 +8,7 @@ same weights for both variants, median of interleaved repeats (order alternating
 
     python benchmarks/expert_batching.py
     python benchmarks/expert_batching.py --tokens 4096 --repeats 5
+    python benchmarks/expert_batching.py --cases 0,5 --tokens 512 --repeats 1   # two layers: a smoke run
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 
 import torch
+from _args import positive_int  # a sibling module in benchmarks/
 from moe_layer import SHAPES, fwd_bwd, measure  # a sibling script in benchmarks/
 
 from lightning_moe.nn import ExpertsConfig, MoEConfig, MoELayer, RouterConfig
@@ -39,16 +41,27 @@ def cases() -> list[tuple[str, MoEConfig]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=positive_int, default=8192)
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument(
+        "--cases", type=str, default=None, help="comma-separated indices into the layers (default: all)"
+    )
     args = parser.parse_args()
+    layers = cases()
+    if args.cases is not None:
+        indices = [int(i) for i in args.cases.split(",") if i.strip().isdigit()]
+        if len(indices) != len(args.cases.split(",")) or any(i >= len(layers) for i in indices):
+            parser.error(
+                f"argument --cases: {args.cases!r} is invalid: use comma-separated indices 0..{len(layers) - 1}"
+            )
+        layers = [layers[i] for i in indices]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, float32, {args.tokens} tokens, fwd+bwd, "
           f"median of {args.repeats}")  # fmt: skip
     print("| layer | batched (s) | one expert at a time (s) | speed-up |")
     print("|---|---:|---:|---:|")
-    for label, cfg in cases():
+    for label, cfg in layers:
         torch.manual_seed(0)
         batched = MoELayer(cfg)
         single = MoELayer(dataclasses.replace(cfg, experts=dataclasses.replace(cfg.experts, batch_experts=False)))

@@ -1,6 +1,6 @@
 """How MoE layer time grows with the number of experts at fixed active parameters.
 
-Two series, D=512, 8192 tokens, float32, forward+backward, ratios to 8 experts:
+Two series, D=512, 8192 tokens, float32, forward+backward, ratios to the first count (8 experts by default):
 
 * ``--mode wide`` (default): top-2, expert hidden 512 at every expert count. Every token does the same work,
   but the total expert weights grow with the count (201M at 256 experts), and so do the weight reads and
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _args import device, non_negative_int, positive_int, positive_ints  # a sibling module in benchmarks/
 from moe_layer import fwd_bwd, measure  # a sibling script in benchmarks/
 
 from lightning_moe.nn import ExpertsConfig, MoEConfig, MoELayer, RouterConfig, reuse_expert_grad_memory
@@ -47,35 +48,57 @@ def inputs(args: argparse.Namespace) -> list[torch.Tensor]:
     return [torch.randn(args.tokens, 512, device=args.device, requires_grad=True) for _ in range(count)]
 
 
+def check_counts(counts: list[int], mode: str) -> str | None:
+    """Why ``counts`` do not fit the series of ``mode`` (``None`` when they do)."""
+    for num_experts in counts:
+        if mode == "wide" and num_experts < 2:
+            return f"{num_experts} is invalid: --mode wide routes top-2, so every count must be >= 2"
+        if mode == "fine" and (num_experts % 4 or 4096 % num_experts):
+            return (
+                f"{num_experts} is invalid: --mode fine (top E/4, hidden 4096/E) needs counts that are multiples "
+                "of 4 and divide 4096 (4, 8, 16, ..., 4096)"
+            )
+    return None
+
+
 def interleaved(args: argparse.Namespace) -> None:
     """Every count's layer with kept gradient memory, all interleaved; one line of ratios per round."""
-    counts = [int(e) for e in args.experts.split(",")]
+    counts = args.experts
     steps = {}
     for num_experts in counts:
         torch.manual_seed(0)
         layer = MoELayer(layer_config(num_experts, args.mode)).to(args.device)
         reuse_expert_grad_memory(layer)
         steps[num_experts] = fwd_bwd(layer, inputs(args), torch.randn(args.tokens, 512, device=args.device), args.bf16)
-    print("| round | " + " | ".join(f"{e} experts (s)" for e in counts) + " | " +
-          " | ".join(f"{e} vs {counts[0]}" for e in counts[1:]) + " |")  # fmt: skip
-    print("|---" * (2 * len(counts)) + "|")
+    header = ["round", *(f"{e} experts (s)" for e in counts), *(f"{e} vs {counts[0]}" for e in counts[1:])]
+    print("| " + " | ".join(header) + " |")
+    print("|---" * len(header) + "|")
     for round_ in range(args.interleaved):
         t = measure(steps, args.repeats, 1)
-        print(f"| {round_ + 1} | " + " | ".join(f"{t[e]:.3f}" for e in counts) + " | " +
-              " | ".join(f"{t[e] / t[counts[0]]:.2f}x" for e in counts[1:]) + " |", flush=True)  # fmt: skip
+        cells = [
+            str(round_ + 1),
+            *(f"{t[e]:.3f}" for e in counts),
+            *(f"{t[e] / t[counts[0]]:.2f}x" for e in counts[1:]),
+        ]
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", default="8,32,128,256")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--experts", type=positive_ints, default="8,32,128,256", help="comma-separated counts")
+    parser.add_argument("--tokens", type=positive_int, default=8192)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--mode", choices=("wide", "fine"), default="wide")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--bf16", action="store_true", help="forward under autocast to bfloat16")
-    parser.add_argument("--interleaved", type=int, default=0, metavar="R", help="R rounds of all counts interleaved")
+    parser.add_argument(
+        "--interleaved", type=non_negative_int, default=0, metavar="R", help="R rounds of all counts interleaved"
+    )
     args = parser.parse_args()
+    problem = check_counts(args.experts, args.mode)
+    if problem:
+        parser.error(f"argument --experts: {problem}")
     torch.set_num_threads(args.threads)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device} is invalid: torch {torch.__version__} sees no CUDA device")
@@ -85,11 +108,12 @@ def main() -> None:
     if args.interleaved:
         interleaved(args)
         return
-    print("| experts | grouped (s) | grouped, reused grad memory (s) | loop (s) | grouped vs 8 experts | "
-          "reused vs 8 experts | loop vs 8 experts |")  # fmt: skip
+    first = f"{args.experts[0]} experts"
+    print(f"| experts | grouped (s) | grouped, reused grad memory (s) | loop (s) | grouped vs {first} | "
+          f"reused vs {first} | loop vs {first} |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     base: dict[str, float] = {}
-    for num_experts in (int(e) for e in args.experts.split(",")):
+    for num_experts in args.experts:
         torch.manual_seed(0)
         cfg = layer_config(num_experts, args.mode)
         grouped = MoELayer(cfg).to(args.device)

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from _args import device, non_negative_int, positive_int, positive_ints  # a sibling module in benchmarks/
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_moe.nn import ExpertsConfig, FeedForward, MoEConfig, MoELayer, RouterConfig, reuse_expert_grad_memory
@@ -410,11 +411,15 @@ def select_shapes(spec: str) -> list[Shape]:
 def main() -> None:
     """Parse the options, check the memory method, and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default=None, help="comma-separated token counts (512,1024,...,16384)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (7)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant and pair (2)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); models and inputs live there")
+    parser.add_argument(
+        "--tokens", type=positive_ints, default=None, help="comma-separated token counts (512,1024,...,16384)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per variant (7)")
+    parser.add_argument("--warmup", type=non_negative_int, default=None, help="untimed steps per variant and pair (2)")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument(
+        "--device", type=device, default="cpu", help="cpu or cuda (cuda:N); models and inputs live there"
+    )
     parser.add_argument("--skip-loop", action="store_true", help="leave out the reference loop")
     parser.add_argument("--bf16", action="store_true", help="forward under CPU autocast to bfloat16 (bf16-mixed)")
     parser.add_argument(
@@ -429,12 +434,12 @@ def main() -> None:
     parser.add_argument("--shapes", default="0,1,2,3", help="comma-separated indices or keys into the shape table")
     parser.add_argument("--quick", action="store_true", help="smoke run: 512,2048 tokens, 2 repeats, 1 warmup")
     args = parser.parse_args()
-    quick = {"tokens": "512,2048", "repeats": 2, "warmup": 1}
-    full = {"tokens": "512,1024,2048,4096,8192,16384", "repeats": 7, "warmup": 2}
+    quick = {"tokens": [512, 2048], "repeats": 2, "warmup": 1}
+    full = {"tokens": [512, 1024, 2048, 4096, 8192, 16384], "repeats": 7, "warmup": 2}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    token_counts = [int(t) for t in args.tokens.split(",")]
+    token_counts = args.tokens
     shapes = select_shapes(args.shapes)
     if args.gate_precision != "float32":
         shapes = [

@@ -21,6 +21,7 @@ in bf16; Switch's router multiplies its input by random jitter in training). Run
     python benchmarks/train_step_vs_hf.py              # all shapes
     python benchmarks/train_step_vs_hf.py --bf16       # bf16-mixed
     python benchmarks/train_step_vs_hf.py --shapes mixtral --repeats 3
+    python benchmarks/train_step_vs_hf.py --tiny --shapes mixtral --batch 2 --seq 16 --repeats 1 --memory-runs 1
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _args import positive_int  # a sibling module in benchmarks/
 from moe_layer import peak_memory_bytes  # a sibling script in benchmarks/
 
 VOCAB, DIM, LAYERS, HEADS, KV_HEADS = 8192, 512, 4, 8, 4
+# --tiny: a smoke-test scale (vocabulary, width, layers); expert counts, expert sizes and routing stay.
+TINY_VOCAB, TINY_DIM, TINY_LAYERS = 512, 64, 2
 
 SHAPES = {
     "mixtral": (
@@ -128,12 +132,23 @@ SHAPES = {
 }
 
 
-def hf_model(shape: str, experts: str = "eager") -> torch.nn.Module:
+def vocab_size(tiny: bool = False) -> int:
+    """The models' vocabulary size (smaller with ``--tiny``)."""
+    return TINY_VOCAB if tiny else VOCAB
+
+
+def hf_model(shape: str, experts: str = "eager", tiny: bool = False) -> torch.nn.Module:
     import transformers
 
     config_name, kwargs = SHAPES[shape]
+    dim, layers = (TINY_DIM, TINY_LAYERS) if tiny else (DIM, LAYERS)
     if config_name == "SwitchTransformersConfig":
-        config = transformers.SwitchTransformersConfig(vocab_size=VOCAB, attn_implementation="eager", **kwargs)
+        if tiny:
+            kwargs = dict(kwargs, d_model=dim, d_kv=dim // HEADS, num_layers=layers, num_decoder_layers=layers)
+            kwargs.update(num_sparse_encoder_layers=layers // 2, num_sparse_decoder_layers=layers // 2)
+        config = transformers.SwitchTransformersConfig(
+            vocab_size=vocab_size(tiny), attn_implementation="eager", **kwargs
+        )
         torch.manual_seed(0)
         model = transformers.SwitchTransformersForConditionalGeneration(config)
         with torch.no_grad():  # transformers 5 initialises the stacks' embeddings apart from `shared`
@@ -141,9 +156,9 @@ def hf_model(shape: str, experts: str = "eager") -> torch.nn.Module:
             model.decoder.embed_tokens.weight.copy_(model.shared.weight)
         return model.float().train()
     config = getattr(transformers, config_name)(
-        vocab_size=VOCAB,
-        hidden_size=DIM,
-        num_hidden_layers=LAYERS,
+        vocab_size=vocab_size(tiny),
+        hidden_size=dim,
+        num_hidden_layers=layers,
         num_attention_heads=HEADS,
         experts_implementation=experts,
         attn_implementation="sdpa",
@@ -154,12 +169,12 @@ def hf_model(shape: str, experts: str = "eager") -> torch.nn.Module:
     return model.float().train()
 
 
-def models(shape: str, reuse: bool = True, experts: str = "eager") -> dict[str, torch.nn.Module]:
+def models(shape: str, reuse: bool = True, experts: str = "eager", tiny: bool = False) -> dict[str, torch.nn.Module]:
     from lightning_moe.interop import from_hf
     from lightning_moe.nn import reuse_expert_grad_memory
     from lightning_moe.nn.experts import FRESH_PAGES_MIN_BYTES
 
-    hf = hf_model(shape, experts)
+    hf = hf_model(shape, experts, tiny)
     ours = from_hf(hf).train()
     reuse_expert_grad_memory(ours, enabled=reuse, min_bytes=FRESH_PAGES_MIN_BYTES)  # as CausalLMModule does
     return {"hf": hf, "ours": ours}
@@ -217,6 +232,7 @@ def peak_memory(
     bf16: bool = False,
     full_logits: bool = False,
     experts: str = "eager",
+    tiny: bool = False,
 ) -> dict:
     """Peak memory of training steps in MiB, after the model is built: resident and live tensors.
 
@@ -230,9 +246,9 @@ def peak_memory(
     plus the memory our experts keep between steps, which exists before the step and would otherwise be left
     out (our expert gradients live there). The parameters and the optimizer state are left out of both.
     """
-    model = models(shape, reuse, experts)[which]
+    model = models(shape, reuse, experts, tiny)[which]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch = torch.randint(0, VOCAB, (batch_size, seq + 1), generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(0, vocab_size(tiny), (batch_size, seq + 1), generator=torch.Generator().manual_seed(0))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = status_mib("VmRSS")
@@ -254,26 +270,47 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--hf-experts", default="eager", choices=["eager", "grouped_mm"],
                         help="transformers' experts_implementation for its model")  # fmt: skip
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq", type=positive_int, default=256)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--no-reuse", action="store_true", help="our model allocates fresh expert gradients")
     parser.add_argument("--bf16", action="store_true", help="forward under CPU autocast to bfloat16 (bf16-mixed)")
     parser.add_argument("--full-logits", action="store_true", help="our loss from the whole logits, as Hugging Face")
-    parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per peak (median)")
+    parser.add_argument("--memory-runs", type=positive_int, default=3, help="fresh processes per peak (median)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"smoke-test scale: width {TINY_DIM}, {TINY_LAYERS} layers, vocabulary {TINY_VOCAB} (experts unchanged)",
+    )
     parser.add_argument("--memory-child", nargs=2, metavar=("SHAPE", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    shapes = args.shapes.split(",")
+    unknown = [shape for shape in shapes if shape not in SHAPES]
+    if unknown:
+        parser.error(f"argument --shapes: {', '.join(map(repr, unknown))} is invalid: choose from {', '.join(SHAPES)}")
+    if "switch" in shapes and args.seq < 2:
+        parser.error(
+            f"argument --seq: {args.seq} is invalid: switch splits each row into encoder and decoder, use >= 2"
+        )
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory = peak_memory(
-            *args.memory_child, args.batch, args.seq, not args.no_reuse, args.bf16, args.full_logits, args.hf_experts
+            *args.memory_child,
+            args.batch,
+            args.seq,
+            not args.no_reuse,
+            args.bf16,
+            args.full_logits,
+            args.hf_experts,
+            args.tiny,
         )
         print(json.dumps(memory))
         return
     tokens = args.batch * args.seq
     reuse = "fresh expert gradients" if args.no_reuse else "expert gradient memory kept"
     reuse += "; our loss from the whole logits" if args.full_logits else "; our loss chunked (no whole logits)"
+    reuse += f"; --tiny: width {TINY_DIM}, {TINY_LAYERS} layers, vocabulary {TINY_VOCAB}" if args.tiny else ""
     print(
         f"torch {torch.__version__}, {args.threads} threads, {'bf16-mixed' if args.bf16 else 'float32'}, "
         f"{tokens} tokens/step, "
@@ -284,11 +321,13 @@ def main() -> None:
     columns += ["first loss HF", "first loss ours"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
-    for shape in args.shapes.split(","):
-        pair = models(shape, not args.no_reuse, args.hf_experts)
+    for shape in shapes:
+        pair = models(shape, not args.no_reuse, args.hf_experts, args.tiny)
         params = sum(p.numel() for p in pair["ours"].parameters())
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in pair.items()}
-        batch = torch.randint(0, VOCAB, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+        batch = torch.randint(
+            0, vocab_size(args.tiny), (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0)
+        )
         times: dict[str, list[float]] = {"hf": [], "ours": []}
         first_loss = {k: train_step(pair[k], opts[k], batch, args.bf16, args.full_logits) for k in pair}
         for k in pair:
@@ -304,6 +343,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--memory-child", shape, k, "--batch", str(args.batch), "--seq",
                    str(args.seq), "--threads", str(args.threads)] + ["--no-reuse"] * args.no_reuse  # fmt: skip
             cmd += ["--bf16"] * args.bf16 + ["--full-logits"] * args.full_logits + ["--hf-experts", args.hf_experts]
+            cmd += ["--tiny"] * args.tiny
             runs = [run_json(cmd) for _ in range(args.memory_runs)]
             rss[k] = statistics.median(run["rss"] for run in runs)
             live[k] = statistics.median(run["live"] for run in runs)
