@@ -7,6 +7,7 @@ AdamW without weight decay on norms, biases and embeddings; linear warmup then c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -64,8 +65,9 @@ class MoELanguageModule(L.LightningModule):
             parameter and the step, before the optimizer step, so the weights and the last checkpoint stay
             finite) or ``"skip"`` (skip the batch, or the optimizer step; one process only).
         init_from: A local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``) to start from:
-            the model is built by :func:`lightning_moe.interop.from_hf` with its config and weights, and ``arch``
-            only names the run in the hyperparameters and logs.
+            the model is built by :func:`lightning_moe.interop.from_hf` with its config and weights. The path is
+            not kept in the hyperparameters: ``arch`` (a preset of the family) and ``overrides`` (every field
+            that differs from it) describe the imported model, so the run's checkpoints load without the folder.
         upcycle_from: A dense checkpoint written by ``lightning-moe fit`` (a ``*-dense`` preset or the ``dense``
             override) to start an MoE run from (sparse upcycling, :func:`lightning_moe.zoo.upcycle`): its ``arch``
             and ``overrides`` replace this run's, its weights are loaded, and the model is upcycled. The path is
@@ -161,6 +163,8 @@ class MoELanguageModule(L.LightningModule):
 
             self.model = from_hf(init_from)
             self.config = self.model.zoo_config
+            self.hparams.arch, self.hparams.overrides = _as_preset(self.config)
+            self.hparams.init_from = None
             tokenizer_file = Path(init_from) / "tokenizer.json"
             tokenizer_json = tokenizer_file.read_text(encoding="utf-8") if tokenizer_file.is_file() else None
             self._start_tokenizer = (f"init_from={init_from!r}", tokenizer_json)
@@ -584,6 +588,41 @@ def _read_dense_checkpoint(path: str) -> tuple[str, dict[str, Any], dict[str, Te
         raise ValueError(f"upcycle_from={path!r} is invalid: an upcycled or imported run, not a dense zoo baseline")
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     return hparams["arch"], dict(hparams.get("overrides") or {}), state, checkpoint.get("tokenizer_json")
+
+
+def _as_preset(config: zoo.ModelConfig) -> tuple[str, dict[str, Any]]:
+    """The preset of ``config``'s family nearest to it and the overrides that make ``config`` of it (hparams).
+
+    Nearest: the fewest fields to override (an imported Mixtral-8x7B is ``mixtral-8x7b`` with its loss
+    coefficients overridden). The overrides are plain values: nested configs as dicts, tuples as lists.
+
+    Raises:
+        ValueError: If the overrides do not rebuild ``config`` exactly (a field no override can express).
+    """
+    family = zoo.family_of(config)
+    candidates = {}
+    for name in zoo.names():
+        if zoo.family_of(name) == family:
+            base = zoo.config(name)
+            candidates[name] = {
+                f.name: _plain(getattr(config, f.name))
+                for f in dataclasses.fields(config)
+                if getattr(config, f.name) != getattr(base, f.name)
+            }
+    arch = min(candidates, key=lambda name: len(candidates[name]))
+    overrides = candidates[arch]
+    if zoo.config(arch, **overrides) != config:
+        raise ValueError(f"config={config!r} is invalid: overrides of {arch!r} cannot express it")
+    return arch, overrides
+
+
+def _plain(value: Any) -> Any:
+    """A config value as YAML-friendly data: nested configs as dicts, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _upcycle_args(config: zoo.ModelConfig, given: dict[str, Any]) -> dict[str, Any]:

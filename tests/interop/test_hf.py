@@ -669,3 +669,17 @@ def test_fine_tuning_from_a_hugging_face_directory_lowers_the_loss(tmp_path, mon
     assert cli.model.config.num_experts == 4 and cli.model.config.dim == 32  # the checkpoint's, not the preset's
     first, last = sum(recorder.losses[:5]) / 5, sum(recorder.losses[-5:]) / 5
     assert last < first, recorder.losses
+    # The run's checkpoint names the imported model by a preset and overrides, not by the folder: it loads (and
+    # `generate`, `validate --ckpt_path` rebuild the module) after the folder is gone.
+    import shutil
+
+    from lightning_moe.module import CausalLMModule
+
+    (ckpt,) = tmp_path.glob("lightning_logs/*/checkpoints/last.ckpt")
+    shutil.rmtree(tmp_path / "hf")
+    loaded = CausalLMModule.load_from_checkpoint(ckpt)
+    assert loaded.hparams.init_from is None and loaded.hparams.arch == "mixtral-tiny"
+    assert loaded.config == cli.model.config
+    ids = torch.randint(0, 1024, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, cli.model.model.eval()(ids).logits)
