@@ -644,7 +644,10 @@ def test_module_init_from_builds_the_checkpoint_model_and_rejects_overrides(qwen
     from lightning_moe.module import CausalLMModule
 
     module = CausalLMModule(arch="qwen-moe-tiny", init_from=str(qwen_dir))
-    assert module.hparams.init_from == str(qwen_dir) and module.config.dim == 32
+    assert module.config.dim == 32
+    # The hyperparameters describe the imported model without the folder: they rebuild the same config.
+    assert module.hparams.init_from is None and module.hparams.arch == "qwen-moe-tiny"
+    assert CausalLMModule(arch=module.hparams.arch, overrides=module.hparams.overrides).config == module.config
     _assert_same_logits(module.model, from_hf(qwen_dir))
     with pytest.raises(ValueError, match=r"overrides=\{'num_layers': 4\} is invalid with init_from"):
         CausalLMModule(init_from=str(qwen_dir), overrides={"num_layers": 4})
