@@ -55,6 +55,18 @@ def _routed(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("scale", [1.0, 2.5])
 @pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
+def _assert_routes_like(router, hf) -> None:
+    """Give ``hf`` (a transformers top-k router) our gate weights; both must pick the same experts and weights."""
+    with torch.no_grad():
+        hf.weight.copy_(router.gate.weight)
+    x = torch.randn(64, DIM)
+    _, hf_w, hf_ids = hf(x)
+    ids, weights = _routed(router, x)
+    hf_ids, hf_w = _sorted_pairs(hf_ids, hf_w)
+    torch.testing.assert_close(ids, hf_ids, rtol=0, atol=0)
+    torch.testing.assert_close(weights, hf_w)
+
+
 def test_sigmoid_biased_group_routing_matches_transformers_deepseek_v3_router(norm, scale, n_group, topk_group):
 
     num_experts, top_k = 16, 4
@@ -117,14 +129,7 @@ def test_softmax_group_limited_greedy_matches_transformers_deepseek_v2_router(n_
         routed_scaling_factor=1.7,
     )
     hf = DeepseekV2TopkRouter(hf_cfg)
-    with torch.no_grad():
-        hf.weight.copy_(router.gate.weight)
-    x = torch.randn(64, DIM)
-    _, hf_w, hf_ids = hf(x)
-    ids, weights = _routed(router, x)
-    hf_ids, hf_w = _sorted_pairs(hf_ids, hf_w)
-    torch.testing.assert_close(ids, hf_ids, rtol=0, atol=0)
-    torch.testing.assert_close(weights, hf_w)
+    _assert_routes_like(router, hf)
 
 
 def test_softmax_after_topk_matches_transformers_mixtral_router():
@@ -135,14 +140,7 @@ def test_softmax_after_topk_matches_transformers_mixtral_router():
             hidden_size=DIM, num_attention_heads=2, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2
         )
     )
-    with torch.no_grad():
-        hf.weight.copy_(router.gate.weight)
-    x = torch.randn(64, DIM)
-    _, hf_w, hf_ids = hf(x)
-    ids, weights = _routed(router, x)
-    hf_ids, hf_w = _sorted_pairs(hf_ids, hf_w)
-    torch.testing.assert_close(ids, hf_ids, rtol=0, atol=0)
-    torch.testing.assert_close(weights, hf_w)
+    _assert_routes_like(router, hf)
 
 
 @pytest.mark.parametrize("norm", [False, True])
@@ -159,14 +157,7 @@ def test_softmax_then_topk_matches_transformers_qwen2_moe_router(norm):
             norm_topk_prob=norm,
         )
     )
-    with torch.no_grad():
-        hf.weight.copy_(router.gate.weight)
-    x = torch.randn(64, DIM)
-    _, hf_w, hf_ids = hf(x)
-    ids, weights = _routed(router, x)
-    hf_ids, hf_w = _sorted_pairs(hf_ids, hf_w)
-    torch.testing.assert_close(ids, hf_ids, rtol=0, atol=0)
-    torch.testing.assert_close(weights, hf_w)
+    _assert_routes_like(router, hf)
 
 
 def test_top1_softmax_matches_transformers_switch_router_probabilities():
