@@ -52,9 +52,6 @@ def _routed(router: Router, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 # ----------------------------------------------------------------------------------------------------------- routers
 
 
-@pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("scale", [1.0, 2.5])
-@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
 def _assert_routes_like(router, hf) -> None:
     """Give ``hf`` (a transformers top-k router) our gate weights; both must pick the same experts and weights."""
     with torch.no_grad():
@@ -67,6 +64,9 @@ def _assert_routes_like(router, hf) -> None:
     torch.testing.assert_close(weights, hf_w)
 
 
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
 def test_sigmoid_biased_group_routing_matches_transformers_deepseek_v3_router(norm, scale, n_group, topk_group):
 
     num_experts, top_k = 16, 4
