@@ -361,6 +361,8 @@ def generate_main(argv: Sequence[str]) -> str:
     if module.tokenizer_json is None:
         raise ValueError(f"ckpt_path={args.ckpt_path!r} is invalid: the checkpoint holds no tokenizer")
     tokenizer = Tokenizer.from_str(module.tokenizer_json)
+    tokenizer.no_truncation()  # a tokenizer.json may carry truncation or padding: the prompt is encoded whole
+    tokenizer.no_padding()
     torch.manual_seed(args.seed)
     prompt_ids = torch.tensor([tokenizer.encode(args.prompt).ids], dtype=torch.long)
     # A continuation ends at the end of its document, as the model learnt to mark it.

@@ -103,6 +103,18 @@ def test_generate_from_a_trained_checkpoint(tmp_path, capsys):
     sampled = generate_main(["--ckpt_path", ckpt, "--prompt", "import ", "--max_new_tokens", "5",
                              "--temperature", "0.8", "--top_k", "20"])  # fmt: skip
     assert sampled.startswith("import ")
+    # A tokenizer.json that truncates (as many on the Hub do) still encodes the whole prompt.
+    from tokenizers import Tokenizer
+
+    saved = torch.load(ckpt, weights_only=False)
+    tokenizer = Tokenizer.from_str(saved["tokenizer_json"])
+    tokenizer.enable_truncation(2)
+    saved["tokenizer_json"] = tokenizer.to_str()
+    torch.save(saved, tmp_path / "truncating.ckpt")
+    prompt = "def main(x, y):\n    return"
+    truncating = str(tmp_path / "truncating.ckpt")
+    whole = generate_main(["--ckpt_path", truncating, "--prompt", prompt, "--max_new_tokens", "3"])
+    assert whole.startswith(prompt)
 
 
 def test_validate_test_and_predict_subcommands_load_a_checkpoint(tmp_path):

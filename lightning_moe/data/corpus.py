@@ -31,13 +31,19 @@ def stdlib_files() -> list[Path]:
 def expand_sources(sources: list[str]) -> list[Path]:
     """Expand paths and globs into a sorted, de-duplicated list of files.
 
+    A source that names an existing file is that file, even where its name holds glob characters
+    (``notes[1].txt``, which as a pattern would match ``notes1.txt``).
+
     Raises:
         ValueError: If a source matches no file.
     """
     files: list[Path] = []
     for source in sources:
-        matches = sorted(glob.glob(os.path.expanduser(source), recursive=True))
-        matches = [m for m in matches if os.path.isfile(m)]
+        pattern = os.path.expanduser(source)
+        if os.path.isfile(pattern):
+            matches = [pattern]
+        else:
+            matches = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
         if not matches:
             raise ValueError(f"sources entry {source!r} is invalid: it matches no file")
         files.extend(Path(m) for m in matches)
@@ -45,7 +51,7 @@ def expand_sources(sources: list[str]) -> list[Path]:
 
 
 def read_documents(files: list[Path], text_field: str = "text", max_bytes: int | None = None) -> Iterator[str]:
-    """Yield documents from text files (one document per file) and ``.jsonl`` files (one per record).
+    r"""Yield documents from text files (one document per file) and ``.jsonl`` files (one per record).
 
     Args:
         files: Files to read, in order.
@@ -53,8 +59,9 @@ def read_documents(files: list[Path], text_field: str = "text", max_bytes: int |
         max_bytes: Stop once this many bytes of text have been yielded (the last document is cut).
 
     Raises:
-        ValueError: For a file that is not UTF-8 text, or a JSON-lines line that is not JSON or not an object
-            with a string ``text_field`` (the file and its 1-based line number are named).
+        ValueError: For a file that is not UTF-8 text, or a JSON-lines line that is not JSON, not an object
+            with a string ``text_field``, or whose text holds a lone surrogate escape such as ``\ud800`` (not
+            Unicode text, so not encodable as UTF-8; the file and its 1-based line number are named).
     """
     remaining = max_bytes if max_bytes is not None else float("inf")
     for path in files:
@@ -81,6 +88,14 @@ def read_documents(files: list[Path], text_field: str = "text", max_bytes: int |
                     raise ValueError(
                         f"{path}:{line_no} is invalid: expected a JSON object with a string field {text_field!r}"
                     )
+                try:
+                    record[text_field].encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(
+                        f"{path}:{line_no} is invalid: its field {text_field!r} holds the lone surrogate "
+                        f"{record[text_field][err.start]!r} at character {err.start}, which is not Unicode text; "
+                        "escape a character beyond U+FFFF as a surrogate pair or write it unescaped"
+                    ) from None
                 texts.append(record[text_field])
         else:
             texts = [raw]

@@ -287,6 +287,10 @@ class TextDataModule(L.LightningDataModule):
             save_atomic(train_bpe(docs, self.vocab_size_arg), tokenizer_file)
         if not tokens_file.exists():
             tokenizer = load_tokenizer(tokenizer_file)
+            # A tokenizer.json may carry truncation or padding (many on the Hub do): the stream takes every token of
+            # every document and no padding, as Hugging Face's tokenizers do unless a call asks for them.
+            tokenizer.no_truncation()
+            tokenizer.no_padding()
             dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
             eos = tokenizer.token_to_id(EOS_TOKEN)
             ids: list[int] = []

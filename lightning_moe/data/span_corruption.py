@@ -19,7 +19,11 @@ def check_span_settings(noise_density: float, mean_span_length: float) -> None:
     """Raise unless ``noise_density`` is in (0, 1) and ``mean_span_length`` is a finite number >= 1."""
     if not (isinstance(noise_density, (int, float)) and 0.0 < noise_density < 1.0):
         raise ValueError(f"noise_density={noise_density!r} is invalid: must be in (0, 1)")
-    if not (isinstance(mean_span_length, (int, float)) and 1 <= mean_span_length < math.inf):
+    if not (
+        isinstance(mean_span_length, (int, float))
+        and not isinstance(mean_span_length, bool)
+        and 1 <= mean_span_length < math.inf
+    ):
         raise ValueError(f"mean_span_length={mean_span_length!r} is invalid: must be a finite number >= 1")
 
 
