@@ -111,6 +111,7 @@ class CompareConfig:
         with torch.device("meta"):  # nothing allocated
             if isinstance(zoo.build(self.arch), EncoderDecoderLM):
                 raise ValueError(f"arch={self.arch!r} is invalid: compare trains decoder-only presets")
+        _data(self)  # the data module's own checks (vocab_size >= 258, ...), which the first run would meet late
         # The runs check these too, but only once the corpus is tokenized, and by the data module's field names.
         if self.vocab_size > model.vocab_size:
             raise ValueError(
@@ -163,6 +164,17 @@ class CurveRecorder(Callback):
             trainer.logger.experiment.add_scalar("compare/val_loss_by_tokens", float(loss), self.tokens)
 
 
+def _data(cfg: CompareConfig) -> TextDataModule:
+    """The data module every run trains on: the same corpus, split and batch order (``data_seed``)."""
+    return TextDataModule(
+        max_bytes=cfg.max_bytes,
+        vocab_size=cfg.vocab_size,
+        block_size=cfg.block_size,
+        batch_size=cfg.batch_size,
+        seed=cfg.data_seed,
+    )
+
+
 def _train(
     cfg: CompareConfig,
     label: str,
@@ -182,13 +194,7 @@ def _train(
         module.model.load_state_dict(init_state)
     if data_start is not None:
         module.train_data_position, module.train_samples_seen = data_start
-    data = TextDataModule(
-        max_bytes=cfg.max_bytes,
-        vocab_size=cfg.vocab_size,
-        block_size=cfg.block_size,
-        batch_size=cfg.batch_size,
-        seed=cfg.data_seed,
-    )
+    data = _data(cfg)
     recorder = CurveRecorder()
     trainer = L.Trainer(
         accelerator="auto",
@@ -367,7 +373,8 @@ def load_config(argv: Sequence[str]) -> CompareConfig:
     parser.add_argument("--config", help="YAML file with CompareConfig fields")
     for f in dataclasses.fields(CompareConfig):
         kind = str if f.type == "str" else yaml.safe_load  # a string field takes the text as given (--out_dir 2024)
-        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"override {f.name} (YAML)")
+        # SUPPRESS: an option given as null (``--max_steps null``) reaches the checks instead of meaning "not given"
+        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=f"override {f.name} (YAML)")
     args = parser.parse_args(list(argv))
     values: dict[str, Any] = {}
     if args.config:
@@ -383,7 +390,7 @@ def load_config(argv: Sequence[str]) -> CompareConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"config={args.config!r} is invalid: unknown keys {sorted(unknown)}")
-    values |= {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    values |= {k: v for k, v in vars(args).items() if k != "config"}
     for f in dataclasses.fields(CompareConfig):
         value = values.get(f.name)
         if f.type == "float" and isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string

@@ -4,7 +4,8 @@ A trained dense baseline (a zoo model built with ``dense="active"`` or ``"total"
 same family: at every position where the family has an MoE layer, the dense FFN is replaced by an MoE layer whose
 experts start as copies of that FFN; the router is fresh; attention, norms and embeddings are kept. The family's
 router is kept except that the chosen top-k weights are renormalised to sum to one (and not scaled), so right after
-upcycling every token's output is ``sum_k w_k FFN(x) = FFN(x)``: the MoE model computes the dense model's function.
+upcycling every token's output is ``sum_k w_k FFN(x) = FFN(x)``: the MoE model computes the dense model's function
+where no token is dropped (no capacity factor) and nothing is drawn (eval mode: no jitter or random routing).
 
 Shape legend: ``E`` experts, ``D`` model width, ``H`` dense hidden width, ``F`` expert hidden width.
 """
@@ -50,8 +51,8 @@ def upcycle(
         generator: Random generator for the noise.
 
     Returns:
-        The upcycled model, the same class as ``dense_model``, on its device and dtype. Its MoE layers are
-        dropless or not as the family's; ``model.upcycled_from`` holds the dense config.
+        The upcycled model, the same class as ``dense_model``, on its device and dtype, in its training or eval
+        mode. Its MoE layers are dropless or not as the family's; ``model.upcycled_from`` holds the dense config.
 
     Raises:
         ValueError: If the model is not a zoo dense baseline, its router kind cannot be upcycled (expert
@@ -83,6 +84,8 @@ def upcycle(
     for name, value in (("split_hidden", split_hidden), ("zero_router", zero_router)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r} is invalid: must be true or false")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator={generator!r} is invalid: must be a torch.Generator or None")
 
     with torch.device("meta"):
         reference = registry.build(dataclasses.replace(cfg, dense=None))
@@ -96,6 +99,7 @@ def upcycle(
         param = ffn.w1.weight
         with torch.device(param.device):
             layer = MoELayer(layer_config).to(param.dtype)
+        layer.train(ffn.training)  # a new module starts in training mode: take the replaced FFN's mode
         if zero_router:
             nn.init.zeros_(layer.router.gate.weight)
         _copy_experts(ffn, layer, split_hidden, top_k, noise_std, generator)
