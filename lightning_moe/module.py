@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 from lightning_moe import zoo
 from lightning_moe.data.span_corruption import check_span_settings, span_corruption, span_counts
 from lightning_moe.data.tokenizer import PAD_TOKEN
+from lightning_moe.nn.config import is_number
 from lightning_moe.nn.encoder_decoder import EncoderDecoderLM
 from lightning_moe.nn.experts import FRESH_PAGES_MIN_BYTES
 from lightning_moe.nn.experts import reuse_expert_grad_memory as _reuse_expert_grad_memory
@@ -119,25 +120,25 @@ class MoELanguageModule(L.LightningModule):
             )
         if isinstance(lr, bool) or not 0 < lr < math.inf:
             raise ValueError(f"lr={lr!r} is invalid: must be a finite number > 0")
-        if not _is_number(weight_decay) or weight_decay < 0:
+        if not is_number(weight_decay) or weight_decay < 0:
             raise ValueError(f"weight_decay={weight_decay!r} is invalid: must be a finite number >= 0")
         pair = isinstance(betas, (tuple, list)) and len(betas) == 2
-        if not pair or not all(_is_number(beta) and 0 <= beta < 1 for beta in betas):
+        if not pair or not all(is_number(beta) and 0 <= beta < 1 for beta in betas):
             raise ValueError(f"betas={betas!r} is invalid: must be two numbers in [0, 1)")
-        if not _is_number(min_lr_ratio) or not 0 <= min_lr_ratio <= 1:
+        if not is_number(min_lr_ratio) or not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={min_lr_ratio!r} is invalid: must be in [0, 1]")
         for name, coef in (
             ("load_balance_coef", load_balance_coef),
             ("z_loss_coef", z_loss_coef),
             ("seq_balance_coef", seq_balance_coef),
         ):
-            if coef is not None and not (_is_number(coef) and coef >= 0):
+            if coef is not None and not (is_number(coef) and coef >= 0):
                 raise ValueError(f"{name}={coef!r} is invalid: must be a finite number >= 0, or None for the preset's")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: must be an int >= 0")
-        if mtp_loss_coef is not None and not (_is_number(mtp_loss_coef) and mtp_loss_coef >= 0):
+        if mtp_loss_coef is not None and not (is_number(mtp_loss_coef) and mtp_loss_coef >= 0):
             raise ValueError(f"mtp_loss_coef={mtp_loss_coef!r} is invalid: must be a finite number >= 0")
-        if not (_is_number(reuse_expert_grad_memory_min_mib) and reuse_expert_grad_memory_min_mib >= 0):
+        if not (is_number(reuse_expert_grad_memory_min_mib) and reuse_expert_grad_memory_min_mib >= 0):
             raise ValueError(
                 f"reuse_expert_grad_memory_min_mib={reuse_expert_grad_memory_min_mib!r} is invalid: must be a finite "
                 "number >= 0"
@@ -550,11 +551,6 @@ class MoELanguageModule(L.LightningModule):
             "over the whole run)"
         )
         return 1000
-
-
-def _is_number(value: Any) -> bool:
-    """Whether ``value`` is a finite int or float, not a bool (``True`` would pass a range check as 1)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _can_fuse_adamw(params: list[Tensor]) -> bool:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,11 +37,6 @@ def check_bool(name: str, value: Any) -> None:
     """Raise ``ValueError`` naming the argument unless ``value`` is True or False."""
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is invalid: must be True or False")
-
-
-def is_real(value: Any) -> bool:
-    """Whether ``value`` is a finite int or float (not a bool): an argument that range checks can compare."""
-    return not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
 
 
 def router_stats(outputs: Any) -> list[MoEStats] | None:

@@ -17,12 +17,12 @@ from lightning_moe.callbacks._utils import (
     StepBoundary,
     check_bool,
     check_int,
-    is_real,
     log_scalars,
     moe_layers,
     router_stats,
 )
 from lightning_moe.nn.capacity import expert_capacity
+from lightning_moe.nn.config import is_number
 from lightning_moe.nn.moe import MoELayer
 
 
@@ -72,14 +72,14 @@ class CapacityFactorTuner(Callback):
         fast_up: bool = True,
         tune_eval: bool = False,
     ) -> None:
-        if not (is_real(target_drop_rate) and 0.0 <= target_drop_rate < 1.0):
+        if not (is_number(target_drop_rate) and 0.0 <= target_drop_rate < 1.0):
             raise ValueError(f"target_drop_rate={target_drop_rate!r} is invalid: must be in [0, 1)")
-        if not (is_real(min_factor) and min_factor > 0):
+        if not (is_number(min_factor) and min_factor > 0):
             raise ValueError(f"min_factor={min_factor!r} is invalid: must be a finite number > 0")
-        if not (is_real(max_factor) and max_factor >= min_factor):
+        if not (is_number(max_factor) and max_factor >= min_factor):
             raise ValueError(f"max_factor={max_factor!r} is invalid: must be >= min_factor ({min_factor}) and finite")
         check_int("interval", interval, 1)
-        if not (is_real(smoothing) and 0.0 <= smoothing < 1.0):
+        if not (is_number(smoothing) and 0.0 <= smoothing < 1.0):
             raise ValueError(f"smoothing={smoothing!r} is invalid: must be in [0, 1)")
         check_bool("fast_up", fast_up)
         check_bool("tune_eval", tune_eval)

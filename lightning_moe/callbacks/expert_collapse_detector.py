@@ -16,13 +16,13 @@ from typing_extensions import override
 from lightning_moe.callbacks._utils import (
     StepBoundary,
     check_int,
-    is_real,
     log_scalars,
     moe_layers,
     reduce_sum,
     router_stats,
     tensorboard,
 )
+from lightning_moe.nn.config import is_number
 from lightning_moe.nn.moe import MoELayer
 
 ACTIONS = ("warn", "stop", "revive")
@@ -93,13 +93,13 @@ class ExpertCollapseDetector(Callback):
         if action not in ACTIONS:
             raise ValueError(f"action={action!r} is invalid: must be one of {', '.join(map(repr, ACTIONS))}")
         check_int("patience", patience, 1)
-        if not (is_real(min_load) and 0.0 <= min_load < 1.0):
+        if not (is_number(min_load) and 0.0 <= min_load < 1.0):
             raise ValueError(f"min_load={min_load!r} is invalid: must be in [0, 1)")
-        if max_share is not None and not (is_real(max_share) and 0.0 < max_share <= 1.0):
+        if max_share is not None and not (is_number(max_share) and 0.0 < max_share <= 1.0):
             raise ValueError(f"max_share={max_share!r} is invalid: must be in (0, 1] or None")
-        if min_entropy is not None and not (is_real(min_entropy) and 0.0 < min_entropy < 1.0):
+        if min_entropy is not None and not (is_number(min_entropy) and 0.0 < min_entropy < 1.0):
             raise ValueError(f"min_entropy={min_entropy!r} is invalid: must be in (0, 1) or None")
-        if not (is_real(noise) and noise >= 0):
+        if not (is_number(noise) and noise >= 0):
             raise ValueError(f"noise={noise!r} is invalid: must be a finite number >= 0")
         check_int("seed", seed)
         self.action = action

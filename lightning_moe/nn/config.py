@@ -36,6 +36,11 @@ def _check(ok: bool, name: str, value: object, allowed: str) -> None:
 _SCALAR_KINDS = {"int": "an int", "float": "a finite number", "bool": "a bool", "str": "a string"}
 
 
+def is_number(value: object) -> bool:
+    """Whether ``value`` is a finite int or float, not a bool (``True`` would pass a range check as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_field_types(config: object) -> None:
     """Raise unless every ``int``/``float``/``bool``/``str`` field of a dataclass (``| None`` too) holds that type.
 
@@ -59,8 +64,7 @@ def check_field_types(config: object) -> None:
         elif kind == "str":
             ok = isinstance(value, str)
         else:
-            ok = isinstance(value, int if kind == "int" else (int, float)) and not isinstance(value, bool)
-            ok = ok and (kind == "int" or math.isfinite(value))
+            ok = isinstance(value, int) and not isinstance(value, bool) if kind == "int" else is_number(value)
         _check(ok, spec.name, value, f"must be {_SCALAR_KINDS[kind]}{' or None' if optional else ''}")
 
 
