@@ -731,27 +731,36 @@ class CausalLMModule(MoELanguageModule):
                     "attention_mask is invalid: a row ends in padding; pad prompts on the left, so that every row's "
                     "last position is the token generation continues from"
                 )
+        vocab_size = self.config.vocab_size
+        if stop_id is not None and (
+            isinstance(stop_id, bool) or not isinstance(stop_id, int) or not 0 <= stop_id < vocab_size
+        ):
+            raise ValueError(
+                f"stop_id={stop_id!r} is invalid: must be a token id in [0, {vocab_size}), or None to never stop early"
+            )
         was_training = self.training
         self.eval()
-        cache = self.model.new_cache() if use_cache and hasattr(self.model, "new_cache") else None
-        ids = input_ids
-        logits = self.model(ids, mask, cache=cache).logits[:, -1]
-        done_B1 = torch.zeros_like(ids[:, :1], dtype=torch.bool)
-        for step in range(max_new_tokens):
-            next_ids = sample_next(logits.float(), temperature, top_k)
-            if stop_id is not None:
-                next_ids = next_ids.masked_fill(done_B1, stop_id)
-                done_B1 = done_B1 | (next_ids == stop_id)
-            ids = torch.cat([ids, next_ids], dim=1)
-            if step == max_new_tokens - 1 or bool(done_B1.all()):
-                break
-            if mask is not None:  # the cache's masks cover every position, past and new
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            if cache is not None:
-                logits = self.model(next_ids, mask, cache=cache).logits[:, -1]
-            else:
-                logits = self.model(ids, mask).logits[:, -1]
-        self.train(was_training)
+        try:  # an error inside the model (a token id outside the vocabulary) must not leave the module in eval mode
+            cache = self.model.new_cache() if use_cache and hasattr(self.model, "new_cache") else None
+            ids = input_ids
+            logits = self.model(ids, mask, cache=cache).logits[:, -1]
+            done_B1 = torch.zeros_like(ids[:, :1], dtype=torch.bool)
+            for step in range(max_new_tokens):
+                next_ids = sample_next(logits.float(), temperature, top_k)
+                if stop_id is not None:
+                    next_ids = next_ids.masked_fill(done_B1, stop_id)
+                    done_B1 = done_B1 | (next_ids == stop_id)
+                ids = torch.cat([ids, next_ids], dim=1)
+                if step == max_new_tokens - 1 or bool(done_B1.all()):
+                    break
+                if mask is not None:  # the cache's masks cover every position, past and new
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                if cache is not None:
+                    logits = self.model(next_ids, mask, cache=cache).logits[:, -1]
+                else:
+                    logits = self.model(ids, mask).logits[:, -1]
+        finally:
+            self.train(was_training)
         return ids
 
 
@@ -922,13 +931,21 @@ class Seq2SeqLMModule(MoELanguageModule):
             ``(B, 1 + max_new_tokens)`` decoder ids, starting with the decoder start id.
         """
         check_generation(max_new_tokens, temperature, top_k)
+        max_seq_len = getattr(self.config, "max_seq_len", None)
+        check_prompt(input_ids, 0, None)
+        if max_seq_len is not None and input_ids.shape[1] > max_seq_len:
+            raise ValueError(
+                f"input_ids of {input_ids.shape[1]} tokens is invalid: the encoder takes at most the model's "
+                f"max_seq_len={max_seq_len}; shorten the input"
+            )
+        check_prompt(input_ids[:, :1], max_new_tokens, max_seq_len)  # the decoder's: the start id, then new tokens
         was_training = self.training
         self.eval()
-        check_prompt(input_ids, 0, getattr(self.config, "max_seq_len", None))
-        check_prompt(input_ids[:, :1], max_new_tokens, getattr(self.config, "max_seq_len", None))  # the decoder's
-        ids = torch.full((input_ids.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = self.model(input_ids, ids).logits[:, -1].float()
-            ids = torch.cat([ids, sample_next(logits, temperature, top_k)], dim=1)
-        self.train(was_training)
+        try:  # an error inside the model (a token id outside the vocabulary) must not leave the module in eval mode
+            ids = torch.full((input_ids.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=input_ids.device)
+            for _ in range(max_new_tokens):
+                logits = self.model(input_ids, ids).logits[:, -1].float()
+                ids = torch.cat([ids, sample_next(logits, temperature, top_k)], dim=1)
+        finally:
+            self.train(was_training)
         return ids
