@@ -192,6 +192,11 @@ class MoELanguageModule(L.LightningModule):
             )
         }
         self.mtp_loss_coef = getattr(self.config, "mtp_loss_coef", 0.0) if mtp_loss_coef is None else mtp_loss_coef
+        if mtp_loss_coef and not getattr(self.config, "mtp_depth", 0):
+            rank_zero_warn(
+                f"mtp_loss_coef={mtp_loss_coef!r} has no effect: the model has no multi-token-prediction modules "
+                "(DeepSeek presets with the override mtp_depth > 0 have them)"
+            )
         if reuse_expert_grad_memory:
             _reuse_expert_grad_memory(self.model, min_bytes=int(reuse_expert_grad_memory_min_mib * 2**20))
         self.val_loss = MeanMetric()

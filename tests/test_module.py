@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -337,6 +338,14 @@ def test_span_corruption_settings_are_checked_at_construction(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         Seq2SeqLMModule(arch="switch-tiny", **kwargs)
+
+
+def test_an_mtp_loss_coefficient_without_mtp_modules_warns():
+    with pytest.warns(UserWarning, match=r"mtp_loss_coef=0.5 has no effect: the model has no multi-token-prediction"):
+        _module(mtp_loss_coef=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CausalLMModule(arch="deepseek-tiny", overrides={"num_layers": 2, "mtp_depth": 1}, mtp_loss_coef=0.5)
 
 
 def test_schedules_that_cannot_do_what_they_say_warn():
