@@ -40,7 +40,8 @@ class CapacityFactorTuner(Callback):
     Each layer gets its own copy of its :class:`~lightning_moe.nn.config.MoEConfig` first (zoo builds share one
     config object between layers). The factors are logged as ``capacity/layer_{i}/factor`` next to the
     window's actual ``capacity/layer_{i}/drop_rate``, kept in :attr:`factors` (module name -> factor) and saved
-    in checkpoints; on resume they are applied again before training continues. Per-sequence capacity
+    in checkpoints; on resume they are applied again before training continues (also where the strategy restores
+    callback states after ``on_fit_start``, as FSDP and ``ExpertParallelStrategy`` do). Per-sequence capacity
     (``capacity_scope="sequence"``) is replayed sequence by sequence, from each sequence's routed counts.
 
     Args:
@@ -97,6 +98,7 @@ class CapacityFactorTuner(Callback):
         self._batches: dict[int, list[Tensor]] = {}
         self._world_size = 1
         self._steps = StepBoundary()
+        self._layers: dict[str, MoELayer] = {}  # the tuned layers of the fit under way, by name
 
     def _tuned(self, pl_module: pl.LightningModule) -> list[tuple[int, str, MoELayer]]:
         return [
@@ -110,17 +112,21 @@ class CapacityFactorTuner(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._world_size = trainer.world_size
-        if trainer.world_size > 1:
-            self._batches = {}
         tuned = self._tuned(pl_module)
         if not tuned:
             rank_zero_warn("CapacityFactorTuner: no MoE layer has a capacity_factor (dropless model); nothing to tune")
+        self._layers = {}
         for _, name, layer in tuned:
             layer.config = copy.copy(layer.config)  # one config per layer: zoo builds share one object
+            self._layers[name] = layer
             if name in self.factors:  # restored from a checkpoint
                 self._apply(layer, self.factors[name])
             else:
                 self.factors[name] = float(layer.config.capacity_factor)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._layers = {}
 
     def _apply(self, layer: MoELayer, factor: float) -> None:
         layer.config.capacity_factor = factor
@@ -130,6 +136,8 @@ class CapacityFactorTuner(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._steps.start(trainer)  # windows close when the step count moves on from here
+        if trainer.world_size > 1:  # a restored window (here after any restore order) is one process's rows
+            self._batches = {}
 
     @override
     def on_train_batch_end(
@@ -189,8 +197,14 @@ class CapacityFactorTuner(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.factors = dict(state_dict.get("factors", {}))
         self.history = list(state_dict.get("history", []))
+        # Strategies that restore after setup (FSDP, ExpertParallelStrategy) call this after on_fit_start.
+        for name, layer in self._layers.items():
+            if name in self.factors:
+                self._apply(layer, self.factors[name])
+            else:
+                self.factors[name] = float(layer.config.capacity_factor)
         # A window of one process resumes in one process; with several, each rank's rows would be needed (the
-        # file holds rank 0's), so the resumed window starts empty there (see on_fit_start).
+        # file holds rank 0's), so the resumed window starts empty there (see on_train_start).
         window = state_dict.get("window") or {}
         if state_dict.get("window_world_size") == 1:
             self._batches = {int(i): list(rows.unbind(0)) for i, rows in window.items()}

@@ -33,8 +33,13 @@ class ExpertLoadMonitor(Callback):
     r"""Log how the router spreads tokens over the experts of every MoE layer.
 
     Counts from every training batch are summed over a window of ``logging_interval`` optimizer steps and over
-    all ranks, then logged once at the window's last step. Layers are numbered ``0..L-1`` in forward order
-    (``pl_module.moe_layers``; the names are logged once as the text ``moe/layers``). For layer ``i``:
+    all ranks, then logged once at the window's last step. A window still open when training ends (``max_steps``
+    not a multiple of ``logging_interval``) is logged at the last step too: its scalars are shares and ratios of
+    the steps it holds, so a short window reads like a full one (its histogram holds its own, fewer, copies). It
+    stays open, so a checkpoint saved at or after the end resumes it as an uninterrupted run would go on.
+
+    Layers are numbered ``0..L-1`` in forward order (``pl_module.moe_layers``; the names are logged once as the
+    text ``moe/layers``). For layer ``i``:
 
     - ``moe/layer_{i}/imbalance``: max over experts of the routed copies divided by their mean (1 = balanced).
     - ``moe/layer_{i}/cv``: coefficient of variation (population std / mean) of the routed copies.
@@ -146,6 +151,16 @@ class ExpertLoadMonitor(Callback):
         step = trainer.global_step
         if step % self.logging_interval == 0 and self._window is not None:
             self._emit(trainer, pl_module, step)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        is_open = self._window is not None
+        if trainer.world_size > 1:  # the window is summed over the ranks: every rank must take the same way
+            is_open = trainer.strategy.reduce_boolean_decision(is_open, all=True)
+        if is_open:
+            window = self._window
+            self._emit(trainer, pl_module, trainer.global_step)
+            self._window = window  # still open: a resumed run adds its next steps to it
 
     # -- logging --------------------------------------------------------------------------------------
 

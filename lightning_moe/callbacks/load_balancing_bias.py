@@ -9,7 +9,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_moe.callbacks._utils import log_scalars, moe_layers, reduce_sum
@@ -27,9 +29,15 @@ class LoadBalancingBias(Callback):
 
     The load is each layer's ``tokens_per_expert`` buffer, which every training forward adds to: in
     ``on_before_optimizer_step`` it holds all micro-batches of a gradient-accumulation cycle, and it is summed
-    over all ranks before the update, so every rank applies the same bias and the update is the same as one
-    large batch on one device. The buffer is then reset. Layers whose router has no score bias
-    (``RouterConfig.score_bias=False``) are skipped; at least one must have it.
+    over all ranks, so every rank applies the same bias and the update is the same as one large batch on one
+    device. The buffer is then reset. Layers whose router has no score bias (``RouterConfig.score_bias=False``)
+    are skipped; at least one must have it.
+
+    The bias moves once per *applied* optimizer step (of the first optimizer), right after it: a step that is
+    skipped (``nan_policy="skip"`` on a non-finite loss or gradient, or a float16 loss scaler that found an inf
+    gradient) leaves the bias and :attr:`updates` as they were, and its load is dropped, like the rest of the
+    skipped batch. A step is applied when the optimizer's ``step`` ran (the scaler does not call it on an inf),
+    some parameter had a gradient, and the scaler set no ``found_inf`` for an optimizer that skips by itself.
 
     Every ``trainer.log_every_n_steps`` steps it logs ``bias/layer_{i}/imbalance`` (max / mean of the load the
     update used) and ``bias/layer_{i}/max_abs`` (largest absolute bias).
@@ -58,6 +66,9 @@ class LoadBalancingBias(Callback):
         self.gamma = gamma
         self.updates = 0
         self._gamma: float = gamma or 0.0
+        self._trainer: pl.Trainer | None = None
+        self._pending: list[tuple[int, MoELayer, Tensor]] | None = None  # loads of the step under way
+        self._hook: RemovableHandle | None = None
 
     def _layers(self, pl_module: pl.LightningModule) -> list[tuple[int, MoELayer]]:
         return [(i, layer) for i, (_, layer) in enumerate(moe_layers(pl_module)) if layer.router.score_bias is not None]
@@ -79,6 +90,20 @@ class LoadBalancingBias(Callback):
             self._gamma = float(speed)
         for _, layer in self._layers(pl_module):
             layer.tokens_per_expert.zero_()  # drop counts from forwards before training (e.g. a sanity check)
+        self._remove_hook()
+        self._trainer, self._pending = trainer, None
+        if trainer.optimizers:
+            self._hook = trainer.optimizers[0].register_step_post_hook(self._after_step)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hook()
+        self._trainer, self._pending = None, None
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     @override
     @torch.no_grad()
@@ -90,21 +115,37 @@ class LoadBalancingBias(Callback):
         layers = self._layers(pl_module)
         if not layers:
             return
+        # Summed over the ranks here, where every rank is (whether the step is applied is known only after it).
         sizes = [layer.tokens_per_expert.numel() for _, layer in layers]
         loads = reduce_sum(trainer, torch.cat([layer.tokens_per_expert for _, layer in layers])).split(sizes)
+        self._pending = [(i, layer, load_E.clone()) for (i, layer), load_E in zip(layers, loads, strict=True)]
+        for _, layer in layers:
+            layer.tokens_per_expert.zero_()
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer step post-hook: update the bias from the pending load if the step changed the weights."""
+        pending, trainer, self._pending = self._pending, self._trainer, None
+        if pending is None or trainer is None:
+            return
+        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler for optimizers that skip themselves
+        if found_inf is not None and bool(found_inf):
+            return
+        if all(p.grad is None for group in optimizer.param_groups for p in group["params"]):
+            return  # nan_policy="skip" dropped the gradients, or the batch had no loss
         metrics: dict[str, float] = {}
-        log_now = (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
-        for (i, layer), load_E in zip(layers, loads, strict=True):
+        step = trainer.global_step + 1  # the trainer counts this step once the optimizer returns
+        log_now = step % max(1, trainer.log_every_n_steps) == 0
+        for i, layer, load_E in pending:
             bias_E = layer.router.score_bias
             bias_E.copy_(bias_update(bias_E, load_E, self._gamma))
-            layer.tokens_per_expert.zero_()
             if log_now:
                 mean = float(load_E.float().mean())
                 metrics[f"bias/layer_{i}/imbalance"] = float(load_E.max()) / mean if mean > 0 else 0.0
                 metrics[f"bias/layer_{i}/max_abs"] = float(bias_E.abs().max())
         self.updates += 1
         if log_now:
-            log_scalars(trainer, metrics, trainer.global_step + 1)
+            log_scalars(trainer, metrics, step)
 
     @override
     def state_dict(self) -> dict[str, Any]:
