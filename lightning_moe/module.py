@@ -29,6 +29,7 @@ from lightning_moe.nn.encoder_decoder import EncoderDecoderLM
 from lightning_moe.nn.experts import FRESH_PAGES_MIN_BYTES
 from lightning_moe.nn.experts import reuse_expert_grad_memory as _reuse_expert_grad_memory
 from lightning_moe.nn.moe import MoELayer, MoEStats
+from lightning_moe.nn.transformer import check_token_ids
 
 AUX_TERMS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "seq_balance": "seq_balance_coef"}
 NAN_POLICIES = ("raise", "skip")
@@ -213,6 +214,19 @@ class MoELanguageModule(L.LightningModule):
         self._train_seed: int | None = None  # see on_train_batch_start
 
     # -- shared pieces --------------------------------------------------------------------------------
+
+    def _all_stopped(self, done_B1: Tensor) -> bool:
+        """Whether generation with a ``stop_id`` may end: every sequence is done (on every rank, where that matters).
+
+        With sharded parameters (``ExpertParallelStrategy``: FSDP2 all-gathers, the MoE all-to-all) every forward is
+        a collective, so a rank whose sequences all stopped must keep running forwards until every rank's have: the
+        decision is all-reduced over the ranks.
+        """
+        done = bool(done_B1.all())
+        trainer = self._trainer
+        if trainer is None or trainer.world_size < 2 or not any(isinstance(p, DTensor) for p in self.parameters()):
+            return done
+        return bool(trainer.strategy.reduce_boolean_decision(done, all=True))
 
     @property
     def moe_layers(self) -> list[tuple[str, MoELayer]]:
@@ -736,13 +750,7 @@ class CausalLMModule(MoELanguageModule):
                     "attention_mask is invalid: a row ends in padding; pad prompts on the left, so that every row's "
                     "last position is the token generation continues from"
                 )
-        vocab_size = self.config.vocab_size
-        if stop_id is not None and (
-            isinstance(stop_id, bool) or not isinstance(stop_id, int) or not 0 <= stop_id < vocab_size
-        ):
-            raise ValueError(
-                f"stop_id={stop_id!r} is invalid: must be a token id in [0, {vocab_size}), or None to never stop early"
-            )
+        check_stop_id(stop_id, self.config.vocab_size)
         was_training = self.training
         self.eval()
         try:  # an error inside the model (a token id outside the vocabulary) must not leave the module in eval mode
@@ -756,7 +764,7 @@ class CausalLMModule(MoELanguageModule):
                     next_ids = next_ids.masked_fill(done_B1, stop_id)
                     done_B1 = done_B1 | (next_ids == stop_id)
                 ids = torch.cat([ids, next_ids], dim=1)
-                if step == max_new_tokens - 1 or bool(done_B1.all()):
+                if step == max_new_tokens - 1 or (stop_id is not None and self._all_stopped(done_B1)):
                     break
                 if mask is not None:  # the cache's masks cover every position, past and new
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -793,6 +801,20 @@ def check_generation(max_new_tokens: int, temperature: float, top_k: int | None)
         raise ValueError(f"temperature={temperature!r} is invalid: must be a finite number >= 0 (0: greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} is invalid: must be an int >= 1, or unset for the whole vocabulary")
+
+
+def check_stop_id(stop_id: int | None, vocab_size: int) -> None:
+    """Check a generation's ``stop_id`` before any work.
+
+    Raises:
+        ValueError: Unless ``stop_id`` is ``None`` or an int token id in ``[0, vocab_size)``.
+    """
+    if stop_id is not None and (
+        isinstance(stop_id, bool) or not isinstance(stop_id, int) or not 0 <= stop_id < vocab_size
+    ):
+        raise ValueError(
+            f"stop_id={stop_id!r} is invalid: must be a token id in [0, {vocab_size}), or None to never stop early"
+        )
 
 
 def check_prompt(input_ids: Tensor, max_new_tokens: int, max_seq_len: int | None) -> None:
@@ -928,12 +950,35 @@ class Seq2SeqLMModule(MoELanguageModule):
 
     @torch.no_grad()
     def generate(
-        self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        stop_id: int | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
-        """Decode ``max_new_tokens`` tokens for each encoder input (the decoder is re-run per token).
+        """Decode up to ``max_new_tokens`` tokens for each ``(B, S)`` encoder input: greedy at ``temperature == 0``.
+
+        The encoder runs once; with ``use_cache`` each new token's decoder step attends to cached self-attention
+        keys and values instead of re-running the decoder over all tokens so far.
+
+        Args:
+            input_ids: ``(B, S)`` encoder inputs, ``1 <= S <= max_seq_len``.
+            max_new_tokens: Tokens to decode; with the start id they must fit the decoder's ``max_seq_len``.
+            temperature: 0 for greedy, else the sampling temperature.
+            top_k: Sample among the ``top_k`` most likely tokens only (``None``: all).
+            use_cache: Decode with a key/value cache.
+            stop_id: A token that ends a sequence: a sequence that produced it continues with it, and decoding
+                stops once every sequence has (``None``: never stops early).
+            attention_mask: ``(B, S)`` 1/True for real encoder tokens, 0/False for padding (either side), for
+                encoder inputs of different lengths: neither the encoder nor the decoder's cross-attention attends
+                to padding, so each row decodes as it would alone (where no expert drops a token for capacity).
 
         Returns:
-            ``(B, 1 + max_new_tokens)`` decoder ids, starting with the decoder start id.
+            ``(B, 1 + n)`` decoder ids starting with the decoder start id, ``n <= max_new_tokens`` (``n <
+            max_new_tokens`` only with ``stop_id``).
         """
         check_generation(max_new_tokens, temperature, top_k)
         max_seq_len = getattr(self.config, "max_seq_len", None)
@@ -944,13 +989,38 @@ class Seq2SeqLMModule(MoELanguageModule):
                 f"max_seq_len={max_seq_len}; shorten the input"
             )
         check_prompt(input_ids[:, :1], max_new_tokens, max_seq_len)  # the decoder's: the start id, then new tokens
+        check_token_ids(input_ids, self.config.vocab_size, "input_ids")
+        check_stop_id(stop_id, self.config.vocab_size)
+        mask = attention_mask
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.shape != input_ids.shape or mask.is_floating_point():
+                shape, dtype = (tuple(mask.shape), mask.dtype) if isinstance(mask, Tensor) else (None, type(mask))
+                raise ValueError(
+                    f"attention_mask of shape {shape} and dtype {dtype} is invalid: expected a bool or integer mask "
+                    f"shaped like input_ids {tuple(input_ids.shape)}"
+                )
+            if not mask.bool().any(dim=1).all():
+                raise ValueError(
+                    "attention_mask is invalid: a row is all padding; every encoder input needs at least one real token"
+                )
         was_training = self.training
         self.eval()
-        try:  # an error inside the model (a token id outside the vocabulary) must not leave the module in eval mode
+        try:  # an error inside the model must not leave the module in eval mode
+            memory_BSD, _ = self.model.encode(input_ids, mask)
+            cache = self.model.new_cache() if use_cache else None
             ids = torch.full((input_ids.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=input_ids.device)
-            for _ in range(max_new_tokens):
-                logits = self.model(input_ids, ids).logits[:, -1].float()
-                ids = torch.cat([ids, sample_next(logits, temperature, top_k)], dim=1)
+            logits = self.model.decode(memory_BSD, ids, mask, cache=cache).logits[:, -1]
+            done_B1 = torch.zeros_like(ids, dtype=torch.bool)
+            for step in range(max_new_tokens):
+                next_ids = sample_next(logits.float(), temperature, top_k)
+                if stop_id is not None:
+                    next_ids = next_ids.masked_fill(done_B1, stop_id)
+                    done_B1 = done_B1 | (next_ids == stop_id)
+                ids = torch.cat([ids, next_ids], dim=1)
+                if step == max_new_tokens - 1 or (stop_id is not None and self._all_stopped(done_B1)):
+                    break
+                new_ids = next_ids if cache is not None else ids
+                logits = self.model.decode(memory_BSD, new_ids, mask, cache=cache).logits[:, -1]
         finally:
             self.train(was_training)
         return ids

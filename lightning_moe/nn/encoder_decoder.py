@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_moe.nn.attention import Attention, attention_bias, sdpa
+from lightning_moe.nn.attention import Attention, KVCache, LayerKVCache, attention_bias, sdpa
 from lightning_moe.nn.config import check_token_mask
 from lightning_moe.nn.moe import MoELayer, MoEStats
 from lightning_moe.nn.transformer import DecoderLayer, ModelOutput, check_targets, check_token_ids, head_output
@@ -104,9 +104,14 @@ class CrossAttentionDecoderLayer(nn.Module):
         self_mask: Tensor | None,
         cross_mask: Tensor,
         token_mask_BT: Tensor | None = None,
+        cache: LayerKVCache | None = None,
     ) -> tuple[Tensor, MoEStats | None]:
-        """Run the block; returns the output and the MoE statistics (``None`` for a dense FFN)."""
-        h_BTD = x_BTD + self.attention(self.attn_norm(x_BTD), None, self_mask)
+        """Run the block; returns the output and the MoE statistics (``None`` for a dense FFN).
+
+        With ``cache`` (this layer's slot of a :class:`~lightning_moe.nn.attention.KVCache`) the self-attention
+        appends this step's keys and values to the cached ones and attends to all of them.
+        """
+        h_BTD = x_BTD + self.attention(self.attn_norm(x_BTD), None, self_mask, cache)
         h_BTD = h_BTD + self.cross_attention(self.cross_norm(h_BTD), memory_BSD, cross_mask)
         if self.is_moe:
             ffn_BTD, stats = self.ffn(self.ffn_norm(h_BTD), token_mask_BT)
@@ -223,23 +228,85 @@ class EncoderDecoderLM(nn.Module):
                 f"input_ids ({input_ids.shape[0]})"
             )
         check_targets(targets, decoder_input_ids, "decoder_input_ids")
-        memory_BSD, router_stats = self.encode(input_ids, attention_mask)
+        memory_BSD, encoder_stats = self.encode(input_ids, attention_mask)
+        out = self.decode(memory_BSD, decoder_input_ids, attention_mask, decoder_attention_mask, targets=targets)
+        out.router_stats = encoder_stats + out.router_stats
+        return out
 
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for the decoder's self-attentions (see :meth:`decode`)."""
+        return KVCache(len(self.decoder))
+
+    def decode(
+        self,
+        memory_BSD: Tensor,
+        decoder_input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        targets: Tensor | None = None,
+    ) -> ModelOutput:
+        """Decoder logits for ``(B, T)`` decoder inputs attending to an encoder output from :meth:`encode`.
+
+        Args:
+            memory_BSD: ``(B, S, D)`` encoder output.
+            decoder_input_ids: ``(B, T)`` decoder token ids.
+            attention_mask: ``(B, S)``, True for real encoder tokens (the cross-attention skips padding).
+            decoder_attention_mask: True for real decoder tokens: ``(B, T)``, or ``(B, past + T)`` covering the
+                cached positions too when a cache is given.
+            cache: Key/value cache of the decoder's self-attentions (:meth:`new_cache`), extended in place: the
+                decoder inputs are then the positions after the cached ones.
+            targets: ``(B, T)`` targets, as in :meth:`forward`.
+
+        Returns:
+            Decoder logits ``(B, T, V)`` (or the loss), the decoder's router statistics and final decoder states.
+
+        Raises:
+            ValueError: If the shapes or token ids are wrong.
+        """
+        if decoder_input_ids.dim() != 2:
+            raise ValueError(
+                f"decoder_input_ids.shape={tuple(decoder_input_ids.shape)} is invalid: expected (B, length)"
+            )
         batch, seq = decoder_input_ids.shape
+        past = cache.length if cache is not None else 0
+        check_token_ids(decoder_input_ids, self.embed.num_embeddings, "decoder_input_ids")
+        check_token_mask("decoder_attention_mask", decoder_attention_mask)
+        check_targets(targets, decoder_input_ids, "decoder_input_ids")
+        if memory_BSD.dim() != 3 or memory_BSD.shape[0] != batch:
+            raise ValueError(
+                f"memory_BSD.shape={tuple(memory_BSD.shape)} is invalid: expected (B, S, D) with B={batch}, the batch "
+                "of decoder_input_ids"
+            )
+        if past and cache.keys[0].shape[0] != batch:
+            raise ValueError(
+                f"decoder_input_ids.shape={tuple(decoder_input_ids.shape)} is invalid with this cache: it holds "
+                f"{cache.keys[0].shape[0]} sequences; start a new one (model.new_cache()) for another batch size"
+            )
+        if decoder_attention_mask is not None and decoder_attention_mask.shape != (batch, past + seq):
+            raise ValueError(
+                f"decoder_attention_mask.shape={tuple(decoder_attention_mask.shape)} is invalid: expected "
+                f"{(batch, past + seq)}"
+            )
         x_BTD = self.embed(decoder_input_ids)
-        token_mask_BT = None if decoder_attention_mask is None else decoder_attention_mask.bool()
-        bias_HTT = self.decoder_position_bias(seq, seq) if self.decoder_position_bias is not None else None
+        token_mask_BT = None if decoder_attention_mask is None else decoder_attention_mask[:, past:].bool()
+        bias_HTS = None
+        if self.decoder_position_bias is not None:
+            bias_HTS = self.decoder_position_bias(seq, past + seq, offset=past)
         self_mask = attention_bias(
             batch,
             seq,
-            padding_mask_BS=token_mask_BT,
-            position_bias_HTS=bias_HTT,
+            past=past,
+            padding_mask_BS=decoder_attention_mask,
+            position_bias_HTS=bias_HTS,
             dtype=x_BTD.dtype,
             device=x_BTD.device,
         )
         cross_mask = cross_attention_mask(batch, memory_BSD.shape[1], attention_mask, x_BTD.dtype, x_BTD.device)
-        for layer in self.decoder:
-            x_BTD, stats = layer(x_BTD, memory_BSD, self_mask, cross_mask, token_mask_BT)
+        router_stats = []
+        for index, layer in enumerate(self.decoder):
+            layer_cache = cache.layer(index) if cache is not None else None
+            x_BTD, stats = layer(x_BTD, memory_BSD, self_mask, cross_mask, token_mask_BT, layer_cache)
             if stats is not None:
                 router_stats.append(stats)
         hidden_BTD = self.decoder_norm(x_BTD)

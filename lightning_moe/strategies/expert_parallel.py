@@ -375,6 +375,31 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         plugin.clip_grad_by_norm = lambda optimizer, clip_val: clip_grad_norm_(plugin.main_params(optimizer), clip_val)
 
     @override
+    def on_predict_start(self) -> None:
+        """Refuse a prediction whose ranks would run different numbers of batches, before the first batch.
+
+        Every forward here is a collective (FSDP2 all-gathers, the MoE all-to-all), and Lightning spreads the
+        prediction samples over the ranks without repeating any, so with a sample count that does not split evenly
+        into batches one rank would run a batch the others never join, and wait forever.
+
+        Raises:
+            ValueError: Naming each rank's batch count and how to even them out.
+        """
+        super().on_predict_start()
+        if self.world_size < 2 or not dist.is_initialized():
+            return
+        mine = [n if math.isfinite(n) else -1 for n in self.lightning_module.trainer.predict_loop.max_batches]
+        counts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(counts, mine)
+        if any(count != counts[0] for count in counts):
+            fewest = min(min(count) for count in counts)
+            raise ValueError(
+                f"the prediction data is invalid under ExpertParallelStrategy: the ranks would run {counts} batches "
+                "(per rank, per dataloader), and every forward waits for all ranks; give every rank as many, e.g. "
+                f"trainer.limit_predict_batches={fewest}, or a sample count that is a multiple of world x batch size"
+            )
+
+    @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: str | os.PathLike, storage_options: Any = None
     ) -> None:
