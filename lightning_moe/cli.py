@@ -147,19 +147,25 @@ class MoECLI(LightningCLI):
             check_sizes(model.model)
 
     def _check_last_checkpoint(self) -> None:
-        """Refuse ``validate``, ``test`` or ``predict`` with ``--ckpt_path last`` when the run has no last checkpoint.
+        """Check the checkpoint ``--ckpt_path last`` finds, before any work.
 
-        Lightning then only warns and evaluates a freshly initialised model (for ``fit`` that starts a first run,
-        which is kept).
+        The newest one found (the one Lightning loads) is read as a ``--ckpt_path FILE`` is: a cut, empty or foreign
+        file is refused by name here, not by Lightning's loader after the corpus was tokenized. ``validate``,
+        ``test`` or ``predict`` are refused when the run has no last checkpoint: Lightning then only warns and
+        evaluates a freshly initialised model (for ``fit`` that starts a first run, which is kept).
 
         Raises:
-            ValueError: Naming the folders searched.
+            ValueError: Naming the checkpoint found, or the folders searched.
         """
         config = self.config[self.subcommand]
-        if self.subcommand == "fit" or config.get("ckpt_path") != "last":
+        if config.get("ckpt_path") != "last":
             return
         callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
-        if any(cb._find_last_checkpoints(self.trainer) for cb in callbacks):
+        found = [Path(path) for cb in callbacks for path in cb._find_last_checkpoints(self.trainer)]
+        local = [path for path in found if path.exists()]  # remote folders are left to Lightning
+        if local:
+            read_checkpoint(max(local, key=lambda path: path.stat().st_mtime))
+        if found or self.subcommand == "fit":
             return
         folders = ", ".join(str(cb.dirpath) for cb in callbacks) or "no checkpoint folder (no ModelCheckpoint)"
         raise ValueError(

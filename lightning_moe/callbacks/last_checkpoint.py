@@ -9,6 +9,7 @@ from weakref import proxy
 import lightning.pytorch as pl
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_moe.strategies.checkpoint import interrupted_swap, staging_path
@@ -30,6 +31,10 @@ class LastCheckpoint(ModelCheckpoint):
     - ``fit --ckpt_path last`` finds the checkpoint of an expert-parallel save killed in the middle of its
       folder swap (see :func:`~lightning_moe.strategies.checkpoint.interrupted_swap`), where ``last.ckpt`` is
       missing for a moment.
+    - With gradient accumulation nothing is saved between the micro-batches of one optimizer step: their
+      gradients are not in a checkpoint, so a resume from there trained that step on the remaining micro-batches
+      only. Lightning saved there right after a resume (the first micro-batch still sees the restored step
+      count, which it had not saved in this run) and at a validation or time interval that fell mid-step.
 
     Every argument is ``ModelCheckpoint``'s.
 
@@ -63,6 +68,10 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
     @override
+    def _should_skip_saving_checkpoint(self, trainer: pl.Trainer) -> bool:
+        return super()._should_skip_saving_checkpoint(trainer) or between_micro_batches(trainer)
+
+    @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         sharded = getattr(trainer.strategy, "_save_distributed_checkpoint", False)  # swaps its own folder
         if sharded or not _is_local_file_protocol(filepath):
@@ -87,3 +96,13 @@ class LastCheckpoint(ModelCheckpoint):
             if recovered is not None:
                 found.add(os.path.normpath(recovered))
         return found
+
+
+def between_micro_batches(trainer: pl.Trainer) -> bool:
+    """Whether training stands between the micro-batches of one optimizer step (gradients accumulated, not applied).
+
+    True from the end of a micro-batch that did not step the optimizer until the end of the one that does.
+    """
+    if trainer.accumulate_grad_batches <= 1 or trainer.state.fn != TrainerFn.FITTING:
+        return False
+    return trainer.fit_loop.epoch_loop._should_accumulate()

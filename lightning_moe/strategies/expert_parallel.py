@@ -55,6 +55,7 @@ from typing_extensions import override
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.strategies.checkpoint import (
     check_checkpoint_files,
+    interrupted_swap,
     optimizer_state_by_name,
     previous_path,
     staging_path,
@@ -411,7 +412,8 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         the staging folder into its place, and deletes the previous one. A failed save leaves the previous
         checkpoint as it was (and its staging folder, removed by the next save); one killed between the two
         renames leaves both folders, which ``LastCheckpoint`` resumes from (see
-        :func:`~lightning_moe.strategies.checkpoint.interrupted_swap`).
+        :func:`~lightning_moe.strategies.checkpoint.interrupted_swap`), and which the next save first puts back
+        under ``filepath``: the staging folder it clears may be the newest checkpoint.
         """
         if not self._save_distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -419,6 +421,9 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         path = Path(self.broadcast(filepath))
         staging = staging_path(path)
         if self.global_rank == 0:
+            recovered = interrupted_swap(path)
+            if recovered is not None:
+                os.replace(recovered, path)
             _remove(staging)
         self.barrier("staging")
         super().save_checkpoint(checkpoint, staging, storage_options)
