@@ -8,6 +8,7 @@ forward+backward of the grouped path against the reference loop.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -40,6 +41,35 @@ def _time(layer: MoELayer, x: torch.Tensor, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Raise unless every flag is in range, before any work; the error names the flag as the user typed it.
+
+    The layer's configs check the same values again, but under their field names (``num_experts``, ``top_k``,
+    ``hidden_dim``), which are not the flags of this command.
+
+    Raises:
+        ValueError: Naming the first invalid flag, its value and what is allowed.
+    """
+
+    def check(ok: bool, flag: str, value: object, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{flag}={value!r} is invalid: {allowed}")
+
+    for flag, value in (("--experts", args.experts), ("--dim", args.dim), ("--hidden", args.hidden)):
+        check(value >= 1, flag, value, "must be >= 1")
+    check(1 <= args.top_k <= args.experts, "--top-k", args.top_k, f"must be in [1, --experts] = [1, {args.experts}]")
+    check(args.tokens >= 1, "--tokens", args.tokens, "must be >= 1")
+    check(args.steps >= 1, "--steps", args.steps, "must be >= 1")
+    factor = args.capacity_factor
+    check(
+        factor is None or (math.isfinite(factor) and factor > 0),
+        "--capacity-factor",
+        factor,
+        "must be a finite number > 0, or left out for dropless routing",
+    )
+    check(-(2**63) <= args.seed < 2**64, "--seed", args.seed, "must be in [-2**63, 2**64 - 1] (torch.manual_seed)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the demo."""
     parser = argparse.ArgumentParser(prog="lightning-moe demo", description=__doc__)
@@ -52,9 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="router training steps (default 60)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name in ("tokens", "steps"):  # the layer's own config checks the rest
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name}={getattr(args, name)} is invalid: must be >= 1")
+    _check_args(args)
 
     torch.manual_seed(args.seed)
     config = MoEConfig(

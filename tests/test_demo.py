@@ -18,5 +18,5 @@ def test_demo_prints_loads_and_balancing_lowers_the_loss(capsys):
 def test_demo_arguments_name_the_field():
     with pytest.raises(ValueError, match=r"tokens=-5 is invalid: must be >= 1"):
         main(["--tokens", "-5"])
-    with pytest.raises(ValueError, match=r"num_experts=0 is invalid"):
+    with pytest.raises(ValueError, match=r"--experts=0 is invalid: must be >= 1"):
         main(["--experts", "0"])
