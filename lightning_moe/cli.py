@@ -135,6 +135,11 @@ class MoECLI(LightningCLI):
         if not isinstance(model, MoELanguageModule):
             return
         model.check_world_size(trainer.world_size)
+        if self.subcommand == "fit":  # the callbacks' own checks run at fit start, after the corpus is tokenized
+            for callback in trainer.callbacks:
+                check_setup = getattr(callback, "check_setup", None)  # lightning_moe.callbacks
+                if check_setup is not None:
+                    check_setup(trainer, model)
         if isinstance(data, TextDataModule):
             vocab_size = data.vocab_size_arg
             if data.tokenizer_path is not None:

@@ -245,6 +245,46 @@ def test_mismatches_are_refused_before_tokenizing_or_starting_processes(tmp_path
         run_cli(["fit", "--config", str(configs / "mixtral-tiny.yaml"), *_small(tmp_path), *args])
 
 
+def _config_with_callback(tmp_path, name, **init_args):
+    """mixtral-tiny.yaml with the init_args of its callback ``name`` changed, written under ``tmp_path``."""
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "mixtral-tiny.yaml").read_text())
+    callback = next(cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("." + name))
+    callback["init_args"].update(init_args)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["bias_without_score_bias", "revive_with_sharded_experts", "missing_layer"])
+def test_callback_settings_the_model_cannot_take_are_refused_before_tokenizing(tmp_path, monkeypatch, case):
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_moe.data import TextDataModule
+
+    monkeypatch.setattr(TextDataModule, "prepare_data", _forbid)
+    monkeypatch.setattr(_SubprocessScriptLauncher, "launch", _forbid)
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    if case == "bias_without_score_bias":  # LoadBalancingBias needs DeepSeek-V3 style routers
+        args, error, match = (
+            ["--config", str(configs / "deepseek-tiny.yaml"), "--model.init_args.arch", "mixtral-tiny"],
+            MisconfigurationException,
+            r"LoadBalancingBias needs routers with a score-correction bias",
+        )
+    elif case == "revive_with_sharded_experts":
+        config = _config_with_callback(tmp_path, "ExpertCollapseDetector", action="revive")
+        args, error, match = (
+            ["--config", config, "--config", str(configs / "expert-parallel.yaml")],
+            ValueError,
+            r"action='revive' is invalid with sharded experts",
+        )
+    else:  # mixtral-tiny has 2 MoE layers
+        config = _config_with_callback(tmp_path, "ExpertSpecialization", layers=[5])
+        args, error, match = (["--config", config], ValueError, r"5")
+    with pytest.raises(error, match=match):
+        run_cli(["fit", *args, *_small(tmp_path)])
+
+
 class LrRecorder(Callback):
     """Keeps the learning rate each training step ran with (used through --trainer.callbacks+)."""
 

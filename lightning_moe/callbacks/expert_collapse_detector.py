@@ -24,6 +24,7 @@ from lightning_moe.callbacks._utils import (
 )
 from lightning_moe.nn.config import is_number
 from lightning_moe.nn.moe import MoELayer
+from lightning_moe.strategies.expert_parallel import ExpertParallelStrategy
 
 ACTIONS = ("warn", "stop", "revive")
 
@@ -119,16 +120,26 @@ class ExpertCollapseDetector(Callback):
         self._tokens: Tensor | None = None
         self._steps = StepBoundary()
 
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        layers = moe_layers(pl_module)
-        if not layers:
-            rank_zero_warn("ExpertCollapseDetector: the model has no MoE layer; nothing to watch")
-        if self.action == "revive" and any(isinstance(layer.experts.w1, DTensor) for _, layer in layers):
+    def check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse what this callback cannot do: at train start, and from the CLI before any data work.
+
+        Raises:
+            ValueError: For ``action="revive"`` with sharded experts (``ExpertParallelStrategy``).
+        """
+        sharded = isinstance(trainer.strategy, ExpertParallelStrategy) or any(
+            isinstance(layer.experts.w1, DTensor) for _, layer in moe_layers(pl_module)
+        )
+        if self.action == "revive" and sharded:
             raise ValueError(
                 "action='revive' is invalid with sharded experts (ExpertParallelStrategy): reviving copies whole "
                 "expert weights between ranks' shards, which is not supported; use 'warn' or 'stop'"
             )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not moe_layers(pl_module):
+            rank_zero_warn("ExpertCollapseDetector: the model has no MoE layer; nothing to watch")
+        self.check_setup(trainer, pl_module)
         self._steps.start(trainer)  # windows close when the step count moves on from here
 
     @override

@@ -113,18 +113,21 @@ class ExpertSpecialization(Callback):
             selected.append(index % num_layers)
         return sorted(set(selected))
 
-    def _check_layers(self, pl_module: pl.LightningModule) -> None:
-        """Fail before any work if a requested layer index does not exist (``layers=None`` fits any model)."""
+    def check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fail before any work if a requested layer index does not exist (``layers=None`` fits any model).
+
+        Runs at fit and validation start, and from the CLI before any data work.
+        """
         if self.layers is not None:
             self._selected(len(moe_layers(pl_module)))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_layers(pl_module)
+        self.check_setup(trainer, pl_module)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_layers(pl_module)
+        self.check_setup(trainer, pl_module)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -73,8 +73,13 @@ class LoadBalancingBias(Callback):
     def _layers(self, pl_module: pl.LightningModule) -> list[tuple[int, MoELayer]]:
         return [(i, layer) for i, (_, layer) in enumerate(moe_layers(pl_module)) if layer.router.score_bias is not None]
 
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a model this callback cannot balance: at fit start, and from the CLI before any data work.
+
+        Raises:
+            MisconfigurationException: If no router has a score bias, or ``gamma`` is ``None`` and the model config
+                sets no positive ``bias_update_speed``.
+        """
         if not self._layers(pl_module):
             raise MisconfigurationException(
                 "LoadBalancingBias needs routers with a score-correction bias: no MoE layer has "
@@ -88,6 +93,10 @@ class LoadBalancingBias(Callback):
                     "pass gamma"
                 )
             self._gamma = float(speed)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_setup(trainer, pl_module)
         for _, layer in self._layers(pl_module):
             layer.tokens_per_expert.zero_()  # drop counts from forwards before training (e.g. a sanity check)
         self._remove_hook()
