@@ -7,9 +7,11 @@ AdamW without weight decay on norms, biases and embeddings; linear warmup then c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,29 @@ from lightning_moe.nn.transformer import check_token_ids
 
 AUX_TERMS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "seq_balance": "seq_balance_coef"}
 NAN_POLICIES = ("raise", "skip")
+# Config fields a resume may change: they steer training (loss coefficients, router noise, token dropping by capacity)
+# or how the same weights compute (kernels, gate precision, the initialisation the checkpoint overwrites), not what
+# the weights are or what they mean.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "init_std",
+        "load_balance_coef",
+        "z_loss_coef",
+        "seq_balance_coef",
+        "mtp_loss_coef",
+        "bias_update_speed",
+        "router_jitter",
+        "random_routing",
+        "capacity_factor",
+        "eval_capacity_factor",
+        "expert_capacity",
+        "capacity_scope",
+        "expert_kernel",
+        "router_gate_precision",
+    }
+)
+# Arguments of zoo.upcycle that only shape the first weights, which a checkpoint overwrites.
+UPCYCLE_INIT = ("noise_std", "zero_router")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -119,7 +144,14 @@ class MoELanguageModule(L.LightningModule):
             raise ValueError(
                 f"nan_policy={nan_policy!r} is invalid: must be one of {', '.join(map(repr, NAN_POLICIES))}"
             )
-        if isinstance(lr, bool) or not 0 < lr < math.inf:
+        if not isinstance(arch, str):
+            raise ValueError(f"arch={arch!r} is invalid: must be a preset name (lightning_moe.zoo.names())")
+        for name, value in (("overrides", overrides), ("upcycle", upcycle)):
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"{name}={value!r} is invalid: must be a dict of field names to values, or None")
+        if not isinstance(reuse_expert_grad_memory, bool):
+            raise ValueError(f"reuse_expert_grad_memory={reuse_expert_grad_memory!r} is invalid: must be a bool")
+        if not is_number(lr) or lr <= 0:
             raise ValueError(f"lr={lr!r} is invalid: must be a finite number > 0")
         if not is_number(weight_decay) or weight_decay < 0:
             raise ValueError(f"weight_decay={weight_decay!r} is invalid: must be a finite number >= 0")
@@ -179,12 +211,18 @@ class MoELanguageModule(L.LightningModule):
                 upcycle = _upcycle_args(self.config, upcycle or {})
                 self.hparams.upcycle = upcycle
                 self.model = zoo.upcycle(self.model, **upcycle)
+        # Loggers write hparams_initial (hparams.yaml): the network as the checkpoints record it, not the start's path.
+        self._hparams_initial = copy.deepcopy(self._hparams)
         seq2seq = isinstance(self.model, EncoderDecoderLM)
         if seq2seq != self.seq2seq:
-            kind, module = ("an encoder-decoder", "Seq2SeqLMModule") if seq2seq else ("a decoder", "CausalLMModule")
+            kind, module, example = (
+                ("an encoder-decoder", "Seq2SeqLMModule", "switch-tiny")
+                if seq2seq
+                else ("a decoder", "CausalLMModule", "mixtral-tiny")
+            )
             raise ValueError(
                 f"arch={arch!r} is invalid for {type(self).__name__}: it is {kind} model; train it with {module} "
-                "(configs/switch-tiny.yaml shows the encoder-decoder setup)"
+                f"(configs/{example}.yaml shows the {module} setup)"
             )
         self.coefs = {
             term: (getattr(self.config, field) if value is None else value)
@@ -356,10 +394,11 @@ class MoELanguageModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the tokenizer saved with the weights; resume with this run's optimizer settings.
 
-        Refuses a checkpoint built with another network (``arch``, ``overrides``, ``upcycle``; ``--ckpt_path last``
-        takes the network from the command line) and one whose tokenizer differs from the one this run's data
-        built (changed ``data.*`` settings): the weights would be trained or evaluated on token ids that mean
-        other text.
+        Refuses a checkpoint of another network (``arch``, ``overrides`` and ``upcycle`` that build another config
+        but for training-only fields, see :meth:`_check_same_network`; ``--ckpt_path last`` takes the network from
+        the command line) and one whose tokenizer differs from the one this run's data built (changed ``data.*``
+        settings): the weights would be trained or evaluated on token ids that mean other text. A checkpoint without
+        a tokenizer keeps the data's (with a warning that it must be the one the weights learnt).
 
         The optimizer and scheduler states restored after this hook carry the saved run's learning rate, weight
         decay and betas; a resume that changes them (``--model.init_args.lr``, ...) would otherwise keep the
@@ -368,14 +407,7 @@ class MoELanguageModule(L.LightningModule):
         run's ``weight_decay``, every group its ``betas``.
         """
         saved = checkpoint.get("hyper_parameters", {})
-        for key in ("arch", "overrides", "upcycle"):
-            mine, theirs = self.hparams.get(key), saved.get(key)
-            if key in saved and (mine or None) != (theirs or None):
-                raise ValueError(
-                    f"{key}={mine!r} is invalid for this checkpoint, which was trained with {key}={theirs!r}: the "
-                    "weights would not fit. Pass the same --model settings, or the checkpoint's file path as "
-                    "--ckpt_path (then the network comes from the checkpoint)"
-                )
+        self._check_same_network(saved)
         saved_tokenizer = checkpoint.get("tokenizer_json")
         if self.tokenizer_json is not None and saved_tokenizer is not None and saved_tokenizer != self.tokenizer_json:
             saved_data = checkpoint.get("datamodule_hyper_parameters", {})
@@ -388,7 +420,13 @@ class MoELanguageModule(L.LightningModule):
                 + (f"; changed (checkpoint, now): {changed}" if changed else "")
                 + " (data.sources, max_bytes, vocab_size and tokenizer_path decide the tokenizer)"
             )
-        self.tokenizer_json = saved_tokenizer
+        if saved_tokenizer is not None:
+            self.tokenizer_json = saved_tokenizer
+        elif self.tokenizer_json is not None:  # keep the data's: later checkpoints and generate need it
+            rank_zero_warn(
+                "the checkpoint holds no tokenizer: the data's tokenizer must be the one its weights were trained "
+                "with, or every token id stands for other text"
+            )
         self.train_samples_seen = checkpoint.get("train_samples_seen")  # None in older files: the step count then
         position = checkpoint.get("train_data_position")  # None in older files: the data module reads the count
         self.train_data_position = None if position is None else (int(position[0]), int(position[1]))
@@ -408,6 +446,47 @@ class MoELanguageModule(L.LightningModule):
             for key in ("base_lrs", "_last_lr"):
                 if key in state:
                     state[key] = [lr * ratio for lr in state[key]]
+
+    def _check_same_network(self, saved: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose saved ``arch``, ``overrides`` and ``upcycle`` build another network than this one.
+
+        The configs they build are compared, not the raw values: ``overrides={"num_experts": 8}`` on ``mixtral-tiny``
+        (its own value) is the same network as no override. Fields in ``RESUMABLE_FIELDS`` (loss coefficients,
+        router noise, token dropping, kernels) may differ: they change how the weights train, not what they are.
+
+        Raises:
+            ValueError: Naming the argument, both values and each config field that differs (checkpoint, now).
+        """
+        if "arch" not in saved:
+            return
+        key = "overrides" if saved["arch"] == self.hparams.arch else "arch"
+        hint = (
+            "Pass the same --model settings, or the checkpoint's file path as --ckpt_path (then the network comes "
+            "from the checkpoint)"
+        )
+        try:
+            theirs = zoo.config(saved["arch"], **(saved.get("overrides") or {}))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"arch={saved['arch']!r} with overrides={saved.get('overrides')!r} of this checkpoint cannot be "
+                f"rebuilt: {error}"
+            ) from error
+        differ = _config_differences(theirs, self.config)
+        if differ:
+            raise ValueError(
+                f"{key}={self.hparams.get(key)!r} is invalid for this checkpoint, which was trained with "
+                f"{key}={saved.get(key)!r}: they build another network ({differ}), which the weights would not fit "
+                f"or would compute something else in. {hint}"
+            )
+        mine_up, their_up = (
+            None if up is None else {k: v for k, v in _upcycle_args(self.config, up).items() if k not in UPCYCLE_INIT}
+            for up in (self.hparams.get("upcycle"), saved.get("upcycle"))
+        )
+        if mine_up != their_up:
+            raise ValueError(
+                f"upcycle={self.hparams.get('upcycle')!r} is invalid for this checkpoint, which was trained with "
+                f"upcycle={saved.get('upcycle')!r}: the weights would not fit. {hint}"
+            )
 
     def on_train_start(self) -> None:
         """Set each restored learning rate to this run's schedule at the restored step.
@@ -631,6 +710,17 @@ def _as_preset(config: zoo.ModelConfig) -> tuple[str, dict[str, Any]]:
     return arch, overrides
 
 
+def _config_differences(saved: zoo.ModelConfig, now: zoo.ModelConfig) -> str:
+    """The fields outside ``RESUMABLE_FIELDS`` in which two configs differ, as ``field: checkpoint A, now B; ...``."""
+    if type(saved) is not type(now):
+        return f"family: checkpoint {zoo.family_of(saved)}, now {zoo.family_of(now)}"
+    return "; ".join(
+        f"{f.name}: checkpoint {getattr(saved, f.name)!r}, now {getattr(now, f.name)!r}"
+        for f in dataclasses.fields(saved)
+        if f.name not in RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(now, f.name)
+    )
+
+
 def _plain(value: Any) -> Any:
     """A config value as YAML-friendly data: nested configs as dicts, tuples as lists."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -725,7 +815,7 @@ class CausalLMModule(MoELanguageModule):
                 ``max_seq_len``.
             max_new_tokens: Tokens to add.
             temperature: 0 for greedy, else the sampling temperature.
-            top_k: Sample among the ``top_k`` most likely tokens only (``None``: all).
+            top_k: Sample among the ``top_k`` most likely tokens only (``None``: all); needs ``temperature > 0``.
             use_cache: Decode with a key/value cache.
             stop_id: A token that ends a sequence (the tokenizer's ``<|endoftext|>``): a sequence that produced
                 it continues with it, and generation stops once every sequence has (``None``: never stops early).
@@ -740,11 +830,7 @@ class CausalLMModule(MoELanguageModule):
         check_prompt(input_ids, max_new_tokens, getattr(self.config, "max_seq_len", None))
         mask = attention_mask
         if mask is not None:
-            if mask.shape != input_ids.shape or mask.is_floating_point():
-                raise ValueError(
-                    f"attention_mask of shape {tuple(mask.shape)} and dtype {mask.dtype} is invalid: expected a bool "
-                    f"or integer mask shaped like input_ids {tuple(input_ids.shape)}"
-                )
+            check_attention_mask(mask, input_ids)
             if not mask[:, -1].bool().all():
                 raise ValueError(
                     "attention_mask is invalid: a row ends in padding; pad prompts on the left, so that every row's "
@@ -791,7 +877,7 @@ def check_generation(max_new_tokens: int, temperature: float, top_k: int | None)
 
     Raises:
         ValueError: Unless ``max_new_tokens`` is an int >= 1, ``temperature`` a finite number >= 0 and ``top_k``
-            None or >= 1.
+            None or >= 1; also for a ``top_k`` with ``temperature == 0`` (greedy decoding would ignore it).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an int >= 1")
@@ -801,6 +887,30 @@ def check_generation(max_new_tokens: int, temperature: float, top_k: int | None)
         raise ValueError(f"temperature={temperature!r} is invalid: must be a finite number >= 0 (0: greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} is invalid: must be an int >= 1, or unset for the whole vocabulary")
+    if top_k is not None and temperature == 0:
+        raise ValueError(
+            f"top_k={top_k} is invalid with temperature=0: greedy decoding takes the top token; pass a temperature "
+            "> 0 to sample among the top_k"
+        )
+
+
+def check_attention_mask(attention_mask: Any, input_ids: Tensor) -> None:
+    """Check a generation's ``attention_mask`` against its ``(B, T)`` ``input_ids`` before any work.
+
+    Raises:
+        ValueError: Unless ``attention_mask`` is a bool or integer tensor shaped like ``input_ids`` (a floating mask
+            may be an additive 0/-inf one, whose 0s mark the real tokens).
+    """
+    if not isinstance(attention_mask, Tensor):
+        raise ValueError(
+            f"attention_mask of type {type(attention_mask).__name__} is invalid: expected a bool or integer tensor "
+            f"shaped like input_ids {tuple(input_ids.shape)}"
+        )
+    if attention_mask.shape != input_ids.shape or attention_mask.is_floating_point():
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} and dtype {attention_mask.dtype} is invalid: "
+            f"expected a bool or integer mask shaped like input_ids {tuple(input_ids.shape)}"
+        )
 
 
 def check_stop_id(stop_id: int | None, vocab_size: int) -> None:
@@ -839,7 +949,11 @@ def check_prompt(input_ids: Tensor, max_new_tokens: int, max_seq_len: int | None
 
 
 def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None) -> Tensor:
-    """Pick the next token ``(B, 1)``: argmax at temperature 0, else a sample from the (top-k) softmax."""
+    """Pick the next token ``(B, 1)``: argmax at temperature 0, else a sample from the (top-k) softmax.
+
+    As ``transformers``' ``TopKLogitsWarper``, ``top_k`` keeps every token whose logit reaches the k-th largest, so
+    tokens tied with it are all kept.
+    """
     if temperature == 0:
         return logits_BV.argmax(dim=-1, keepdim=True)
     # From the largest logit down, so a tiny temperature scales to 0 and -inf (near-greedy), never to inf - inf.
@@ -968,7 +1082,7 @@ class Seq2SeqLMModule(MoELanguageModule):
             input_ids: ``(B, S)`` encoder inputs, ``1 <= S <= max_seq_len``.
             max_new_tokens: Tokens to decode; with the start id they must fit the decoder's ``max_seq_len``.
             temperature: 0 for greedy, else the sampling temperature.
-            top_k: Sample among the ``top_k`` most likely tokens only (``None``: all).
+            top_k: Sample among the ``top_k`` most likely tokens only (``None``: all); needs ``temperature > 0``.
             use_cache: Decode with a key/value cache.
             stop_id: A token that ends a sequence: a sequence that produced it continues with it, and decoding
                 stops once every sequence has (``None``: never stops early).
@@ -993,12 +1107,7 @@ class Seq2SeqLMModule(MoELanguageModule):
         check_stop_id(stop_id, self.config.vocab_size)
         mask = attention_mask
         if mask is not None:
-            if not isinstance(mask, Tensor) or mask.shape != input_ids.shape or mask.is_floating_point():
-                shape, dtype = (tuple(mask.shape), mask.dtype) if isinstance(mask, Tensor) else (None, type(mask))
-                raise ValueError(
-                    f"attention_mask of shape {shape} and dtype {dtype} is invalid: expected a bool or integer mask "
-                    f"shaped like input_ids {tuple(input_ids.shape)}"
-                )
+            check_attention_mask(mask, input_ids)
             if not mask.bool().any(dim=1).all():
                 raise ValueError(
                     "attention_mask is invalid: a row is all padding; every encoder input needs at least one real token"
