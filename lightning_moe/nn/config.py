@@ -89,8 +89,15 @@ def check_token_mask(name: str, mask: Tensor | None) -> None:
     token mask would turn every real token into padding and the padding into real tokens.
 
     Raises:
-        ValueError: If ``mask`` is floating point or complex.
+        ValueError: If ``mask`` is not a tensor (a list of flags, say), or is floating point or complex.
     """
+    import torch  # here, not at the top: the configs themselves need no torch
+
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise ValueError(
+            f"{name} of type {type(mask).__name__} is invalid: expected a bool or integer tensor, True/1 for real "
+            "tokens and False/0 for padding"
+        )
     if mask is not None and (mask.is_floating_point() or mask.is_complex()):
         raise ValueError(
             f"{name}.dtype={mask.dtype} is invalid: expected a bool or integer mask, True/1 for real tokens and "

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_moe.nn.experts import GroupedExperts
+from lightning_moe.nn.experts import GroupedExperts, autocast_dtype
 
 
 class Dispatcher:
@@ -76,7 +76,9 @@ class LoopDispatcher(Dispatcher):
             if out_TD is None:  # in the experts' output dtype (the autocast dtype under autocast)
                 out_TD = torch.zeros_like(x_TD, dtype=y_MD.dtype)
             out_TD.index_add_(0, tokens, y_MD * weights_N[copies].unsqueeze(-1).to(y_MD.dtype))
-        return torch.zeros_like(x_TD) if out_TD is None else out_TD
+        if out_TD is None:  # no live copy: zeros in the dtype the experts would have computed in, as grouped gives
+            return torch.zeros_like(x_TD, dtype=autocast_dtype(x_TD, experts.w1) or x_TD.dtype)
+        return out_TD
 
 
 class GroupedDispatcher(Dispatcher):
@@ -86,7 +88,8 @@ class GroupedDispatcher(Dispatcher):
         exact_counts: Whether :meth:`compute` needs exactly the live copies (dropped ones cut off, which reads
             their number on the host). When False and the experts need no host counts either (``torch._grouped_mm``
             on CUDA), dropped copies stay in the last expert's block with weight zero, so dispatch never waits
-            for the device; their compute is wasted, their contribution and gradients are zero.
+            for the device; they read a zero row appended to the tokens (``compute`` gets ``T + 1`` rows), so
+            their compute is wasted and their contribution and gradients are exactly zero.
     """
 
     exact_counts = False
@@ -111,7 +114,12 @@ class GroupedDispatcher(Dispatcher):
             counts_E = counts[:num_experts].clone()
             counts_E[-1:] += counts[num_experts:]
             weights_N = torch.where(keep_N, weights_N, torch.zeros_like(weights_N))
-            return self.compute(x_TD, token_ids_N[order], weights_N[order], counts_E, experts)
+            # The dead copies read an appended zero row, on which every expert gives exactly zero (no biases,
+            # act(0) = 0): the last expert on a token not routed to it could overflow, and 0 * inf is nan.
+            num_tokens = x_TD.shape[0]
+            x_TD = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
+            token_ids_N = torch.where(keep_N, token_ids_N, num_tokens)
+            return self.compute(x_TD, token_ids_N[order], weights_N[order], counts_E, experts)[:num_tokens]
         counts_E = counts[:num_experts]
         counts_list = counts_E.tolist()
         padded, expert_order = counts_list, None

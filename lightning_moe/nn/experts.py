@@ -153,7 +153,8 @@ def padded_counts(
     are of neighbouring experts, or with ``by_load`` of experts taken in order of their counts (smallest
     first, ties by index; the copies then go in :func:`batch_order`), up to :data:`PAD_MAX_ROWS_BY_LOAD`
     rows: their loads are nearly equal, so the padding is small, but their weights are not adjacent (the
-    kernel casts them in that order, or reads a pair as one strided view).
+    kernel casts them in that order, or reads a pair as one strided view). An expert without copies is left out
+    of its run and stays empty.
 
     Args:
         counts: Copies per expert.
@@ -169,9 +170,11 @@ def padded_counts(
     if group > 1:
         in_order = sorted(range(len(padded)), key=padded.__getitem__) if by_load else range(len(padded))
         for first in range(0, len(padded), group):
-            run = in_order[first : first + group]
-            top, rows = max(padded[e] for e in run), sum(padded[e] for e in run)
-            if len(run) > 1 and 0 < top <= max_rows and len(run) * top - rows <= PAD_MAX_WASTE * rows:
+            # An empty expert stays empty: with no copy of its own to repeat, its padding would run it on a token
+            # it was not routed to (an overflow there, 0 * inf, is nan in that token).
+            run = [expert for expert in in_order[first : first + group] if padded[expert]]
+            top, rows = max((padded[e] for e in run), default=0), sum(padded[e] for e in run)
+            if len(run) > 1 and top <= max_rows and len(run) * top - rows <= PAD_MAX_WASTE * rows:
                 for expert in run:
                     padded[expert] = top
     return padded

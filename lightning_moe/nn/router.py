@@ -199,9 +199,9 @@ class Router(nn.Module):
         """
         if x_TD.dim() != 2 or x_TD.shape[1] != self.gate.in_features:
             raise ValueError(f"x_TD.shape={tuple(x_TD.shape)} is invalid: expected (T, {self.gate.in_features})")
+        check_token_mask("mask_T", mask_T)
         if mask_T is not None and mask_T.shape != x_TD.shape[:1]:
             raise ValueError(f"mask_T.shape={tuple(mask_T.shape)} is invalid: expected ({x_TD.shape[0]},)")
-        check_token_mask("mask_T", mask_T)
         if self.config.kind == "expert_choice":
             if capacity is None:
                 raise ValueError("capacity=None is invalid: expert-choice routing needs the tokens per expert C")
