@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_moe.data import TextDataModule, unigram_entropy
+from lightning_moe.data.datamodule import PaddedPredictSampler
 from lightning_moe.data.tokenizer import EOS_TOKEN
 from lightning_moe.module import CausalLMModule, MoELanguageModule, check_generation
 from lightning_moe.strategies.checkpoint import METADATA_FILE
@@ -155,7 +156,8 @@ class MoECLI(LightningCLI):
         """Check the checkpoint ``--ckpt_path last`` finds, before any work.
 
         The newest one found (the one Lightning loads) is read as a ``--ckpt_path FILE`` is: a cut, empty or foreign
-        file is refused by name here, not by Lightning's loader after the corpus was tokenized. ``validate``,
+        file is refused by name here, not by Lightning's loader after the corpus was tokenized, and a sharded one
+        (an expert-parallel folder) under a strategy that cannot read it, as an explicit path is. ``validate``,
         ``test`` or ``predict`` are refused when the run has no last checkpoint: Lightning then only warns and
         evaluates a freshly initialised model (for ``fit`` that starts a first run, which is kept).
 
@@ -169,7 +171,10 @@ class MoECLI(LightningCLI):
         found = [Path(path) for cb in callbacks for path in cb._find_last_checkpoints(self.trainer)]
         local = [path for path in found if path.exists()]  # remote folders are left to Lightning
         if local:
-            read_checkpoint(max(local, key=lambda path: path.stat().st_mtime))
+            newest = max(local, key=lambda path: path.stat().st_mtime)
+            read_checkpoint(newest)
+            if newest.is_dir():  # read_checkpoint found its meta.pt: a sharded checkpoint
+                _check_sharded_checkpoint_strategy(str(newest), config.trainer.strategy)
         if found or self.subcommand == "fit":
             return
         folders = ", ".join(str(cb.dirpath) for cb in callbacks) or "no checkpoint folder (no ModelCheckpoint)"
@@ -235,15 +240,19 @@ class MoECLI(LightningCLI):
 
         tokenizer = Tokenizer.from_str(module.tokenizer_json)  # the data's tokenizer, or the checkpoint's
         half = max(1, data.block_size // 2) if isinstance(data, TextDataModule) else 0
-        records = []
-        for ids_BT in predictions or []:
-            for ids in ids_BT.tolist():
-                records.append((tokenizer.decode(ids[:half]), tokenizer.decode(ids[half:])))
+        rows = [ids for ids_BT in predictions or [] for ids in ids_BT.tolist()]
+        keys, padding = _prediction_order(trainer, len(rows))
+        records = [
+            (key, (tokenizer.decode(ids[:half]), tokenizer.decode(ids[half:])))
+            for key, pad, ids in zip(keys, padding, rows, strict=True)
+            if not pad  # a repeated prompt that evened out the ranks' batches: predicted on another rank
+        ]
         log_dir = trainer.log_dir
         if trainer.world_size > 1 and torch.distributed.is_initialized():  # each rank predicted its own prompts
             shares: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(shares, records)
             records = [record for share in shares for record in share]
+        records = [record for _, record in sorted(records, key=lambda keyed: keyed[0])]
         if trainer.global_rank != 0 or not records:
             return predictions
         folder = Path(log_dir or trainer.default_root_dir)
@@ -255,6 +264,21 @@ class MoECLI(LightningCLI):
         shown = "".join(f"{rule}\n{prompt}[...]{more}\n" for prompt, more in records[:3])
         print(f"{shown}{rule}\n{len(records)} continuations written to {path}")
         return predictions
+
+
+def _prediction_order(trainer: Any, count: int) -> tuple[list[tuple[int, int]], list[bool]]:
+    """A sort key for each of this rank's ``count`` predictions (all ranks' sorted: the data's order), and padding.
+
+    With the data module's :class:`~lightning_moe.data.datamodule.PaddedPredictSampler` the key is the prompt's
+    index, and the padding flags mark the prompts repeated to give every rank as many batches. With another loader
+    the predictions keep their rank's order, rank after rank.
+    """
+    loader = trainer.predict_dataloaders
+    # Lightning rebuilds a prediction loader around a batch sampler (which records the indices) over its sampler.
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    if isinstance(sampler, PaddedPredictSampler):
+        return [(0, index) for index in list(sampler)[:count]], sampler.padding()[:count]
+    return [(trainer.global_rank, position) for position in range(count)], [False] * count
 
 
 def _check_sharded_checkpoint_strategy(ckpt_path: str, strategy: Any) -> None:

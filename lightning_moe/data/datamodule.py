@@ -16,14 +16,19 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_moe.data.corpus import expand_sources, read_documents, stdlib_files
-from lightning_moe.data.tokenizer import EOS_TOKEN, load_tokenizer, save_atomic, train_bpe
+from lightning_moe.data.tokenizer import EOS_TOKEN, load_tokenizer, save_atomic, train_bpe, write_atomic
+
+# The data settings that decide which blocks are for training and which for validation.
+SPLIT_FIELDS = ("seed", "val_fraction", "block_size")
 
 
 def default_cache_dir() -> Path:
@@ -152,6 +157,29 @@ def advance_position(
     return epoch, start
 
 
+class PaddedPredictSampler(DistributedSampler):
+    """The prediction samples in their order, shared out over ranks, padded so that every rank gets as many.
+
+    Rank ``r`` of ``n`` takes the samples at positions ``r, r + n, ...`` of ``0 .. num_samples - 1`` followed by
+    the first samples again, up to a multiple of ``n`` (``DistributedSampler`` without shuffling), so every rank
+    runs the same number of batches. Lightning's own prediction sampler repeats nothing, and ranks can then run
+    different numbers of batches: under expert parallelism every forward is a collective, so one rank would wait
+    forever for the others. :meth:`padding` marks the repeated samples, whose predictions are to be dropped.
+
+    Args:
+        num_samples: Number of prediction samples.
+        num_replicas: Ranks sharing them.
+        rank: This rank.
+    """
+
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def padding(self) -> list[bool]:
+        """For each of this rank's samples, in order: whether it repeats one that is predicted elsewhere."""
+        return [self.rank + i * self.num_replicas >= len(self.dataset) for i in range(self.num_samples)]
+
+
 class StepResumedLoader(DataLoader):
     """The training loader: resumable, its position restored from the trainer's step count.
 
@@ -247,6 +275,7 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_set: PackedBlocks | None = None
         self.val_set: PackedBlocks | None = None
+        self._saved_split: dict[str, Any] | None = None  # a checkpoint's split to compare with this one at setup
 
     # -- building the cache ---------------------------------------------------------------------------
 
@@ -298,10 +327,8 @@ class TextDataModule(L.LightningDataModule):
                 for encoding in tokenizer.encode_batch(docs[start : start + 256]):
                     ids.extend(encoding.ids)
                     ids.append(eos)
-            tokens_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = tokens_file.with_suffix(f".tmp{os.getpid()}")
-            np.asarray(ids, dtype=dtype).tofile(tmp)
-            os.replace(tmp, tokens_file)
+            stream = np.asarray(ids, dtype=dtype)
+            write_atomic(tokens_file, stream.tofile)
 
     # -- datasets -------------------------------------------------------------------------------------
 
@@ -315,6 +342,9 @@ class TextDataModule(L.LightningDataModule):
         """
         if self.train_set is None:
             self._split()
+        if self._saved_split is not None:  # a checkpoint's split, restored before this setup
+            self._check_split(self._saved_split)
+            self._saved_split = None
         if stage in (None, "fit"):
             self._check_train_batches()
 
@@ -336,6 +366,53 @@ class TextDataModule(L.LightningDataModule):
         num_val = max(1, math.ceil(self.val_fraction * num_blocks))
         self.val_set = PackedBlocks(tokens_file, dtype, self.block_size, np.sort(order[:num_val]))
         self.train_set = PackedBlocks(tokens_file, dtype, self.block_size, order[num_val:])
+
+    def _split_digest(self) -> str:
+        """A hash of the blocks each split holds, in order (the corpus, tokenizer, block size, seed and fraction)."""
+        digest = hashlib.sha256(f"{self.train_set.path.name}:{self.block_size}".encode())
+        for ids in (self.val_set.block_ids, self.train_set.block_ids):
+            digest.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+        return digest.hexdigest()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The settings and a hash of the train/validation split, saved in checkpoints (empty before the split).
+
+        On resume, :meth:`load_state_dict` warns when this run's split differs.
+        """
+        if self.train_set is None:
+            return {}
+        return {"split": {**{name: getattr(self, name) for name in SPLIT_FIELDS}, "digest": self._split_digest()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn if a checkpoint's run split its blocks otherwise (checked at :meth:`setup` if it has not run yet)."""
+        saved = state_dict.get("split")
+        if saved is None:
+            return
+        if self.train_set is None:
+            self._saved_split = saved
+        else:
+            self._check_split(saved)
+
+    def _check_split(self, saved: dict[str, Any]) -> None:
+        """Warn, naming the changed settings, if ``saved`` (a checkpoint's ``state_dict()["split"]``) differs."""
+        if saved.get("digest") == self._split_digest():
+            return
+        changed = {
+            name: (saved[name], getattr(self, name))
+            for name in SPLIT_FIELDS
+            if saved.get(name, getattr(self, name)) != getattr(self, name)
+        }
+        cause = (
+            f"changed data settings (checkpoint, now): {changed}"
+            if changed
+            else "the corpus gives other blocks (changed data.sources or max_bytes with the same tokenizer)"
+        )
+        rank_zero_warn(
+            f"the train/validation split differs from the checkpoint's run: {cause}. Blocks the checkpoint's model "
+            "trained on can now be validation blocks (its validation loss then reads too low), and training does "
+            "not continue the checkpoint's data order; use the checkpoint's data.seed, data.val_fraction, "
+            "data.block_size and corpus to keep its split"
+        )
 
     def _check_train_batches(self) -> None:
         num_train, num_val = len(self.train_set), len(self.val_set)
@@ -413,10 +490,18 @@ class TextDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        """Prompts for ``predict``: the first half of each validation block."""
+        """Prompts for ``predict``: the first half of each validation block, in order.
+
+        With several processes, a :class:`PaddedPredictSampler` gives every rank as many prompts (so as many
+        batches, which expert parallelism needs), some of the last ones repeated; it marks those.
+        """
         half = max(1, self.block_size // 2)
         prompts = [self.val_set[i][:half] for i in range(len(self.val_set))]
-        return DataLoader(prompts, batch_size=self.batch_size)
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        sampler = None
+        if kwargs and kwargs.get("num_replicas", 1) > 1:
+            sampler = PaddedPredictSampler(len(prompts), kwargs["num_replicas"], kwargs.get("rank", 0))
+        return DataLoader(prompts, batch_size=self.batch_size, sampler=sampler)
 
     def val_tokens(self) -> np.ndarray:
         """All validation target tokens, for reference statistics such as the unigram entropy."""

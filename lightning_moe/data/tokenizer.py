@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -37,12 +38,26 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def save_atomic(tokenizer: Tokenizer, path: Path) -> None:
-    """Write ``tokenizer.json`` atomically (temporary file, then rename)."""
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` atomically: ``write`` fills a temporary file next to it, which is then renamed to ``path``.
+
+    The temporary name is unique (process id and a random UUID), also among processes on other machines that share
+    the folder and have the same process id, as containers often do. A ``write`` that fails removes its temporary
+    file, so nothing half-written is left behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tokenizer.save(str(tmp))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(tokenizer: Tokenizer, path: Path) -> None:
+    """Write ``tokenizer.json`` atomically (see :func:`write_atomic`)."""
+    write_atomic(path, lambda tmp: tokenizer.save(str(tmp)))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -381,7 +381,9 @@ class ExpertParallelStrategy(ModelParallelStrategy):
 
         Every forward here is a collective (FSDP2 all-gathers, the MoE all-to-all), and Lightning spreads the
         prediction samples over the ranks without repeating any, so with a sample count that does not split evenly
-        into batches one rank would run a batch the others never join, and wait forever.
+        into batches one rank would run a batch the others never join, and wait forever. ``TextDataModule``'s
+        prediction loader pads the ranks' shares to one length
+        (:class:`~lightning_moe.data.datamodule.PaddedPredictSampler`); this refuses other loaders that do not.
 
         Raises:
             ValueError: Naming each rank's batch count and how to even them out.
@@ -397,7 +399,9 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             raise ValueError(
                 f"the prediction data is invalid under ExpertParallelStrategy: the ranks would run {counts} batches "
                 "(per rank, per dataloader), and every forward waits for all ranks; give every rank as many, e.g. "
-                f"trainer.limit_predict_batches={fewest}, or a sample count that is a multiple of world x batch size"
+                "with a sampler that pads the ranks' shares (lightning_moe.data.datamodule.PaddedPredictSampler, "
+                f"as TextDataModule does), trainer.limit_predict_batches={fewest}, or a sample count that is a "
+                "multiple of world x batch size"
             )
 
     @override
