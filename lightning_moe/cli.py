@@ -23,10 +23,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_moe import zoo
 from lightning_moe.data import TextDataModule, unigram_entropy
 from lightning_moe.data.datamodule import PaddedPredictSampler
 from lightning_moe.data.tokenizer import EOS_TOKEN
-from lightning_moe.module import CausalLMModule, MoELanguageModule, check_generation
+from lightning_moe.module import RESUMABLE_FIELDS, CausalLMModule, MoELanguageModule, check_generation
 from lightning_moe.strategies.checkpoint import METADATA_FILE
 
 # Model arguments that define the network. `fit --ckpt_path FILE` takes these from the checkpoint (the weights
@@ -77,11 +78,47 @@ class MoECLI(LightningCLI):
         model = {key: hparams[key] for key in keys if key in hparams}
         if subcommand == "fit" and "upcycle" in hparams:
             model["upcycle_from"] = None  # the checkpoint's arch, overrides and upcycle rebuild the upcycled model
+        if subcommand == "fit" and "arch" in hparams:
+            model["overrides"] = self._resume_overrides(subcommand, hparams)
         # Without a class path (a checkpoint saved outside this CLI) the configured module class stays.
         class_path = hparams.get("_class_path") or getattr(self.config[subcommand].model, "class_path", None)
         if model:
             model = {"class_path": class_path, "init_args": model} if class_path else model
             self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
+    def _resume_overrides(self, subcommand: str, hparams: dict[str, Any]) -> dict[str, Any] | None:
+        """The checkpoint's ``overrides`` with this run's training-only ones (``RESUMABLE_FIELDS``) on top.
+
+        ``fit --ckpt_path FILE`` takes the network from the checkpoint but the training settings from this run, and
+        a capacity factor, loss coefficient or router noise given as an override is a training setting. Network
+        fields this run sets otherwise than the checkpoint (and another ``arch``) are left out, with a warning.
+        """
+        init_args = getattr(self.config[subcommand].model, "init_args", self.config[subcommand].model)
+        mine = dict(getattr(init_args, "overrides", None) or {})
+        theirs = dict(hparams.get("overrides") or {})
+        training = {key: value for key, value in mine.items() if key in RESUMABLE_FIELDS}
+        ignored = []
+        arch = getattr(init_args, "arch", None)
+        if arch is not None and arch != hparams["arch"] and not getattr(init_args, "init_from", None):
+            ignored.append(f"arch={arch!r} (the checkpoint's: {hparams['arch']!r})")
+        network = {key: value for key, value in mine.items() if key not in RESUMABLE_FIELDS}
+        if network:
+            try:
+                saved = zoo.config(hparams["arch"], **theirs)
+            except (TypeError, ValueError):
+                saved = None
+            for key, value in network.items():
+                theirs_value = getattr(saved, key, theirs.get(key)) if saved is not None else theirs.get(key)
+                if value != theirs_value:
+                    ignored.append(f"{key}={value!r} (the checkpoint's: {theirs_value!r})")
+        if ignored:
+            rank_zero_warn(
+                f"--ckpt_path {self.config[subcommand].ckpt_path} takes the network from the checkpoint: this run's "
+                f"{', '.join(ignored)} left out; only training settings (overrides of {sorted(RESUMABLE_FIELDS)}) "
+                "apply on top of it. Use --ckpt_path last (the network is then this run's and must match)"
+            )
+        merged = theirs | training
+        return merged or hparams.get("overrides")
 
     def before_instantiate_classes(self) -> None:
         """Give every ``ModelCheckpoint`` without a ``dirpath`` the run's folder (see the class docstring).

@@ -336,6 +336,25 @@ def test_resume_takes_this_runs_learning_rate_and_keeps_the_schedule(tmp_path, h
     assert resumed.trainer.optimizers[0].param_groups[0]["weight_decay"] == 0.05
 
 
+def test_resume_from_a_file_takes_this_runs_training_overrides_and_names_the_network_ones_left_out(tmp_path):
+    # README: with --ckpt_path FILE the network comes from the checkpoint, the training settings from this run.
+    config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
+    common = ["--config", config, *_small(tmp_path), "--trainer.limit_val_batches", "1"]
+    first = run_cli(["fit", *common, "--trainer.max_steps", "2", "--model.init_args.overrides",
+                     "{num_experts: 4, router_jitter: 0.0}"])  # fmt: skip
+    ckpt = first.trainer.checkpoint_callback.last_model_path
+    with pytest.warns(UserWarning, match=r"num_experts=16 \(the checkpoint's: 4\) left out") as record:
+        resumed = run_cli(["fit", *common, "--trainer.max_steps", "3", "--ckpt_path", ckpt,
+                           "--model.init_args.overrides", "{num_experts: 16, router_jitter: 0.01, num_layers: 2}",
+                           "--trainer.logger.init_args.name", "resumed"])  # fmt: skip
+    (left_out,) = [str(w.message) for w in record if "takes the network from the checkpoint" in str(w.message)]
+    assert "num_layers" not in left_out  # the checkpoint's own value: nothing left out
+    assert resumed.trainer.global_step == 3
+    assert resumed.model.config.num_experts == 4  # the checkpoint's network
+    assert resumed.model.config.router_jitter == 0.01  # this run's training setting
+    assert first.model.config.router_jitter == 0.0
+
+
 def test_a_preset_of_the_other_kind_is_refused_before_training(tmp_path):
     config = str(Path(__file__).resolve().parents[1] / "configs/mixtral-tiny.yaml")
     with pytest.raises(ValueError, match=r"arch='switch-tiny' is invalid for CausalLMModule: it is an encoder-decoder"):
