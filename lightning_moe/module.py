@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 from lightning_moe import zoo
 from lightning_moe.data.span_corruption import check_span_settings, span_corruption, span_counts
 from lightning_moe.data.tokenizer import PAD_TOKEN
-from lightning_moe.nn.config import is_number
+from lightning_moe.nn.config import check_token_mask, is_number
 from lightning_moe.nn.encoder_decoder import EncoderDecoderLM
 from lightning_moe.nn.experts import FRESH_PAGES_MIN_BYTES
 from lightning_moe.nn.experts import reuse_expert_grad_memory as _reuse_expert_grad_memory
@@ -514,7 +514,7 @@ class MoELanguageModule(L.LightningModule):
             self._train_seed = torch.initial_seed()
         place = self.train_samples_seen if self.train_samples_seen is not None else self.global_step
         torch.manual_seed(hash((self._train_seed, place, self.trainer.global_rank)) % 2**63)
-        rows = batch.shape[0] if isinstance(batch, Tensor) else len(batch)  # every rank's (full batches only)
+        rows = self.batch_rows(batch)  # every rank's (full batches only)
         if self.train_samples_seen is not None:
             self.train_samples_seen += rows * self.trainer.world_size
         advance = getattr(self.trainer.datamodule, "advance_position", None)
@@ -524,11 +524,24 @@ class MoELanguageModule(L.LightningModule):
             )
         self._step_start = time.perf_counter()
 
-    def log_train(self, loss: Tensor, ce: Tensor, terms: dict[str, Tensor], num_tokens: int) -> None:
-        """Log training loss, perplexity, each auxiliary term and learning rate (throughput: ``on_train_batch_end``)."""
-        self.log("train/loss", ce, prog_bar=True)
+    def batch_rows(self, batch: Any) -> int:
+        """The sequences in a training batch: a tensor's first size, else ``len(batch)`` (subclasses check it here)."""
+        return batch.shape[0] if isinstance(batch, Tensor) else len(batch)
+
+    def log_train(self, loss: Tensor, ce: Tensor | None, terms: dict[str, Tensor], num_tokens: int) -> None:
+        """Log training loss, perplexity, each auxiliary term and learning rate (throughput: ``on_train_batch_end``).
+
+        Args:
+            loss: The loss the step trains: cross-entropy plus weighted auxiliary losses.
+            ce: The cross-entropy, or ``None`` for a batch without a trained target (then ``train/loss`` and
+                ``train/ppl`` are not logged for it: a 0 would pull their means down).
+            terms: Each auxiliary term's mean over layers.
+            num_tokens: This rank's input tokens, padding excluded (``train/tokens_per_sec`` counts them).
+        """
+        if ce is not None:
+            self.log("train/loss", ce, prog_bar=True)
+            self.log("train/ppl", torch.exp(ce.detach().clamp(max=30)))
         self.log("train/total_loss", loss)
-        self.log("train/ppl", torch.exp(ce.detach().clamp(max=30)))
         for term, value in terms.items():
             self.log(f"train/aux/{term}", value)
         self._step_tokens = num_tokens * (self.trainer.world_size if self._trainer is not None else 1)
@@ -745,22 +758,136 @@ def _upcycle_args(config: zoo.ModelConfig, given: dict[str, Any]) -> dict[str, A
     return args | dict(given)
 
 
+IGNORE_INDEX = -100  # a label that trains nothing (transformers' and F.cross_entropy's)
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def split_causal_batch(
+    batch: Tensor | Mapping[str, Tensor], vocab_size: int, max_seq_len: int | None = None
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The model inputs, attention mask and targets of a causal-LM batch, the batch checked before any work.
+
+    Two kinds of batches are taken:
+
+    * packed ``(B, T + 1)`` token ids: inputs ``batch[:, :-1]``, targets ``batch[:, 1:]``, no mask;
+    * a Hugging Face-style padded dict: ``input_ids`` ``(B, T)``, optional ``attention_mask`` ``(B, T)`` (1 for real
+      tokens, 0 for padding, on either side) and optional ``labels`` ``(B, T)`` (``-100``: not trained; default:
+      ``input_ids`` with the padding set to ``-100``). As in ``transformers``' causal LMs the labels are shifted
+      inside: position ``i`` predicts ``labels[i + 1]`` and the last position nothing. A padding position predicts
+      nothing either (``transformers`` would train the first real token of a left-padded row from the padding's
+      state), so a row gives what it gives alone, unpadded.
+
+    Args:
+        batch: The batch.
+        vocab_size: The model's vocabulary (labels must be ids below it, or ``-100``).
+        max_seq_len: The model's longest sequence (``None``: no limit).
+
+    Returns:
+        ``(input_ids, attention_mask or None, targets)``: ``(B, T)`` each, targets ``-100`` where nothing is trained.
+
+    Raises:
+        ValueError: For a batch that is neither, naming the key: an unknown key, no ``input_ids``, a value that is
+            not a tensor, ``input_ids`` not ``(B, T)`` integer ids in the vocabulary or longer than ``max_seq_len``,
+            an ``attention_mask`` or ``labels`` of another shape, a floating mask, labels that are not integers or
+            (on the CPU) hold an id outside ``[0, vocab_size)`` other than ``-100``.
+    """
+    if isinstance(batch, Tensor):
+        return batch[:, :-1], None, batch[:, 1:]
+    expected = "a (B, T + 1) tensor of token ids, or a dict of (B, T) 'input_ids', 'attention_mask', 'labels'"
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"batch of type {type(batch).__name__} is invalid: expected {expected}")
+    for key in batch:
+        if key not in BATCH_KEYS:
+            raise ValueError(
+                f"batch key {key!r} is invalid: expected only {', '.join(map(repr, BATCH_KEYS))} (padding goes in "
+                "attention_mask, untrained positions are labels -100)"
+            )
+    if batch.get("input_ids") is None:
+        raise ValueError(f"batch is missing 'input_ids' (keys: {list(batch)}): expected {expected}")
+    for key in BATCH_KEYS:
+        if batch.get(key) is not None and not isinstance(batch[key], Tensor):
+            raise ValueError(f"{key} of type {type(batch[key]).__name__} is invalid: expected a (B, T) tensor")
+    input_ids, mask, labels = (batch.get(key) for key in BATCH_KEYS)
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids.shape={tuple(input_ids.shape)} is invalid: expected (B, T), both sizes >= 1")
+    check_token_ids(input_ids, vocab_size, "input_ids")
+    if max_seq_len is not None and input_ids.shape[1] > max_seq_len:
+        raise ValueError(
+            f"input_ids of {input_ids.shape[1]} tokens is invalid: longer than the model's max_seq_len={max_seq_len}"
+        )
+    check_token_mask("attention_mask", mask)
+    for key, value in (("attention_mask", mask), ("labels", labels)):
+        if value is not None and value.shape != input_ids.shape:
+            shape = tuple(input_ids.shape)
+            raise ValueError(f"{key}.shape={tuple(value.shape)} is invalid: expected the shape of input_ids, {shape}")
+    real = None if mask is None else mask.bool()
+    if labels is None:
+        labels = input_ids if real is None else input_ids.masked_fill(~real, IGNORE_INDEX)
+    elif labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels.dtype={labels.dtype} is invalid: expected integer token ids, -100 where not trained")
+    elif labels.device.type == "cpu":  # reading the values back would wait for a GPU: checked on the CPU only
+        ids = labels.long()
+        outside = (ids != IGNORE_INDEX) & ((ids < 0) | (ids >= vocab_size))
+        if outside.any():
+            raise ValueError(
+                f"labels holds {int(ids[outside][0])}, which is invalid: expected token ids in [0, {vocab_size}) or "
+                f"{IGNORE_INDEX}"
+            )
+    targets = torch.cat([labels[:, 1:].long(), torch.full_like(labels[:, :1], IGNORE_INDEX, dtype=torch.long)], 1)
+    if real is not None:
+        targets = targets.masked_fill(~real, IGNORE_INDEX)
+    return input_ids, mask, targets
+
+
 class CausalLMModule(MoELanguageModule):
-    """Next-token prediction for the decoder-only families. Batches are ``(B, T + 1)`` token ids."""
+    """Next-token prediction for the decoder-only families.
+
+    Batches are packed ``(B, T + 1)`` token ids (what :class:`~lightning_moe.data.TextDataModule` gives), or Hugging
+    Face-style padded dicts of ``input_ids``, ``attention_mask`` and ``labels`` for data of different lengths
+    (instruction data; see :func:`split_causal_batch`). The padding is masked in attention and left out of the MoE
+    layers' routing, capacity, auxiliary losses and statistics. The cross-entropy is the mean over the batch's
+    trained targets; validation and test losses are weighted by them (the mean over all trained targets), and
+    ``train/tokens_per_sec`` counts the input tokens without padding. A batch without a trained target (every
+    label ``-100``) adds nothing to the validation or test loss; in training its cross-entropy is 0 with zero
+    gradients (not a non-finite loss for ``nan_policy``), so it trains only the auxiliary losses, and
+    ``train/loss`` is not logged for it.
+    """
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Any:
         """The model's output (logits and router statistics)."""
         return self.model(input_ids, attention_mask)
 
-    def _loss(self, batch: Tensor) -> tuple[Tensor, Tensor | None, list[MoEStats], int]:
-        """Next-token cross-entropy, the multi-token-prediction loss (``None`` without MTP), stats, tokens."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        out = self.model(inputs, targets=targets)  # the loss chunk by chunk, without the (B, T, V) logits
-        mtp_losses = getattr(out, "mtp_losses", None)  # DeepSeek-V3's multi-token prediction: the mean over depths
-        mtp = torch.stack(mtp_losses).mean() if mtp_losses else None
-        return out.loss, mtp, out.router_stats, inputs.numel()
+    def _split(self, batch: Tensor | Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None, Tensor]:
+        return split_causal_batch(batch, self.config.vocab_size, getattr(self.config, "max_seq_len", None))
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any] | None:
+    def batch_rows(self, batch: Tensor | Mapping[str, Tensor]) -> int:
+        """The sequences in a training batch, which is checked first (:func:`split_causal_batch`)."""
+        return self._split(batch)[0].shape[0]
+
+    def _loss(self, batch: Tensor | Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None, list[MoEStats], int]:
+        """Next-token cross-entropy, the multi-token-prediction loss (``None`` without MTP), stats, trained targets.
+
+        Without a trained target the cross-entropy is 0 (not 0 / 0) with zero gradients; so is an MTP depth's.
+        """
+        inputs, mask, targets = self._split(batch)
+        out = self.model(inputs, mask, targets=targets)  # the loss chunk by chunk, without the (B, T, V) logits
+        packed = isinstance(batch, Tensor)
+        num_tokens = targets.numel() if packed else int((targets != IGNORE_INDEX).sum())
+        ce = out.loss if num_tokens else out.loss.nan_to_num(0.0)
+        mtp_losses = list(getattr(out, "mtp_losses", None) or [])  # DeepSeek-V3's MTP: the mean over depths
+        if mtp_losses and not packed:
+            real = None if mask is None else mask.bool()
+            for k, depth_loss in enumerate(mtp_losses, start=1):
+                # Depth k trains position i on targets[i + k] where tokens i and i + k are real (DeepSeekLM).
+                trained = targets[:, k:] != IGNORE_INDEX
+                if real is not None:
+                    trained = trained & real[:, :-k] & real[:, k:]
+                if not trained.any():
+                    mtp_losses[k - 1] = depth_loss.nan_to_num(0.0)
+        mtp = torch.stack(mtp_losses).mean() if mtp_losses else None
+        return ce, mtp, out.router_stats, num_tokens
+
+    def training_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
         """Cross-entropy plus weighted auxiliary losses.
 
         Returns:
@@ -776,19 +903,26 @@ class CausalLMModule(MoELanguageModule):
                 loss = loss + self.mtp_loss_coef * mtp
         if not self.check_finite(loss, router_stats):
             return None
-        self.log_train(loss, ce, terms, num_tokens)
+        if not num_tokens:
+            rank_zero_warn(
+                "a training batch has no trained target (every label -100, or padding): its cross-entropy counts as 0 "
+                "and it trains only the auxiliary losses"
+            )
+        self.log_train(loss, ce if num_tokens else None, terms, _input_tokens(batch))
         return {"loss": loss, "router_stats": [s.detach() for s in router_stats]}
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any]:
-        """Accumulate the validation cross-entropy; return the router statistics for callbacks."""
+    def validation_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        """Accumulate the validation cross-entropy, weighted by trained targets; return the router statistics."""
         ce, _, router_stats, num_tokens = self._loss(batch)
-        self.val_loss.update(ce, weight=num_tokens)
+        if num_tokens:
+            self.val_loss.update(ce, weight=num_tokens)
         return {"router_stats": [s.detach() for s in router_stats]}
 
-    def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        """Accumulate the test cross-entropy, weighted by tokens (logged at the end of the test epoch)."""
+    def test_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> None:
+        """Accumulate the test cross-entropy, weighted by trained targets (logged at the end of the test epoch)."""
         ce, _, _, num_tokens = self._loss(batch)
-        self.test_loss.update(ce, weight=num_tokens)
+        if num_tokens:
+            self.test_loss.update(ce, weight=num_tokens)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Greedy continuation of 32 tokens for each prompt in the batch (fewer where ``max_seq_len`` ends first)."""
@@ -861,6 +995,14 @@ class CausalLMModule(MoELanguageModule):
         finally:
             self.train(was_training)
         return ids
+
+
+def _input_tokens(batch: Tensor | Mapping[str, Tensor]) -> int:
+    """The input tokens of a (checked) causal-LM batch without padding: ``B * T`` of a packed ``(B, T + 1)`` one."""
+    if isinstance(batch, Tensor):
+        return batch[:, :-1].numel()
+    mask = batch.get("attention_mask")
+    return batch["input_ids"].numel() if mask is None else int(mask.bool().sum())
 
 
 def _predict_new_tokens(config: Any, prompt_len: int, wanted: int = 32) -> int:
@@ -1022,6 +1164,11 @@ class Seq2SeqLMModule(MoELanguageModule):
         return self.model(input_ids, decoder_input_ids)
 
     def _loss(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, list[MoEStats], int]:
+        if not isinstance(batch, Tensor):
+            raise ValueError(
+                f"batch of type {type(batch).__name__} is invalid: Seq2SeqLMModule takes (B, L) token id tensors, "
+                "which span corruption turns into inputs and targets (padded dict batches are for CausalLMModule)"
+            )
         inputs, targets = span_corruption(
             batch,
             self.config.vocab_size - 1,

@@ -135,7 +135,8 @@ class DeepSeekOutput(ModelOutput):
             ``i + k + 1`` (train them against ``input_ids[:, k + 1:]`` on the first ``T - k - 1`` positions).
             Empty when the model was given targets.
         mtp_losses: With targets: for each depth ``k``, the mean cross-entropy of its predictions against
-            ``targets[:, k:]`` (position ``i`` predicts ``targets[i + k]``), computed chunk by chunk.
+            ``targets[:, k:]`` (position ``i`` predicts ``targets[i + k]``; with an ``attention_mask`` only where
+            tokens ``i`` and ``i + k`` are real), computed chunk by chunk.
     """
 
     mtp_logits: list[Tensor] = field(default_factory=list)
@@ -222,7 +223,10 @@ class DeepSeekLM(DecoderLM):
             if targets is None:
                 result.mtp_logits.append(self.lm_head(head_input))
             else:
-                result.mtp_losses.append(linear_cross_entropy(head_input, self.lm_head.weight, targets[:, k:]))
+                targets_k = targets[:, k:]
+                if token_mask is not None:  # a padding position predicts nothing
+                    targets_k = targets_k.masked_fill(~token_mask, -100)
+                result.mtp_losses.append(linear_cross_entropy(head_input, self.lm_head.weight, targets_k))
             if stats is not None:
                 result.router_stats.append(stats)
         return result
