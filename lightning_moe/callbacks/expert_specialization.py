@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keyword
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -146,7 +146,7 @@ class ExpertSpecialization(Callback):
         if trainer.sanity_checking:
             return
         stats = router_stats(outputs)
-        if stats is None or not isinstance(batch, Tensor):
+        if stats is None or not (isinstance(batch, Tensor) or isinstance(batch, Mapping) and "input_ids" in batch):
             return
         names = [name for name, _ in moe_layers(pl_module)]
         streams = _token_streams(pl_module, batch, batch_idx)
@@ -239,9 +239,17 @@ def _special_ids(tokenizer: Any) -> set[int]:
     return {i for i, token in tokenizer.get_added_tokens_decoder().items() if getattr(token, "special", True)}
 
 
-def _token_streams(pl_module: pl.LightningModule, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
-    """The token ids each kind of MoE layer routed, ``(B, T)``: ``"decoder"`` (and ``"encoder"``)."""
+def _token_streams(
+    pl_module: pl.LightningModule, batch: Tensor | Mapping[str, Tensor], batch_idx: int
+) -> dict[str, Tensor]:
+    """The token ids each kind of MoE layer routed, ``(B, T)``: ``"decoder"`` (and ``"encoder"``).
+
+    A padded dict batch (``CausalLMModule``) routes its ``input_ids``; its padding has expert id -1 and is not counted.
+    """
     from lightning_moe.module import Seq2SeqLMModule
+
+    if isinstance(batch, Mapping):
+        return {"decoder": batch["input_ids"]}
 
     if isinstance(pl_module, Seq2SeqLMModule):
         from lightning_moe.data.span_corruption import span_corruption

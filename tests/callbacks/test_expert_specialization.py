@@ -5,6 +5,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
+from torch.utils.data import DataLoader
 
 from lightning_moe.callbacks import ExpertSpecialization
 from lightning_moe.callbacks.expert_specialization import TOKEN_CLASSES, token_class
@@ -165,3 +166,40 @@ def test_bad_layer_index_on_a_model_without_moe_layers(tmp_path):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ExpertSpecialization(**kwargs)
+
+
+class DictLoaderRecorder(Callback):
+    def __init__(self) -> None:
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.pairs.append((batch["input_ids"].reshape(-1), outputs["router_stats"][-1].expert_ids))
+
+
+def test_padded_dict_batches_count_the_real_tokens_only(tmp_path):
+    # CausalLMModule takes Hugging Face-style padded dicts; their padding is routed nowhere (expert id -1).
+    torch.manual_seed(0)
+    tokenizer, _ = tiny_tokenizer()
+    module = tiny_mixtral()
+    module.tokenizer_json = tokenizer.to_str()
+    ids = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    mask[3, 11:] = 0  # right padding
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(6)]
+    batches = list(DataLoader(rows, batch_size=3))  # dicts of (3, 16) tensors
+    spec = ExpertSpecialization(layers=[-1], top_n=3)
+    recorder = DictLoaderRecorder()
+    run = trainer(tmp_path, [spec, recorder], max_steps=1, limit_val_batches=1.0)
+    run.validate(module, DataLoader(rows, batch_size=3))
+
+    counts = torch.zeros(E, VOCAB)  # independent count from the router outputs, padding excluded by its mask
+    for (tokens, ids_TK), batch in zip(recorder.pairs, batches, strict=True):
+        real = batch["attention_mask"].reshape(-1).bool()
+        assert (ids_TK[~real] == -1).all()
+        for k in range(ids_TK.shape[1]):
+            counts.index_put_((ids_TK[real, k], tokens[real]), torch.ones(int(real.sum())), accumulate=True)
+    report = spec.results["model.layers.1.ffn"]
+    assert sum(info["copies"] for info in report.values()) == int(mask.sum()) * 2
+    for expert, info in report.items():
+        assert info["copies"] == int(counts[expert].sum())
