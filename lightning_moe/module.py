@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import Tensor
@@ -240,6 +241,8 @@ class MoELanguageModule(L.LightningModule):
             _reuse_expert_grad_memory(self.model, min_bytes=int(reuse_expert_grad_memory_min_mib * 2**20))
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        # The losses of the second and later validation and test dataloaders, by index (see eval_loss).
+        self._more_eval_losses: dict[str, dict[int, MeanMetric]] = {"val": {}, "test": {}}
         self.tokenizer_json: str | None = None
         # Training samples seen by all ranks together, saved in checkpoints: where the data resumes, also at
         # another world size.
@@ -555,23 +558,49 @@ class MoELanguageModule(L.LightningModule):
             self.log("train/tokens_per_sec", self._step_tokens / elapsed)
         self._step_tokens = 0
 
+    def eval_loss(self, stage: str, dataloader_idx: int = 0) -> MeanMetric:
+        """The token-weighted mean loss of a ``"val"`` or ``"test"`` dataloader (the first: ``val_loss``/``test_loss``).
+
+        Those of a second and later dataloader (several validation or test dataloaders) are made on its first batch.
+        Its sums are kept in float32: ``precision="bf16-true"`` or ``"16-true"`` casts the module's tensors, the
+        metrics' with them, and summed in bfloat16 the loss drifts, in float16 it overflows to ``inf``.
+        """
+        if dataloader_idx == 0:
+            metric = self.val_loss if stage == "val" else self.test_loss
+        else:
+            more = self._more_eval_losses[stage]
+            if dataloader_idx not in more:
+                more[dataloader_idx] = MeanMetric().to(self.device)
+            metric = more[dataloader_idx]
+        if metric.mean_value.dtype != torch.float32 or metric.dtype != torch.float32:
+            metric.set_dtype(torch.float32)
+        return metric
+
+    def _log_eval_losses(self, stage: str) -> None:
+        """Log each dataloader's mean ``stage`` loss over the tokens of all ranks, and its perplexity.
+
+        One dataloader logs ``{stage}/loss`` and ``{stage}/ppl``; several log them for each with the
+        ``/dataloader_idx_N`` suffix ``self.log`` in a step of dataloader ``N`` would add (monitor those names).
+        """
+        more = self._more_eval_losses[stage]
+        for index, metric in [(0, self.eval_loss(stage)), *sorted(more.items())]:
+            if metric.update_count == 0:
+                continue
+            loss = metric.compute()  # already the mean over all ranks: sync_dist only averages equal values
+            suffix = f"/dataloader_idx_{index}" if more else ""
+            options = dict(sync_dist=True, add_dataloader_idx=False)  # the suffix is in the name already
+            self.log(f"{stage}/loss{suffix}", loss, prog_bar=stage == "val", **options)
+            self.log(f"{stage}/ppl{suffix}", torch.exp(loss.clamp(max=30)), **options)
+            metric.reset()
+        more.clear()
+
     def on_validation_epoch_end(self) -> None:
-        """Log the mean validation loss and its perplexity."""
-        if self.val_loss.update_count == 0:
-            return
-        loss = self.val_loss.compute()  # already the mean over all ranks: sync_dist only averages equal values
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", torch.exp(loss.clamp(max=30)), sync_dist=True)
-        self.val_loss.reset()
+        """Log the mean validation loss and its perplexity (per dataloader where there are several)."""
+        self._log_eval_losses("val")
 
     def on_test_epoch_end(self) -> None:
         """Log the mean test loss over the tokens of all ranks, and its perplexity (as validation does)."""
-        if self.test_loss.update_count == 0:
-            return
-        loss = self.test_loss.compute()
-        self.log("test/loss", loss, sync_dist=True)
-        self.log("test/ppl", torch.exp(loss.clamp(max=30)), sync_dist=True)
-        self.test_loss.reset()
+        self._log_eval_losses("test")
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (no decay on norms, biases, embeddings) with linear warmup and cosine decay."""
@@ -648,18 +677,33 @@ class MoELanguageModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _total_steps(self) -> int:
+        """The run's optimizer steps, which the cosine schedule spans (1000, with a warning, where they are unknown).
+
+        Lightning's estimate, with two corrections: under a ``GradientAccumulationScheduler`` each epoch steps as
+        its own accumulation factor says (the estimate takes the first epoch's for all), and training data without
+        a length (an ``IterableDataset``) with ``max_steps=-1`` has no known end (the estimate is then -1).
+        """
         if self._trainer is None:
             return 1000
+        trainer = self.trainer
         try:
-            steps = self.trainer.estimated_stepping_batches
+            steps = trainer.estimated_stepping_batches
         except Exception:  # noqa: BLE001  (no dataloader yet, e.g. in unit tests)
             return 1000
-        if math.isfinite(steps):
+        batches, epochs = trainer.num_training_batches, trainer.max_epochs
+        accumulation = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+        if accumulation is not None and math.isfinite(batches) and epochs is not None and epochs >= 0:
+            steps = sum(
+                math.ceil(batches / accumulation.get_accumulate_grad_batches(epoch)) for epoch in range(max(epochs, 1))
+            )
+            steps = steps if trainer.max_steps == -1 else min(steps, trainer.max_steps)
+        if math.isfinite(steps) and steps >= 0:
             return int(steps)
         rank_zero_warn(
-            "the run has no step limit (max_steps=-1 and max_epochs=-1): the cosine schedule decays over 1000 "
-            "optimizer steps and then stays at min_lr_ratio * lr (set trainer.max_steps or max_epochs for a schedule "
-            "over the whole run)"
+            "the run has no step limit (max_steps=-1 with max_epochs=-1, or with training data of no length such as "
+            "an IterableDataset): the cosine schedule decays over 1000 optimizer steps and then stays at "
+            "min_lr_ratio * lr (set trainer.max_steps, or max_epochs with data of a known length, for a schedule over "
+            "the whole run)"
         )
         return 1000
 
@@ -911,18 +955,22 @@ class CausalLMModule(MoELanguageModule):
         self.log_train(loss, ce if num_tokens else None, terms, _input_tokens(batch))
         return {"loss": loss, "router_stats": [s.detach() for s in router_stats]}
 
-    def validation_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> dict[str, Any]:
+    def validation_step(
+        self, batch: Tensor | Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Any]:
         """Accumulate the validation cross-entropy, weighted by trained targets; return the router statistics."""
         ce, _, router_stats, num_tokens = self._loss(batch)
+        metric = self.eval_loss("val", dataloader_idx)
         if num_tokens:
-            self.val_loss.update(ce, weight=num_tokens)
+            metric.update(ce, weight=num_tokens)
         return {"router_stats": [s.detach() for s in router_stats]}
 
-    def test_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Accumulate the test cross-entropy, weighted by trained targets (logged at the end of the test epoch)."""
         ce, _, _, num_tokens = self._loss(batch)
+        metric = self.eval_loss("test", dataloader_idx)
         if num_tokens:
-            self.test_loss.update(ce, weight=num_tokens)
+            metric.update(ce, weight=num_tokens)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Greedy continuation of 32 tokens for each prompt in the batch (fewer where ``max_seq_len`` ends first)."""
@@ -1190,16 +1238,16 @@ class Seq2SeqLMModule(MoELanguageModule):
         self.log_train(loss, ce, terms, batch.numel())
         return {"loss": loss, "router_stats": [s.detach() for s in router_stats]}
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any]:
+    def validation_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Accumulate the validation cross-entropy (corruption seeded by the batch index)."""
         ce, router_stats, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx))
-        self.val_loss.update(ce, weight=num_tokens)
+        self.eval_loss("val", dataloader_idx).update(ce, weight=num_tokens)
         return {"router_stats": [s.detach() for s in router_stats]}
 
-    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+    def test_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Accumulate the test cross-entropy, weighted by tokens (corruption seeded by the batch index)."""
         ce, _, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx))
-        self.test_loss.update(ce, weight=num_tokens)
+        self.eval_loss("test", dataloader_idx).update(ce, weight=num_tokens)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Each encoder input followed by the 32 tokens greedy decoding writes for it (without the start id).
