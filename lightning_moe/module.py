@@ -972,9 +972,26 @@ class CausalLMModule(MoELanguageModule):
         if num_tokens:
             metric.update(ce, weight=num_tokens)
 
-    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        """Greedy continuation of 32 tokens for each prompt in the batch (fewer where ``max_seq_len`` ends first)."""
-        return self.generate(batch, max_new_tokens=_predict_new_tokens(self.config, batch.shape[1]))
+    def predict_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        """Greedy continuation of 32 tokens for each prompt in the batch (fewer where ``max_seq_len`` ends first).
+
+        The batch is ``(B, T)`` prompt ids, or a dict of ``input_ids`` and an optional ``attention_mask`` for prompts
+        padded on the left (``labels`` are ignored); the result is ``(B, T + new)``, padding included.
+
+        Raises:
+            ValueError: For a dict without ``input_ids`` or with other keys, naming them.
+        """
+        mask = None
+        if isinstance(batch, Mapping):
+            unknown = sorted(set(batch) - set(BATCH_KEYS))
+            if unknown or batch.get("input_ids") is None:
+                raise ValueError(
+                    f"batch keys {sorted(batch)} are invalid for predict: expected 'input_ids' and optionally "
+                    "'attention_mask' (prompts padded on the left) and 'labels' (ignored)"
+                )
+            batch, mask = batch["input_ids"], batch.get("attention_mask")
+        new_tokens = _predict_new_tokens(self.config, batch.shape[1])
+        return self.generate(batch, max_new_tokens=new_tokens, attention_mask=mask)
 
     @torch.no_grad()
     def generate(

@@ -326,3 +326,18 @@ def test_seq2seq_module_refuses_dict_batches_clearly():
     module = Seq2SeqLMModule(arch="switch-tiny")
     with pytest.raises(ValueError, match=r"Seq2SeqLMModule takes \(B, L\) token id tensors"):
         module.training_step({"input_ids": torch.ones(2, 5, dtype=torch.long)}, 0)
+
+
+def test_predict_on_left_padded_dict_batches_continues_each_prompt_as_alone(tmp_path):
+    module = _module(dtype=torch.float32)
+    seqs = _sequences([7, 3, 5])
+    batch, slices = _pad(seqs, "left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i]} for i in range(len(seqs))]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    (out,) = trainer.predict(module, DataLoader(rows, batch_size=3))
+    for row, seq in enumerate(seqs):
+        alone = module.generate(seq[None], max_new_tokens=out.shape[1] - ids.shape[1])
+        assert torch.equal(out[row, slices[row].start :], alone[0])
+    with pytest.raises(ValueError, match=r"batch keys \['input_ids', 'position_ids'\] are invalid for predict"):
+        module.predict_step({"input_ids": ids, "position_ids": mask}, 0)
