@@ -1026,6 +1026,8 @@ class CausalLMModule(MoELanguageModule):
             ``(B, T + n)`` token ids, ``n <= max_new_tokens`` (``n < max_new_tokens`` only with ``stop_id``).
         """
         check_generation(max_new_tokens, temperature, top_k)
+        if not isinstance(use_cache, bool):
+            raise ValueError(f"use_cache={use_cache!r} is invalid: must be True or False")
         check_prompt(input_ids, max_new_tokens, getattr(self.config, "max_seq_len", None))
         mask = attention_mask
         if mask is not None:
@@ -1088,9 +1090,7 @@ def check_generation(max_new_tokens: int, temperature: float, top_k: int | None)
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an int >= 1")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature!r} is invalid: must be a finite number >= 0 (0: greedy)")
-    if isinstance(temperature, bool):
+    if not (is_number(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r} is invalid: must be a finite number >= 0 (0: greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} is invalid: must be an int >= 1, or unset for the whole vocabulary")
@@ -1307,6 +1307,8 @@ class Seq2SeqLMModule(MoELanguageModule):
             max_new_tokens`` only with ``stop_id``).
         """
         check_generation(max_new_tokens, temperature, top_k)
+        if not isinstance(use_cache, bool):
+            raise ValueError(f"use_cache={use_cache!r} is invalid: must be True or False")
         max_seq_len = getattr(self.config, "max_seq_len", None)
         check_prompt(input_ids, 0, None)
         if max_seq_len is not None and input_ids.shape[1] > max_seq_len:

@@ -4,6 +4,7 @@ import dataclasses
 import warnings
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -109,6 +110,22 @@ def test_generate_refuses_top_k_when_greedy_as_the_cli_does():
     with pytest.raises(ValueError, match=r"top_k=5 is invalid with temperature=0: greedy decoding takes the top token"):
         _tiny().generate(prompt, 1, temperature=0.0, top_k=5)
     assert _tiny().generate(prompt, 1, temperature=1.0, top_k=5).shape == (1, 3)
+
+
+def test_generate_takes_numpy_numbers_and_refuses_a_use_cache_that_is_not_a_bool():
+    prompt = torch.randint(0, 100, (2, 3), generator=torch.Generator().manual_seed(0))
+    module = _tiny()
+    torch.manual_seed(5)
+    plain = module.generate(prompt, 4, temperature=0.7, top_k=20)
+    torch.manual_seed(5)
+    numpy_args = module.generate(prompt, 4, temperature=np.float64(0.7), top_k=20)
+    torch.manual_seed(5)
+    numpy_float32 = module.generate(prompt, 4, temperature=np.float32(0.5), top_k=20)
+    torch.manual_seed(5)
+    assert torch.equal(numpy_float32, module.generate(prompt, 4, temperature=float(np.float32(0.5)), top_k=20))
+    assert torch.equal(plain, numpy_args)
+    with pytest.raises(ValueError, match=r"use_cache='no' is invalid: must be True or False"):
+        module.generate(prompt, 1, use_cache="no")
 
 
 @pytest.mark.parametrize("mask", [[[1, 1]], "11", torch.ones(1, 2).tolist()])

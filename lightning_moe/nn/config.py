@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -37,8 +38,8 @@ _SCALAR_KINDS = {"int": "an int", "float": "a finite number", "bool": "a bool", 
 
 
 def is_number(value: object) -> bool:
-    """Whether ``value`` is a finite int or float, not a bool (``True`` would pass a range check as 1)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """Whether ``value`` is a finite real number (int, float, a NumPy scalar), not a bool (``True`` would pass 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_field_types(config: object) -> None:
