@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +268,43 @@ class MoELanguageModule(L.LightningModule):
         if trainer is None or trainer.world_size < 2 or not any(isinstance(p, DTensor) for p in self.parameters()):
             return done
         return bool(trainer.strategy.reduce_boolean_decision(done, all=True))
+
+    def _sample_loop(
+        self,
+        ids: Tensor,
+        logits: Tensor,
+        next_logits: Callable[[Tensor, Tensor], Tensor],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        stop_id: int | None,
+    ) -> Tensor:
+        """The decoding loop both ``generate`` methods share, in eval mode with the arguments checked.
+
+        Args:
+            ids: ``(B, T)`` ids so far (the prompt, or the decoder start id).
+            logits: ``(B, V)`` logits of the token after ``ids``.
+            next_logits: ``(new_ids_B1, ids_BT) -> (B, V)``, the logits after one more token: the model's forward
+                on the new token (with a key/value cache) or on all ids so far.
+            max_new_tokens: Tokens to add.
+            temperature: 0 for greedy, else the sampling temperature.
+            top_k: Sample among the ``top_k`` most likely tokens only (``None``: all).
+            stop_id: A token that ends a sequence, which then repeats it (``None``: never stops early).
+
+        Returns:
+            ``(B, T + n)`` ids, ``n <= max_new_tokens``.
+        """
+        done_B1 = torch.zeros_like(ids[:, :1], dtype=torch.bool)
+        for step in range(max_new_tokens):
+            next_ids = sample_next(logits.float(), temperature, top_k)
+            if stop_id is not None:
+                next_ids = next_ids.masked_fill(done_B1, stop_id)
+                done_B1 = done_B1 | (next_ids == stop_id)
+            ids = torch.cat([ids, next_ids], dim=1)
+            if step == max_new_tokens - 1 or (stop_id is not None and self._all_stopped(done_B1)):
+                break
+            logits = next_logits(next_ids, ids)
+        return ids
 
     @property
     def moe_layers(self) -> list[tuple[str, MoELayer]]:
@@ -1042,23 +1079,17 @@ class CausalLMModule(MoELanguageModule):
         self.eval()
         try:  # an error inside the model (a token id outside the vocabulary) must not leave the module in eval mode
             cache = self.model.new_cache() if use_cache and hasattr(self.model, "new_cache") else None
-            ids = input_ids
-            logits = self.model(ids, mask, cache=cache).logits[:, -1]
-            done_B1 = torch.zeros_like(ids[:, :1], dtype=torch.bool)
-            for step in range(max_new_tokens):
-                next_ids = sample_next(logits.float(), temperature, top_k)
-                if stop_id is not None:
-                    next_ids = next_ids.masked_fill(done_B1, stop_id)
-                    done_B1 = done_B1 | (next_ids == stop_id)
-                ids = torch.cat([ids, next_ids], dim=1)
-                if step == max_new_tokens - 1 or (stop_id is not None and self._all_stopped(done_B1)):
-                    break
+
+            def next_logits(new_ids_B1: Tensor, ids_BT: Tensor) -> Tensor:
+                nonlocal mask
                 if mask is not None:  # the cache's masks cover every position, past and new
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 if cache is not None:
-                    logits = self.model(next_ids, mask, cache=cache).logits[:, -1]
-                else:
-                    logits = self.model(ids, mask).logits[:, -1]
+                    return self.model(new_ids_B1, mask, cache=cache).logits[:, -1]
+                return self.model(ids_BT, mask).logits[:, -1]
+
+            logits = self.model(input_ids, mask, cache=cache).logits[:, -1]
+            ids = self._sample_loop(input_ids, logits, next_logits, max_new_tokens, temperature, top_k, stop_id)
         finally:
             self.train(was_training)
         return ids
@@ -1333,17 +1364,12 @@ class Seq2SeqLMModule(MoELanguageModule):
             cache = self.model.new_cache() if use_cache else None
             ids = torch.full((input_ids.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=input_ids.device)
             logits = self.model.decode(memory_BSD, ids, mask, cache=cache).logits[:, -1]
-            done_B1 = torch.zeros_like(ids, dtype=torch.bool)
-            for step in range(max_new_tokens):
-                next_ids = sample_next(logits.float(), temperature, top_k)
-                if stop_id is not None:
-                    next_ids = next_ids.masked_fill(done_B1, stop_id)
-                    done_B1 = done_B1 | (next_ids == stop_id)
-                ids = torch.cat([ids, next_ids], dim=1)
-                if step == max_new_tokens - 1 or (stop_id is not None and self._all_stopped(done_B1)):
-                    break
-                new_ids = next_ids if cache is not None else ids
-                logits = self.model.decode(memory_BSD, new_ids, mask, cache=cache).logits[:, -1]
+
+            def next_logits(new_ids_B1: Tensor, ids_BT: Tensor) -> Tensor:
+                new_ids = new_ids_B1 if cache is not None else ids_BT
+                return self.model.decode(memory_BSD, new_ids, mask, cache=cache).logits[:, -1]
+
+            ids = self._sample_loop(ids, logits, next_logits, max_new_tokens, temperature, top_k, stop_id)
         finally:
             self.train(was_training)
         return ids
