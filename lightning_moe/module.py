@@ -253,6 +253,7 @@ class MoELanguageModule(L.LightningModule):
         self._step_start = 0.0
         self._step_tokens = 0
         self._train_seed: int | None = None  # see on_train_batch_start
+        self._load_before_batch: list[Tensor] = []  # see on_train_batch_start
 
     # -- shared pieces --------------------------------------------------------------------------------
 
@@ -326,7 +327,11 @@ class MoELanguageModule(L.LightningModule):
         return total, terms
 
     def check_finite(self, loss: Tensor, router_stats: list[MoEStats]) -> bool:
-        """True if training may go on with this loss; raises or returns False (skip) otherwise."""
+        """True if training may go on with this loss; raises or returns False (skip) otherwise.
+
+        A skipped batch's routing is taken back out of the MoE layers' ``tokens_per_expert`` counts, so that the
+        auxiliary-loss-free bias update of its optimizer step sees only the micro-batches it trains on.
+        """
         if torch.isfinite(loss):
             return True
         where = "the loss"
@@ -340,6 +345,9 @@ class MoELanguageModule(L.LightningModule):
             hint = " (set nan_policy='skip' to skip such batches)" if single else ""
             raise NonFiniteLossError(message + hint)
         rank_zero_warn(f"skipping batch: {message}")
+        if self.training:  # the skipped batch's routing must not reach the bias update (LoadBalancingBias)
+            for (_, layer), load_E in zip(self.moe_layers, self._load_before_batch, strict=False):
+                layer.tokens_per_expert.copy_(load_E)
         return False
 
     def configure_model(self) -> None:
@@ -562,6 +570,8 @@ class MoELanguageModule(L.LightningModule):
             self.train_data_position = advance(
                 self.train_data_position, rows * self.trainer.world_size, self.trainer.world_size
             )
+        # What the MoE layers counted before this batch (check_finite restores it when the batch is skipped).
+        self._load_before_batch = [layer.tokens_per_expert.clone() for _, layer in self.moe_layers]
         self._step_start = time.perf_counter()
 
     def batch_rows(self, batch: Any) -> int:

@@ -283,3 +283,47 @@ def test_bias_is_not_updated_when_an_optimizer_that_skips_inf_steps_itself_skips
         expected = torch.zeros(E) if inf else bias_update(torch.zeros(E), load, 0.1)
         torch.testing.assert_close(layer.router.score_bias, expected)
     assert callback.updates == 1
+
+
+class PoisonBatch(Callback):
+    """Makes the router logits of every MoE layer NaN for the training batch ``batch_idx`` only."""
+
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+        self.saved: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch_idx:
+            for _, layer in pl_module.moe_layers:
+                self.saved.append(layer.router.gate.weight.detach().clone())
+                layer.router.gate.weight.data.fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for (_, layer), weight in zip(pl_module.moe_layers, self.saved, strict=False):
+            layer.router.gate.weight.data.copy_(weight)
+        self.saved = []
+
+
+class LoadByBatch(Callback):
+    """Each trained (not skipped) batch's load of the first MoE layer, counted from its chosen experts."""
+
+    def __init__(self) -> None:
+        self.loads: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if outputs:
+            ids = outputs["router_stats"][0].expert_ids
+            self.loads[batch_idx] = torch.bincount(ids[ids >= 0].flatten(), minlength=E).float()
+
+
+def test_bias_update_leaves_out_the_load_of_a_micro_batch_the_nan_policy_skips(tmp_path):
+    # Two micro-batches per step; the second of the first step is skipped for a non-finite loss. The step still
+    # applies (the first micro-batch's gradients), and its bias update must use that micro-batch's load only.
+    module, loads, callback = deepseek(nan_policy="skip"), LoadByBatch(), LoadBalancingBias(gamma=0.01)
+    fit = trainer(tmp_path, [PoisonBatch(1), loads, callback], max_steps=2, accumulate_grad_batches=2)
+    with pytest.warns(UserWarning, match="skipping batch"):
+        fit.fit(module, loader(4))
+    assert sorted(loads.loads) == [0, 2, 3]
+    expected = bias_update(bias_update(torch.zeros(E), loads.loads[0], 0.01), loads.loads[2] + loads.loads[3], 0.01)
+    torch.testing.assert_close(module.moe_layers[0][1].router.score_bias, expected)
+    assert callback.updates == 2
