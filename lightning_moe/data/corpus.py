@@ -32,10 +32,11 @@ def expand_sources(sources: list[str]) -> list[Path]:
     """Expand paths and globs into a sorted, de-duplicated list of files.
 
     A source that names an existing file is that file, even where its name holds glob characters
-    (``notes[1].txt``, which as a pattern would match ``notes1.txt``).
+    (``notes[1].txt``, which as a pattern would match ``notes1.txt``). Paths that name one file (``a.txt`` and
+    its absolute path, a symlink to it) count once.
 
     Raises:
-        ValueError: If a source matches no file.
+        ValueError: If a source matches no file, or names a folder.
     """
     files: list[Path] = []
     for source in sources:
@@ -44,10 +45,19 @@ def expand_sources(sources: list[str]) -> list[Path]:
             matches = [pattern]
         else:
             matches = [m for m in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(m)]
+        if not matches and os.path.isdir(pattern):
+            example = os.path.join(source, "**", "*.txt")
+            raise ValueError(
+                f"sources entry {source!r} is invalid: it is a folder, and sources are files and globs; give its "
+                f"files as a glob such as {example!r}"
+            )
         if not matches:
             raise ValueError(f"sources entry {source!r} is invalid: it matches no file")
         files.extend(Path(m) for m in matches)
-    return sorted(set(files))
+    unique: dict[str, Path] = {}
+    for path in sorted(files):  # one file under two spellings (relative and absolute, a symlink) is read once
+        unique.setdefault(os.path.realpath(path), path)
+    return sorted(unique.values())
 
 
 def read_documents(files: list[Path], text_field: str = "text", max_bytes: int | None = None) -> Iterator[str]:

@@ -351,7 +351,7 @@ class TextDataModule(L.LightningDataModule):
     def _split(self) -> None:
         docs = self._documents()
         tokenizer_file, tokens_file = self._paths(docs)
-        if not tokens_file.exists():
+        if not (tokens_file.exists() and tokenizer_file.exists()):  # a cache missing either file builds it again
             self.prepare_data()
         self.tokenizer = load_tokenizer(tokenizer_file)
         dtype = "uint16" if self.tokenizer.get_vocab_size() <= 2**16 else "uint32"
@@ -437,23 +437,26 @@ class TextDataModule(L.LightningDataModule):
         """Shuffled training blocks (seeded per epoch), full batches only, resuming mid-epoch exactly.
 
         Each epoch's iterator starts where the training samples consumed so far put it (the module's
-        ``train_samples_seen`` over all ranks, restored from its checkpoint, else the step count), so every step
-        after a resume sees the batch the uninterrupted run saw, also when a finished run is extended with a
-        larger ``max_steps``; a resume at another world size continues at the same sample of the epoch.
+        ``train_samples_seen`` over all ranks, restored from its checkpoint, else the training batches the trainer
+        ran), so every step after a resume sees the batch the uninterrupted run saw, also when a finished run is
+        extended with a larger ``max_steps``; a resume at another world size continues at the same sample of the
+        epoch.
         """
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
         def position() -> tuple[int, int]:
             # The module's (epoch, global sample), kept by advance_position and saved in its checkpoints. Files
-            # without it: its sample count (else the step count), read as if every step ran at this world size.
+            # without it: its sample count, else (any other LightningModule) the training batches the trainer ran,
+            # read as if every batch ran at this world size. Not the step count: Lightning steps at each epoch's end
+            # also after fewer than accumulate_grad_batches batches, and manual optimization steps at will.
             module = trainer.lightning_module
             kept = getattr(module, "train_data_position", None)
             if kept is not None:
                 return int(kept[0]), int(kept[1])
             seen = getattr(module, "train_samples_seen", None)
             if seen is None:
-                seen = trainer.global_step * trainer.accumulate_grad_batches * self.batch_size * world
+                seen = trainer.fit_loop.epoch_loop.batch_progress.total.processed * self.batch_size * world
             per_epoch = max(1, epoch_rows(len(self.train_set), 0, world, self.batch_size) * world)
             epoch, start = divmod(seen, per_epoch)
             return epoch, start
