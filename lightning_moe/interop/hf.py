@@ -693,7 +693,8 @@ def from_hf(source: str | os.PathLike | nn.Module) -> nn.Module:
 
     Returns:
         The model (float32 parameters, in train mode, like a freshly built zoo model), built from our own blocks
-        by :func:`lightning_moe.zoo.build`. Its zoo config is ``model.zoo_config``.
+        by :func:`lightning_moe.zoo.build`. Its zoo config is ``model.zoo_config``; ``model.hf_token_ids`` keeps
+        the checkpoint's special token ids (``eos_token_id``, ...), which :func:`to_hf` writes back.
 
     Raises:
         UnsupportedConfigError: For a config field we cannot represent (named in the message).
@@ -751,6 +752,7 @@ def from_hf(source: str | os.PathLike | nn.Module) -> nn.Module:
                 f"tensor {key!r} differs from the tensor it shares storage with in our model: unsupported"
             )
     model.zoo_config = cfg
+    model.hf_token_ids = {k: checkpoint.config[k] for k in _TOKEN_ID_FIELDS if checkpoint.config.get(k) is not None}
     return model
 
 
@@ -1003,6 +1005,42 @@ def _empty_shared_experts(model: nn.Module, cfg: ModelConfig, family: str) -> di
     return tensors
 
 
+# The special token ids of a config.json, which from_hf keeps on the model for to_hf to write back.
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _special_tokens(tokenizer_json: str, family: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The special token ids of our tokenizer for ``config.json``, and its special tokens for ``tokenizer_config.json``.
+
+    Our data ends every document with ``<|endoftext|>`` and pads with ``<|pad|>``, and
+    :class:`~lightning_moe.module.Seq2SeqLMModule` starts decoding with the padding id (0 without one).
+    ``transformers``' ``generate`` reads these ids from ``config.json``, and where they are absent takes its config
+    class's, which name other tokens (Mixtral ends at id 2 and DeepSeek-V3 at 1, Qwen-MoE never ends, Switch starts
+    decoding at 0). ``<|endoftext|>`` is also the start id, as in GPT-2 and Qwen (Switch has none). A token the
+    tokenizer lacks leaves its fields out.
+
+    Returns:
+        ``({field: id}, {"eos_token": ..., "pad_token": ..., ...})``.
+    """
+    from tokenizers import Tokenizer
+
+    from lightning_moe.data.tokenizer import EOS_TOKEN, PAD_TOKEN
+
+    vocab = Tokenizer.from_str(tokenizer_json)
+    eos, pad = vocab.token_to_id(EOS_TOKEN), vocab.token_to_id(PAD_TOKEN)
+    ids: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    if eos is not None:
+        ids["eos_token_id"], names["eos_token"] = eos, EOS_TOKEN
+        if family != "switch_transformers":
+            ids["bos_token_id"], names["bos_token"] = eos, EOS_TOKEN
+    if pad is not None:
+        ids["pad_token_id"], names["pad_token"] = pad, PAD_TOKEN
+    if family == "switch_transformers":
+        ids["decoder_start_token_id"] = 0 if pad is None else pad
+    return ids, names
+
+
 _SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
@@ -1028,7 +1066,10 @@ def to_hf(
     The tensors keep the model's dtype, and ``config.json`` names it (``torch_dtype``), so ``from_pretrained``
     loads a bfloat16 model in bfloat16 and a float64 one in float64. With a tokenizer (given, or the
     ``tokenizer_json`` a ``lightning-moe fit`` module carries) it also writes ``tokenizer.json``, which
-    ``init_from`` checks the data against and ``--data.tokenizer_path`` can name.
+    ``init_from`` checks the data against and ``--data.tokenizer_path`` can name, and ``tokenizer_config.json``
+    naming its end and padding tokens; ``config.json`` then holds their ids (``eos_token_id``, ``pad_token_id``,
+    Switch's ``decoder_start_token_id``), which ``generate`` in ``transformers`` reads. Without a tokenizer it writes
+    the ids :func:`from_hf` read, if any.
 
     Args:
         model: Our zoo model (or a LightningModule holding it as ``.model`` with its ``.config``).
@@ -1070,6 +1111,12 @@ def to_hf(
             "full_checkpoint, then call to_hf"
         )
     state = {k: v.detach().cpu() for k, v in state.items()}
+    hf_config |= getattr(model, "hf_token_ids", {})
+    token_names: dict[str, str] = {}
+    if tokenizer is not None:
+        tokenizer = tokenizer if isinstance(tokenizer, str) else tokenizer.to_str()
+        token_ids, token_names = _special_tokens(tokenizer, family)
+        hf_config |= token_ids
     # The weights' dtype, as save_pretrained writes it: from_pretrained's default ("auto") loads the model in it.
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -1089,11 +1136,13 @@ def to_hf(
     save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
     (out / "config.json.tmp").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
-        text = tokenizer if isinstance(tokenizer, str) else tokenizer.to_str()
-        (out / "tokenizer.json.tmp").write_text(text, encoding="utf-8")
+        (out / "tokenizer.json.tmp").write_text(tokenizer, encoding="utf-8")
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **token_names}
+        (out / "tokenizer_config.json.tmp").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
     os.replace(out / "config.json.tmp", out / "config.json")
     if tokenizer is not None:
         os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
+        os.replace(out / "tokenizer_config.json.tmp", out / "tokenizer_config.json")
     _remove_stale_shards(out)
     return out

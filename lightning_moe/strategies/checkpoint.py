@@ -158,11 +158,12 @@ def full_checkpoint(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: If ``path`` is not a distributed checkpoint directory written by Lightning.
     """
     path = Path(path)
-    state_dict = consolidate_checkpoint(path)
-    if not (path / METADATA_FILE).is_file():
+    check_checkpoint_files(path)
+    if not (path / METADATA_FILE).is_file():  # before reading the tensors, which may take long
         raise FileNotFoundError(
             f"path={str(path)!r} is invalid: no {METADATA_FILE} (not written by a Lightning Trainer)"
         )
+    state_dict = consolidate_checkpoint(path)
     meta = torch.load(path / METADATA_FILE, map_location="cpu", weights_only=False)
     return {**meta, STATE_DICT_KEY: state_dict}
 
