@@ -12,16 +12,19 @@ import argparse
 import importlib
 import io
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_moe import zoo
 from lightning_moe.data import TextDataModule, unigram_entropy
@@ -169,6 +172,8 @@ class MoECLI(LightningCLI):
         accumulate = trainer.accumulate_grad_batches  # Lightning takes any value, and 0 fails inside the first step
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"trainer.accumulate_grad_batches={accumulate!r} is invalid: must be an int >= 1")
+        if self.subcommand == "fit":
+            self._check_fit_length()
         self._check_last_checkpoint()
         if not isinstance(model, MoELanguageModule):
             return
@@ -188,6 +193,26 @@ class MoECLI(LightningCLI):
         check_sizes = getattr(trainer.strategy, "check_sizes", None)  # ExpertParallelStrategy
         if check_sizes is not None:
             check_sizes(model.model)
+
+    def _check_fit_length(self) -> None:
+        """Check the ``fit`` settings Lightning takes but that train nothing or fail inside the first step.
+
+        Raises:
+            ValueError: For ``max_steps`` or ``max_epochs`` 0 (the corpus is tokenized, then no step runs) and an
+                int ``val_check_interval`` below 1 (``ZeroDivisionError`` at the first training batch).
+        """
+        trainer = self.trainer
+        for name in ("max_steps", "max_epochs"):
+            if getattr(trainer, name) == 0:
+                raise ValueError(
+                    f"trainer.{name}=0 is invalid for fit: it trains no step; must be >= 1, or -1 for no limit"
+                )
+        interval = trainer.val_check_interval
+        if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
+            raise ValueError(
+                f"trainer.val_check_interval={interval!r} is invalid: an int must be >= 1 (training batches between "
+                "validations); to validate less, raise it, or set trainer.limit_val_batches to 0 for no validation"
+            )
 
     def _check_last_checkpoint(self) -> None:
         """Check the checkpoint ``--ckpt_path last`` finds, before any work.
@@ -222,6 +247,8 @@ class MoECLI(LightningCLI):
 
     def before_fit(self) -> None:  # noqa: D102
         self._check_run()
+        self._validation_step = _LastValidationStep()  # for the summary: is its validation loss the final model's?
+        self.trainer.callbacks.append(self._validation_step)
 
     def before_validate(self) -> None:  # noqa: D102
         self._check_run()
@@ -243,6 +270,18 @@ class MoECLI(LightningCLI):
             entropy = unigram_entropy(data.val_tokens())
             lines.append(f"validation loss {float(val):.3f} nats/token (perplexity {torch.exp(val).item():.1f})")
             lines.append(f"unigram entropy of the validation tokens {entropy:.3f} nats/token (a context-free model)")
+            step = getattr(getattr(self, "_validation_step", None), "step", None)
+            if step is not None and step != trainer.global_step:
+                lines.append(
+                    f"(that validation ran at step {step}, not at the final step {trainer.global_step}: `lightning-moe "
+                    "validate` with --ckpt_path the last checkpoint gives the final model's)"
+                )
+        elif trainer.limit_val_batches and isinstance(data, TextDataModule) and data.val_set is not None:
+            lines.append(
+                f"no validation ran in this run's {trainer.global_step} steps (trainer.val_check_interval="
+                f"{trainer.val_check_interval!r}): `lightning-moe validate` with --ckpt_path the last checkpoint gives "
+                "the validation loss"
+            )
         if trainer.logger is not None and trainer.logger.log_dir:
             if isinstance(trainer.logger, TensorBoardLogger):
                 lines.append(
@@ -255,7 +294,8 @@ class MoECLI(LightningCLI):
             lines.append(f"last checkpoint: {checkpoint.last_model_path}")
             if isinstance(self.model, CausalLMModule):  # generate continues prompts with decoder models
                 lines.append(
-                    f"generate: lightning-moe generate --ckpt_path {checkpoint.last_model_path} --prompt 'def '"
+                    f"generate: lightning-moe generate --ckpt_path {shlex.quote(checkpoint.last_model_path)} "
+                    "--prompt 'def '"
                 )
         lines.append("=" * 72)
         print("\n".join(lines))
@@ -301,6 +341,18 @@ class MoECLI(LightningCLI):
         shown = "".join(f"{rule}\n{prompt}[...]{more}\n" for prompt, more in records[:3])
         print(f"{shown}{rule}\n{len(records)} continuations written to {path}")
         return predictions
+
+
+class _LastValidationStep(Callback):
+    """Records the global step of a fit's last validation (sanity checks left out), for the end-of-fit summary."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
 
 
 def _prediction_order(trainer: Any, count: int) -> tuple[list[tuple[int, int]], list[bool]]:
