@@ -389,20 +389,90 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             ValueError: Naming each rank's batch count and how to even them out.
         """
         super().on_predict_start()
+        self._refuse_uneven_batches(
+            "prediction",
+            self.lightning_module.trainer.predict_loop.max_batches,
+            "limit_predict_batches",
+            "a sampler that pads the ranks' shares (lightning_moe.data.datamodule.PaddedPredictSampler, as "
+            "TextDataModule does)",
+        )
+
+    @override
+    def on_train_start(self) -> None:
+        """Refuse training whose ranks would run different numbers of batches before the run ends (see prediction).
+
+        A rank whose epoch ends first would leave the others waiting forever in their next forward. Uneven counts
+        are let through when ``max_steps`` ends the run before the shortest rank's epoch does.
+
+        Raises:
+            ValueError: Naming each rank's batch count and how to even them out.
+        """
+        super().on_train_start()
+        trainer = self.lightning_module.trainer
+        needed = trainer.max_steps * trainer.accumulate_grad_batches if trainer.max_steps >= 0 else None
+        self._refuse_uneven_batches("training", [trainer.fit_loop.max_batches], "limit_train_batches", needed=needed)
+
+    @override
+    def on_validation_start(self) -> None:
+        """Refuse validation (sanity check included) whose ranks would run different numbers of batches.
+
+        Raises:
+            ValueError: Naming each rank's batch count and how to even them out.
+        """
+        super().on_validation_start()
+        self._refuse_uneven_batches(
+            "validation", self.lightning_module.trainer._evaluation_loop.max_batches, "limit_val_batches"
+        )
+
+    @override
+    def on_test_start(self) -> None:
+        """Refuse a test whose ranks would run different numbers of batches.
+
+        Raises:
+            ValueError: Naming each rank's batch count and how to even them out.
+        """
+        super().on_test_start()
+        self._refuse_uneven_batches("test", self.lightning_module.trainer.test_loop.max_batches, "limit_test_batches")
+
+    def _refuse_uneven_batches(
+        self,
+        stage: str,
+        max_batches: list[int | float],
+        limit: str,
+        sampler: str = "Lightning's distributed sampler (use_distributed_sampler=True, the default)",
+        needed: int | None = None,
+    ) -> None:
+        """Raise before the first batch if the ranks would run different numbers of ``stage`` batches.
+
+        Every forward is a collective (FSDP2 all-gathers, the MoE all-to-all): a rank running a batch the others
+        never join would wait forever (until the process group's timeout).
+
+        Args:
+            stage: What the data is for, in the message.
+            max_batches: This rank's batch count per dataloader (``inf``: unknown length).
+            limit: The ``Trainer`` argument that caps the count, in the message.
+            sampler: A sampler that evens the ranks' shares out, in the message.
+            needed: The batches the run takes if it may end sooner (``max_steps``): counts that differ only past
+                it are let through.
+
+        Raises:
+            ValueError: Naming each rank's batch count and how to even them out.
+        """
         if self.world_size < 2 or not dist.is_initialized():
             return
-        mine = [n if math.isfinite(n) else -1 for n in self.lightning_module.trainer.predict_loop.max_batches]
+        mine = [n if math.isfinite(n) else -1 for n in max_batches]
         counts: list[Any] = [None] * self.world_size
         dist.all_gather_object(counts, mine)
-        if any(count != counts[0] for count in counts):
-            fewest = min(min(count) for count in counts)
-            raise ValueError(
-                f"the prediction data is invalid under ExpertParallelStrategy: the ranks would run {counts} batches "
-                "(per rank, per dataloader), and every forward waits for all ranks; give every rank as many, e.g. "
-                "with a sampler that pads the ranks' shares (lightning_moe.data.datamodule.PaddedPredictSampler, "
-                f"as TextDataModule does), trainer.limit_predict_batches={fewest}, or a sample count that is a "
-                "multiple of world x batch size"
-            )
+        if all(count == counts[0] for count in counts):
+            return
+        fewest = min(min(count) for count in counts)
+        if needed is not None and 0 <= needed <= fewest:
+            return
+        raise ValueError(
+            f"the {stage} data is invalid under ExpertParallelStrategy: the ranks would run {counts} batches "
+            "(per rank, per dataloader), and every forward waits for all ranks; give every rank as many, e.g. "
+            f"with {sampler}, trainer.{limit}={fewest}, or a sample count that is a multiple of world x batch size"
+        )
 
     @override
     def save_checkpoint(
