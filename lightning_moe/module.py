@@ -581,20 +581,42 @@ class MoELanguageModule(L.LightningModule):
     def log_train(self, loss: Tensor, ce: Tensor | None, terms: dict[str, Tensor], num_tokens: int) -> None:
         """Log training loss, perplexity, each auxiliary term and learning rate (throughput: ``on_train_batch_end``).
 
+        With several processes every value is the mean over the ranks (one all-reduce per step), so the logged
+        ``train/loss`` is the global batch's, as the gradients are, not rank 0's; ``train/tokens_per_sec`` counts
+        every rank's tokens.
+
         Args:
             loss: The loss the step trains: cross-entropy plus weighted auxiliary losses.
             ce: The cross-entropy, or ``None`` for a batch without a trained target (then ``train/loss`` and
-                ``train/ppl`` are not logged for it: a 0 would pull their means down).
+                ``train/ppl`` leave it out, and are not logged where no rank has one: a 0 would pull their means
+                down).
             terms: Each auxiliary term's mean over layers.
             num_tokens: This rank's input tokens, padding excluded (``train/tokens_per_sec`` counts them).
         """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        term_values = list(terms.values())
+        tokens: Tensor | int = num_tokens
+        if world > 1:  # every rank calls this once per step with the same terms (one model): one all-reduce
+            zero = torch.zeros((), device=loss.device)
+            values = torch.stack(
+                [
+                    zero if ce is None else ce.detach().float(),
+                    zero + (ce is not None),
+                    loss.detach().float(),
+                    *(value.detach().float() for value in term_values),
+                    zero + num_tokens,
+                ]
+            )
+            ce_sum, ce_count, loss_sum, *term_sums, tokens = self.trainer.strategy.reduce(values, reduce_op="sum")
+            ce = ce_sum / ce_count if ce_count > 0 else None
+            loss, term_values = loss_sum / world, [value / world for value in term_sums]
         if ce is not None:
             self.log("train/loss", ce, prog_bar=True)
             self.log("train/ppl", torch.exp(ce.detach().clamp(max=30)))
         self.log("train/total_loss", loss)
-        for term, value in terms.items():
+        for term, value in zip(terms, term_values, strict=True):
             self.log(f"train/aux/{term}", value)
-        self._step_tokens = num_tokens * (self.trainer.world_size if self._trainer is not None else 1)
+        self._step_tokens = int(tokens)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
