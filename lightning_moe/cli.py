@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
+import math
 import os
 import shlex
 import sys
@@ -172,6 +173,12 @@ class MoECLI(LightningCLI):
         accumulate = trainer.accumulate_grad_batches  # Lightning takes any value, and 0 fails inside the first step
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"trainer.accumulate_grad_batches={accumulate!r} is invalid: must be an int >= 1")
+        clip = trainer.gradient_clip_val  # Lightning skips clipping for a negative value and clips to NaN for NaN
+        if clip is not None and not (math.isfinite(clip) and clip >= 0):
+            raise ValueError(
+                f"trainer.gradient_clip_val={clip!r} is invalid: must be a finite number > 0, or 0 or null for no "
+                "clipping"
+            )
         if self.subcommand == "fit":
             self._check_fit_length()
         self._check_last_checkpoint()

@@ -83,6 +83,17 @@ def test_accumulate_grad_batches_below_one_is_refused_before_tokenizing(monkeypa
         run_cli(["fit", "--config", config, *_tiny("--trainer.accumulate_grad_batches", value)])
 
 
+@pytest.mark.parametrize("value", ["-1.0", "-0.5"])
+def test_a_negative_gradient_clip_val_is_refused_before_tokenizing(monkeypatch, value):
+    # Lightning returns without clipping for a value <= 0: a negative value would silently train unclipped.
+    from lightning_moe.data import TextDataModule
+
+    monkeypatch.setattr(TextDataModule, "prepare_data", _forbid)
+    config = str(CONFIGS / "mixtral-tiny.yaml")
+    with pytest.raises(ValueError, match=rf"trainer.gradient_clip_val={float(value)!r} is invalid: must be a finite"):
+        run_cli(["fit", "--config", config, *_tiny("--trainer.gradient_clip_val", value)])
+
+
 def _not_checkpoints(tmp_path):
     good = tmp_path / "good.ckpt"
     torch.save({"pytorch-lightning_version": "2.6", "state_dict": {"w": torch.zeros(1000)}}, good)
