@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import torch
@@ -391,6 +393,27 @@ class MoELanguageModule(L.LightningModule):
                 "id would stand for other text; use that run's data settings, or its tokenizer as data.tokenizer_path "
                 "(to_hf writes it as tokenizer.json)"
             )
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | os.PathLike | IO[bytes], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint``, which also reads a sharded (expert-parallel) checkpoint folder.
+
+        A folder is read whole into memory first (:func:`~lightning_moe.strategies.full_checkpoint`: weights,
+        hyperparameters and tokenizer; no optimizer state), as one process holds the model anyway.
+
+        Raises:
+            FileNotFoundError: For a folder that is not a complete sharded checkpoint, naming what is missing.
+        """
+        if isinstance(checkpoint_path, (str, os.PathLike)) and Path(checkpoint_path).is_dir():
+            from lightning_moe.strategies.checkpoint import full_checkpoint
+
+            buffer = io.BytesIO()
+            torch.save(full_checkpoint(checkpoint_path), buffer)
+            buffer.seek(0)
+            checkpoint_path = buffer
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def check_world_size(self, world_size: int) -> None:
         """Refuse ``nan_policy='skip'`` with several processes (``lightning-moe fit`` checks before it starts them).

@@ -356,3 +356,17 @@ def test_predict_under_expert_parallelism_writes_every_ranks_continuations(
 ) -> None:
     cache = str(tmp_path_factory.getbasetemp() / "lightning-moe-cache")
     run_distributed(_predict_through_the_cli, 2, str(tmp_path), cache)
+
+
+def test_load_from_checkpoint_reads_a_sharded_checkpoint_folder(saved_at_ep2: tuple[Path, Path]) -> None:
+    # Lightning's own load_from_checkpoint failed on a folder with a bare IsADirectoryError.
+    ckpt, logits_file = saved_at_ep2
+    module = CausalLMModule.load_from_checkpoint(ckpt, map_location="cpu")
+    torch.testing.assert_close(_logits(module), torch.load(logits_file), atol=1e-5, rtol=1e-5)
+    assert module.tokenizer_json == _tokenizer().to_str() and module.hparams.overrides == OVERRIDES
+
+
+def test_load_from_checkpoint_names_what_a_folder_lacks(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(FileNotFoundError, match="is invalid"):
+        CausalLMModule.load_from_checkpoint(tmp_path)
