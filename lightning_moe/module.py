@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+from torch.utils.data import BatchSampler, DistributedSampler
 from torchmetrics import MeanMetric
 
 from lightning_moe import zoo
@@ -650,6 +651,39 @@ class MoELanguageModule(L.LightningModule):
             self.log("train/tokens_per_sec", self._step_tokens / elapsed)
         self._step_tokens = 0
 
+    def repeated_rows(self, stage: str, batch_idx: int, rows: int, dataloader_idx: int = 0) -> Tensor | None:
+        """``(rows,)`` True for the rows of an evaluation batch that the distributed sampler repeated, else ``None``.
+
+        With several processes Lightning shards ``"val"`` and ``"test"`` data with a ``DistributedSampler``, which
+        repeats the first samples so that every rank gets as many (under expert parallelism every rank must run
+        as many forwards). Rank ``r`` of ``n`` reads positions ``r, r + n, ...`` of the data followed by the
+        repeats, so its ``i``-th sample is a repeat where ``r + i * n`` is past the data's end. The losses leave
+        those rows out, so the logged loss is the mean over every sample once, as on one device. ``None`` where
+        nothing is repeated or the loader is not a plain sequential one (then every row counts).
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.world_size < 2:
+            return None
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
+        sampler = getattr(loaders, "sampler", None)
+        batch_sampler = getattr(loaders, "batch_sampler", None)
+        if (
+            not isinstance(sampler, DistributedSampler)
+            or sampler.shuffle
+            or sampler.drop_last
+            or not isinstance(batch_sampler, BatchSampler)
+            or batch_sampler.sampler is not sampler
+            or batch_sampler.drop_last
+        ):
+            return None
+        size = len(sampler.dataset)
+        if sampler.total_size <= size:
+            return None
+        local = torch.arange(batch_idx * batch_sampler.batch_size, batch_idx * batch_sampler.batch_size + rows)
+        return (sampler.rank + local * sampler.num_replicas >= size).to(self.device)
+
     def eval_loss(self, stage: str, dataloader_idx: int = 0) -> MeanMetric:
         """The token-weighted mean loss of a ``"val"`` or ``"test"`` dataloader (the first: ``val_loss``/``test_loss``).
 
@@ -1000,14 +1034,22 @@ class CausalLMModule(MoELanguageModule):
         """The sequences in a training batch, which is checked first (:func:`split_causal_batch`)."""
         return self._split(batch)[0].shape[0]
 
-    def _loss(self, batch: Tensor | Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None, list[MoEStats], int]:
+    def _loss(
+        self, batch: Tensor | Mapping[str, Tensor], drop_rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, list[MoEStats], int]:
         """Next-token cross-entropy, the multi-token-prediction loss (``None`` without MTP), stats, trained targets.
 
         Without a trained target the cross-entropy is 0 (not 0 / 0) with zero gradients; so is an MTP depth's.
+        ``drop_rows`` ``(B,)``: rows handled as padding (:meth:`repeated_rows`).
         """
         inputs, mask, targets = self._split(batch)
-        out = self.model(inputs, mask, targets=targets)  # the loss chunk by chunk, without the (B, T, V) logits
         packed = isinstance(batch, Tensor)
+        if drop_rows is not None and bool(drop_rows.any()):
+            keep = ~drop_rows[:, None]
+            mask = keep.expand_as(inputs) if mask is None else mask.bool() & keep
+            targets = targets.masked_fill(~keep, IGNORE_INDEX)
+            packed = False
+        out = self.model(inputs, mask, targets=targets)  # the loss chunk by chunk, without the (B, T, V) logits
         num_tokens = targets.numel() if packed else int((targets != IGNORE_INDEX).sum())
         ce = out.loss if num_tokens else out.loss.nan_to_num(0.0)
         mtp_losses = list(getattr(out, "mtp_losses", None) or [])  # DeepSeek-V3's MTP: the mean over depths
@@ -1050,8 +1092,12 @@ class CausalLMModule(MoELanguageModule):
     def validation_step(
         self, batch: Tensor | Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, Any]:
-        """Accumulate the validation cross-entropy, weighted by trained targets; return the router statistics."""
-        ce, _, router_stats, num_tokens = self._loss(batch)
+        """Accumulate the validation cross-entropy, weighted by trained targets; return the router statistics.
+
+        Rows the distributed sampler repeated count as padding (:meth:`repeated_rows`).
+        """
+        drop = self.repeated_rows("val", batch_idx, self.batch_rows(batch), dataloader_idx)
+        ce, _, router_stats, num_tokens = self._loss(batch, drop)
         metric = self.eval_loss("val", dataloader_idx)
         if num_tokens:
             metric.update(ce, weight=num_tokens)
@@ -1059,7 +1105,8 @@ class CausalLMModule(MoELanguageModule):
 
     def test_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Accumulate the test cross-entropy, weighted by trained targets (logged at the end of the test epoch)."""
-        ce, _, _, num_tokens = self._loss(batch)
+        drop = self.repeated_rows("test", batch_idx, self.batch_rows(batch), dataloader_idx)
+        ce, _, _, num_tokens = self._loss(batch, drop)
         metric = self.eval_loss("test", dataloader_idx)
         if num_tokens:
             metric.update(ce, weight=num_tokens)
@@ -1314,7 +1361,10 @@ class Seq2SeqLMModule(MoELanguageModule):
         """The model's output (decoder logits and router statistics)."""
         return self.model(input_ids, decoder_input_ids)
 
-    def _loss(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, list[MoEStats], int]:
+    def _loss(
+        self, batch: Tensor, generator: torch.Generator | None = None, drop_rows: Tensor | None = None
+    ) -> tuple[Tensor, list[MoEStats], int]:
+        """Span-corruption cross-entropy, stats and targets; ``drop_rows`` ``(B,)``: rows left out of the loss."""
         if not isinstance(batch, Tensor):
             raise ValueError(
                 f"batch of type {type(batch).__name__} is invalid: Seq2SeqLMModule takes (B, L) token id tensors, "
@@ -1328,8 +1378,14 @@ class Seq2SeqLMModule(MoELanguageModule):
             generator,
         )
         start = torch.full_like(targets[:, :1], self.decoder_start_id)
-        out = self.model(inputs, torch.cat([start, targets[:, :-1]], dim=1), targets=targets)
-        return out.loss, out.router_stats, targets.numel()
+        decoder_inputs = torch.cat([start, targets[:, :-1]], dim=1)
+        if drop_rows is not None and bool(drop_rows.any()):
+            targets = targets.masked_fill(drop_rows[:, None], IGNORE_INDEX)
+            if bool(drop_rows.all()):
+                out = self.model(inputs, decoder_inputs, targets=targets)
+                return out.loss.nan_to_num(0.0), out.router_stats, 0
+        out = self.model(inputs, decoder_inputs, targets=targets)
+        return out.loss, out.router_stats, int((targets != IGNORE_INDEX).sum())
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any] | None:
         """Span-corruption cross-entropy plus weighted auxiliary losses (and the router statistics)."""
@@ -1343,14 +1399,18 @@ class Seq2SeqLMModule(MoELanguageModule):
 
     def validation_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Accumulate the validation cross-entropy (corruption seeded by the batch index)."""
-        ce, router_stats, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx))
-        self.eval_loss("val", dataloader_idx).update(ce, weight=num_tokens)
+        drop = self.repeated_rows("val", batch_idx, batch.shape[0], dataloader_idx)
+        ce, router_stats, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx), drop)
+        if num_tokens:
+            self.eval_loss("val", dataloader_idx).update(ce, weight=num_tokens)
         return {"router_stats": [s.detach() for s in router_stats]}
 
     def test_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Accumulate the test cross-entropy, weighted by tokens (corruption seeded by the batch index)."""
-        ce, _, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx))
-        self.eval_loss("test", dataloader_idx).update(ce, weight=num_tokens)
+        drop = self.repeated_rows("test", batch_idx, batch.shape[0], dataloader_idx)
+        ce, _, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx), drop)
+        if num_tokens:
+            self.eval_loss("test", dataloader_idx).update(ce, weight=num_tokens)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Each encoder input followed by the 32 tokens greedy decoding writes for it (without the start id).
