@@ -135,10 +135,10 @@ class MoECLI(LightningCLI):
         config = self.config[self.subcommand]
         if self.subcommand != "fit" and not config.get("ckpt_path"):
             init_args = getattr(config.model, "init_args", config.model)
-            if not getattr(init_args, "init_from", None):
+            if not (getattr(init_args, "init_from", None) or getattr(init_args, "upcycle_from", None)):
                 rank_zero_warn(
-                    f"`{self.subcommand}` without --ckpt_path (or model.init_args.init_from) runs a freshly "
-                    "initialised model: pass the checkpoint of a fit run"
+                    f"`{self.subcommand}` without --ckpt_path (or model.init_args.init_from/upcycle_from) runs a "
+                    "freshly initialised model: pass the checkpoint of a fit run"
                 )
         trainer = config.trainer
         logger = trainer.logger[0] if isinstance(trainer.logger, list) and trainer.logger else trainer.logger

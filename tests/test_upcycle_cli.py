@@ -72,3 +72,19 @@ def test_resuming_an_upcycled_run_with_its_own_command_and_checkpoint_file(tmp_p
     assert resumed.trainer.global_step == 4
     assert resumed.model.hparams.overrides == {"dense": "active"} and resumed.model.hparams.upcycle["num_experts"] == 4
     assert sum(isinstance(m, MoELayer) for m in resumed.model.modules()) == 2
+
+
+def test_validate_with_upcycle_from_does_not_call_the_model_freshly_initialised(tmp_path, recwarn):
+    # The weights come from the dense checkpoint; the warning for a run without weights was wrong here.
+    dense = _fit(tmp_path, "dense", "--model.arch", "mixtral-tiny-dense")
+    dense_ckpt = tmp_path / "dense.ckpt"
+    dense.trainer.save_checkpoint(dense_ckpt)
+    recwarn.clear()
+    cli = run_cli([
+        "validate", "--model", "lightning_moe.module.CausalLMModule", "--trainer.accelerator", "cpu",
+        "--data.max_bytes", "200000", "--data.block_size", "32", "--data.batch_size", "4",
+        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "validate"), "--model.upcycle_from", str(dense_ckpt),
+    ])  # fmt: skip
+    assert not [w for w in recwarn if "freshly initialised" in str(w.message)]
+    assert "val/loss" in cli.trainer.callback_metrics
