@@ -208,6 +208,7 @@ class MoELanguageModule(L.LightningModule):
             self._start_tokenizer = (f"init_from={init_from!r}", tokenizer_json)
         else:
             self.config = zoo.config(arch, **(overrides or {}))
+            _check_memory(self.config, arch)
             self.model = zoo.build(self.config)
             if dense_state is not None:
                 self.model.load_state_dict(dense_state)
@@ -832,6 +833,43 @@ class MoELanguageModule(L.LightningModule):
             "the whole run)"
         )
         return 1000
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the machine has available now (Linux ``MemAvailable``), or ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_memory(config: zoo.ModelConfig, arch: str) -> None:
+    """Refuse to build a model whose weights alone exceed the memory available, before allocating any.
+
+    A published preset (``mixtral-8x7b``: 187 GB in float32) would otherwise run the machine out of memory. Not
+    checked inside ``torch.device("meta")`` or where the default device is not the CPU.
+
+    Raises:
+        ValueError: Naming the preset, its size and the memory available.
+    """
+    if torch.empty(0).device.type != "cpu":
+        return
+    available = available_memory()
+    if available is None:
+        return
+    params = zoo.count_parameters(config).total
+    needed = params * torch.empty(0).element_size()
+    if needed > available:
+        raise ValueError(
+            f"arch={arch!r} is invalid on this machine: its {params / 1e9:.1f}B parameters need "
+            f"{needed / 2**30:.1f} GiB in {torch.get_default_dtype()} and {available / 2**30:.1f} GiB of memory is "
+            "available; pick a smaller preset (a -tiny one) or smaller overrides, or count its parameters on the "
+            "meta device (lightning_moe.zoo.count_parameters)"
+        )
 
 
 def _can_fuse_adamw(params: list[Tensor]) -> bool:

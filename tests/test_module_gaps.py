@@ -184,3 +184,19 @@ def test_logged_hyperparameters_describe_the_network_the_checkpoints_record(tmp_
     assert {k: logged[k] for k in ("arch", "overrides", "init_from")} == {
         k: recorded[k] for k in ("arch", "overrides", "init_from")
     }
+
+
+def test_a_preset_larger_than_the_memory_available_is_refused_before_allocating(monkeypatch):
+    # mixtral-8x7b's float32 weights (46.7B parameters, 174 GiB) would run the machine out of memory.
+    import lightning_moe.module as module_lib
+
+    monkeypatch.setattr(module_lib, "available_memory", lambda: 100 * 2**30)
+    with pytest.raises(ValueError, match=r"arch='mixtral-8x7b' is invalid on this machine: its 46.7B parameters need "
+                                         r"174.0 GiB in torch.float32 and 100.0 GiB"):  # fmt: skip
+        CausalLMModule(arch="mixtral-8x7b")
+    tiny = zoo.count_parameters("mixtral-tiny").total * 4
+    monkeypatch.setattr(module_lib, "available_memory", lambda: tiny - 1)
+    with pytest.raises(ValueError, match=r"arch='mixtral-tiny' is invalid on this machine"):
+        CausalLMModule(arch="mixtral-tiny")
+    monkeypatch.setattr(module_lib, "available_memory", lambda: tiny + 2**20)
+    assert CausalLMModule(arch="mixtral-tiny").model is not None
