@@ -168,7 +168,7 @@ class CapacityFactorTuner(Callback):
                 continue
             rows = torch.stack(batches[i])
             if trainer.world_size > 1:  # every rank's batches, so all ranks choose the same factor
-                rows = pl_module.all_gather(rows).reshape(-1, rows.shape[-1])
+                rows = _gather_rows(pl_module, rows)
             rows = rows.cpu()
             top_k, num_experts = layer.config.router.top_k, layer.config.num_experts
             current = float(layer.config.capacity_factor)
@@ -251,3 +251,16 @@ def smallest_factor(
         else:
             low = mid
     return high
+
+
+def _gather_rows(pl_module: pl.LightningModule, rows: Tensor) -> Tensor:
+    """Every rank's ``(N_r, C)`` rows, concatenated in rank order, also where the ranks hold different ``N_r``.
+
+    Per-sequence rows differ in number where the ranks' batches do (an uneven last batch); ``all_gather`` needs one
+    shape, so each rank's rows are padded to the largest count and cut back after the gather.
+    """
+    counts = pl_module.all_gather(torch.tensor(rows.shape[0], device=rows.device)).reshape(-1).tolist()
+    padded = rows.new_zeros(max(counts), rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    gathered = pl_module.all_gather(padded)  # (world, most, C)
+    return torch.cat([gathered[r, :count] for r, count in enumerate(counts)])
