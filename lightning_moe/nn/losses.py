@@ -117,16 +117,32 @@ def router_z_loss(logits_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
     """ST-MoE router z-loss: ``mean_t (logsumexp_i logits_{t,i})^2`` over real tokens.
 
     Keeps router logits small so the softmax stays numerically stable.
+
+    Args:
+        logits_TE: Router logits, ``(T, E)`` or with more leading dims (``(B, S, E)``, as ``transformers``' Switch
+            takes them): one row per token.
+        mask_T: True for real tokens, shaped like ``logits_TE`` without its last dim (or flat).
+
+    Returns:
+        Scalar loss.
     """
-    mask_T = _mask_or_ones(mask_T, logits_TE.shape[:1], logits_TE.device)
-    z_T = torch.logsumexp(logits_TE, dim=-1)
+    mask_T = _mask_or_ones(mask_T, logits_TE.shape[:-1], logits_TE.device).reshape(-1)
+    z_T = torch.logsumexp(logits_TE, dim=-1).reshape(-1)
     return torch.where(mask_T, z_T.square(), 0).sum() / mask_T.sum().clamp_min(1)
 
 
 def router_entropy(probs_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
-    """Mean entropy (nats) of the per-token expert distribution over real tokens; ``log E`` is uniform."""
-    mask_T = _mask_or_ones(mask_T, probs_TE.shape[:1], probs_TE.device)
-    entropy_T = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(dim=-1)
+    """Mean entropy (nats) of the per-token expert distribution over real tokens; ``log E`` is uniform.
+
+    Args:
+        probs_TE: Per-token distributions, ``(T, E)`` or with more leading dims (``(B, S, E)``).
+        mask_T: True for real tokens, shaped like ``probs_TE`` without its last dim (or flat).
+
+    Returns:
+        Scalar mean entropy.
+    """
+    mask_T = _mask_or_ones(mask_T, probs_TE.shape[:-1], probs_TE.device).reshape(-1)
+    entropy_T = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(dim=-1).reshape(-1)
     return torch.where(mask_T, entropy_T, 0).sum() / mask_T.sum().clamp_min(1)
 
 
