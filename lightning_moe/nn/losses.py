@@ -101,6 +101,7 @@ def sequence_balance_loss(probs_BSE: Tensor, expert_ids_BSK: Tensor, mask_BS: Te
     batch, seq, num_experts = probs_BSE.shape
     top_k = expert_ids_BSK.shape[-1]
     mask_BS = _mask_or_ones(mask_BS, probs_BSE.shape[:2], probs_BSE.device)
+    probs_BSE = probs_BSE.to(torch.promote_types(probs_BSE.dtype, torch.float32))  # bf16 counts stop at 256
     onehot_counts_BE = torch.zeros(batch, num_experts, dtype=probs_BSE.dtype, device=probs_BSE.device)
     copies_BSK = mask_BS.unsqueeze(-1).expand_as(expert_ids_BSK).to(probs_BSE.dtype)
     onehot_counts_BE.scatter_add_(1, expert_ids_BSK.reshape(batch, seq * top_k), copies_BSK.reshape(batch, seq * top_k))

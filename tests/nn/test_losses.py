@@ -149,3 +149,19 @@ def test_losses_name_mismatched_choices_and_masks():
     # A (B, S) mask for flattened (T,) tokens is the same tokens: still accepted.
     mask = torch.tensor([[True, True, False], [True, False, True]])
     assert torch.equal(load_balancing_loss(probs, ids, mask), load_balancing_loss(probs, ids, mask.view(-1)))
+
+
+def test_sequence_balance_loss_of_bf16_scores_is_computed_in_float32():
+    # bf16 holds 8 significant bits: counts and their scaling in bf16 are off by up to 0.4% (and GPU atomic adds
+    # in bf16 stall at 256).
+    from lightning_moe.nn.losses import sequence_balance_loss
+
+    seq, experts = 1000, 2
+    probs = torch.tensor([0.3, 0.7]).expand(1, seq, experts)
+    ids = torch.zeros(1, seq, 1, dtype=torch.long)
+    ids[0, :399] = 1  # expert 1 takes 399 tokens, expert 0 takes 601: f = E / S * count
+    expected = experts / seq * 601 * 0.3 + experts / seq * 399 * 0.7
+    loss = sequence_balance_loss(probs.bfloat16().float().bfloat16(), ids)
+    assert loss.dtype == torch.float32
+    assert abs(float(loss) - float(sequence_balance_loss(probs.bfloat16().float(), ids))) < 1e-6
+    assert abs(float(loss) - expected) < 2e-3, (float(loss), expected)  # 0.3 and 0.7 are rounded to bf16
