@@ -113,6 +113,12 @@ class DeepSeekConfig(ModelConfig):
             raise ValueError(f"dense_hidden={self.dense_hidden!r} is invalid: must be >= 1")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={self.attention!r} is invalid: must be one of 'mha', 'mla'")
+        # MHA heads are dim // num_heads wide (there is no head_dim field to set), with RoPE over the whole head.
+        if self.attention == "mha" and (self.num_heads < 1 or self.dim % self.num_heads or self.rope_dim % 2):
+            raise ValueError(
+                f"num_heads={self.num_heads!r} is invalid for attention='mha' and dim={self.dim}: must divide dim "
+                "into heads of an even width (rotary embeddings rotate pairs)"
+            )
         if not 0 <= self.first_k_dense <= self.num_layers:
             raise ValueError(f"first_k_dense={self.first_k_dense!r} is invalid: must be in [0, {self.num_layers}]")
         if self.mtp_depth < 0:

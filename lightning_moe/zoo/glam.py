@@ -57,6 +57,7 @@ class GlamConfig(ModelConfig):
     vocab_size: int = 256000
     dim: int = 768
     num_layers: int = 12
+    max_seq_len: int = 1024  # the paper's Sec. 5.1: "a maximum sequence length of 1024 tokens"
     num_heads: int = 12
     head_dim: int | None = None
     ffn_hidden: int = 3072

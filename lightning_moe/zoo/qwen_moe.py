@@ -92,6 +92,7 @@ class QwenMoEConfig(ModelConfig):
         layers = self.mlp_only_layers
         if not isinstance(layers, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
             raise ValueError(f"mlp_only_layers={layers!r} is invalid: must be a list of layer indices (ints)")
+        self.mlp_only_layers = list(layers)  # a tuple is the same layers: equal configs, a list in every export
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(
