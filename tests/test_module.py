@@ -366,7 +366,7 @@ def test_fitting_in_float16_without_loss_scaling_warns():
 
     module = CausalLMModule(arch="mixtral-tiny")
     module.trainer = L.Trainer(precision="16-true", accelerator="cpu", logger=False, enable_checkpointing=False)
-    with pytest.warns(UserWarning, match=r"precision='16-true' trains float16 weights without loss scaling"):
+    with pytest.warns(UserWarning, match=r"precision='16-true' trains float16 weights and AdamW states without loss"):
         module.setup("fit")
     module.trainer = L.Trainer(precision="bf16-mixed", accelerator="cpu", logger=False, enable_checkpointing=False)
     import warnings
