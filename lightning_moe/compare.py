@@ -34,10 +34,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_moe import zoo
+from lightning_moe.callbacks import LoadBalancingBias
 from lightning_moe.data import TextDataModule
 from lightning_moe.module import CausalLMModule
 from lightning_moe.nn.config import check_field_types
 from lightning_moe.nn.encoder_decoder import EncoderDecoderLM
+from lightning_moe.nn.moe import MoELayer
 
 VARIANTS = {None: "moe", "active": "dense-equal-active", "total": "dense-equal-total"}
 
@@ -184,7 +186,7 @@ def _train(
     init_state: dict[str, torch.Tensor] | None = None,
     data_start: tuple[tuple[int, int], int] | None = None,
 ) -> dict[str, Any]:
-    """One run; returns its curve and measurements (and keeps the trained module's weights under ``"state"``).
+    """One run; returns its curve and measurements (and its weights and tokenizer: ``"state"``, ``"tokenizer_json"``).
 
     ``data_start`` (a run's ``"data_end"``: its data position and samples seen) continues that run's data order.
     """
@@ -206,7 +208,7 @@ def _train(
         num_sanity_val_steps=0,
         gradient_clip_val=1.0,
         logger=TensorBoardLogger(Path(cfg.out_dir) / "tb", name=label, version=f"seed{seed}"),
-        callbacks=[recorder],
+        callbacks=[recorder, LoadBalancingBias()] if _balances_with_bias(module) else [recorder],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -226,7 +228,20 @@ def _train(
         "total_params": counts.total,
         "state": {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()},
         "data_end": (module.train_data_position, module.train_samples_seen),
+        "tokenizer_json": module.tokenizer_json,
     }
+
+
+def _balances_with_bias(module: CausalLMModule) -> bool:
+    """Whether the model balances its routers with DeepSeek-V3's score bias, which only ``LoadBalancingBias`` moves.
+
+    Such a preset sets ``bias_update_speed`` and no load-balancing loss (``deepseek-tiny``); trained without the
+    callback (which ``configs/deepseek-tiny.yaml`` has), the bias would stay zero and nothing but the small
+    sequence-wise loss would balance the experts. The upcycled model keeps the family's score-bias routers.
+    """
+    if getattr(module.config, "bias_update_speed", 0.0) <= 0:
+        return False
+    return any(isinstance(m, MoELayer) and m.router.score_bias is not None for m in module.model.modules())
 
 
 def _mean_spread(values: list[float]) -> str:
@@ -305,10 +320,10 @@ def run(cfg: CompareConfig) -> dict[str, Path]:
         for variant in variants:
             overrides = {} if variant is None else {"dense": variant}
             result = _train(cfg, VARIANTS[variant], seed, cfg.max_steps, {"arch": cfg.arch, "overrides": overrides})
-            state, data_end = result.pop("state"), result.pop("data_end")
+            state, data_end, tokenizer_json = result.pop("state"), result.pop("data_end"), result.pop("tokenizer_json")
             runs.append(result)
             if variant == "active" and cfg.upcycle_steps:
-                upcycle_runs += _continue_dense(cfg, seed, state, data_end)
+                upcycle_runs += _continue_dense(cfg, seed, state, data_end, tokenizer_json)
     files = {"tensorboard": out / "tb", "table": out / "results.md", "json": out / "results.json"}
     budget = cfg.max_steps * cfg.batch_size * cfg.block_size
     title = f"{cfg.arch} vs dense baselines, {budget:,} tokens, seeds {cfg.seeds}"
@@ -329,7 +344,11 @@ def run(cfg: CompareConfig) -> dict[str, Path]:
 
 
 def _continue_dense(
-    cfg: CompareConfig, seed: int, dense_state: dict[str, torch.Tensor], data_end: tuple[tuple[int, int], int]
+    cfg: CompareConfig,
+    seed: int,
+    dense_state: dict[str, torch.Tensor],
+    data_end: tuple[tuple[int, int], int],
+    tokenizer_json: str | None,
 ) -> list[dict[str, Any]]:
     """Continue a trained equal-active dense model as it is and upcycled, for ``upcycle_steps`` steps each.
 
@@ -341,8 +360,8 @@ def _continue_dense(
     results = []
     for label, extra in (("dense-continued", {}), ("upcycled-moe", {"upcycle": {}})):
         # The upcycled module builds the dense model, loads the weights, then upcycles: pass the weights in first.
-        result = _train_from_dense(cfg, label, seed, {**kwargs, **extra}, dense_state, data_end)
-        result.pop("state"), result.pop("data_end")
+        result = _train_from_dense(cfg, label, seed, {**kwargs, **extra}, dense_state, data_end, tokenizer_json)
+        result.pop("state"), result.pop("data_end"), result.pop("tokenizer_json")
         results.append(result)
     return results
 
@@ -354,11 +373,13 @@ def _train_from_dense(
     kwargs: dict[str, Any],
     dense_state: dict[str, torch.Tensor],
     data_end: tuple[tuple[int, int], int],
+    tokenizer_json: str | None,
 ) -> dict[str, Any]:
     checkpoint = Path(cfg.out_dir) / f".dense-seed{seed}.ckpt"
     hparams = {"arch": kwargs["arch"], "overrides": kwargs["overrides"], "upcycle": None, "init_from": None}
-    torch.save({"state_dict": {f"model.{k}": v for k, v in dense_state.items()}, "hyper_parameters": hparams},
-               checkpoint)  # fmt: skip
+    # With the tokenizer, as lightning-moe fit saves it: the upcycled run checks its data against it.
+    torch.save({"state_dict": {f"model.{k}": v for k, v in dense_state.items()}, "hyper_parameters": hparams,
+                "tokenizer_json": tokenizer_json}, checkpoint)  # fmt: skip
     try:
         if "upcycle" in kwargs:
             return _train(cfg, label, seed, cfg.upcycle_steps, {"upcycle_from": str(checkpoint)}, data_start=data_end)
