@@ -30,6 +30,7 @@ from torchmetrics import MeanMetric
 from lightning_moe import zoo
 from lightning_moe.data.span_corruption import check_span_settings, span_corruption, span_counts
 from lightning_moe.data.tokenizer import PAD_TOKEN
+from lightning_moe.nn.compile import check_compile_backend, compile_blocks, uncompiled
 from lightning_moe.nn.config import check_token_mask, is_number
 from lightning_moe.nn.encoder_decoder import EncoderDecoderLM
 from lightning_moe.nn.experts import FRESH_PAGES_MIN_BYTES
@@ -116,6 +117,10 @@ class MoELanguageModule(L.LightningModule):
         reuse_expert_grad_memory_min_mib: With ``reuse_expert_grad_memory``, keep the memory only for expert
             modules whose largest stacked weight has at least this many MiB (default 32: below that glibc reuses
             freed blocks without page faults, and keeping them measured no faster; 0 keeps every module's).
+        compile: Compile each block with ``torch.compile`` when training starts
+            (:func:`lightning_moe.nn.compile.compile_blocks`): ``True`` for the default backend (inductor), or a
+            backend's name. The routed experts' dispatch stays eager; the results are the same as uncompiled.
+            ``generate`` runs uncompiled.
 
     Raises:
         ValueError: For an unknown preset (with close matches), an unknown override or a bad argument.
@@ -142,6 +147,7 @@ class MoELanguageModule(L.LightningModule):
         upcycle: dict[str, Any] | None = None,
         reuse_expert_grad_memory: bool = True,
         reuse_expert_grad_memory_min_mib: float = FRESH_PAGES_MIN_BYTES / 2**20,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
@@ -155,6 +161,10 @@ class MoELanguageModule(L.LightningModule):
                 raise ValueError(f"{name}={value!r} is invalid: must be a dict of field names to values, or None")
         if not isinstance(reuse_expert_grad_memory, bool):
             raise ValueError(f"reuse_expert_grad_memory={reuse_expert_grad_memory!r} is invalid: must be a bool")
+        if isinstance(compile, str):
+            check_compile_backend("compile", compile)
+        elif not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r} is invalid: must be true, false or a torch.compile backend's name")
         if not is_number(lr) or lr <= 0:
             raise ValueError(f"lr={lr!r} is invalid: must be a finite number > 0")
         if not is_number(weight_decay) or weight_decay < 0:
@@ -355,7 +365,10 @@ class MoELanguageModule(L.LightningModule):
         return False
 
     def configure_model(self) -> None:
-        """Nothing to build lazily; ``ExpertParallelStrategy`` shards ``self.model`` after this hook."""
+        """Compile the blocks if ``compile`` asks; ``ExpertParallelStrategy`` shards ``self.model`` after this hook."""
+        if self.hparams.get("compile"):
+            backend = self.hparams.compile
+            compile_blocks(self.model, **({} if backend is True else {"backend": backend}))
 
     def setup(self, stage: str) -> None:
         """Check the data against the model before any work: vocabulary and block size.
@@ -1174,6 +1187,7 @@ class CausalLMModule(MoELanguageModule):
         return self.generate(batch, max_new_tokens=new_tokens, attention_mask=mask)
 
     @torch.no_grad()
+    @uncompiled
     def generate(
         self,
         input_ids: Tensor,
@@ -1462,6 +1476,7 @@ class Seq2SeqLMModule(MoELanguageModule):
         return torch.cat([batch, decoded[:, 1:]], dim=1)
 
     @torch.no_grad()
+    @uncompiled
     def generate(
         self,
         input_ids: Tensor,

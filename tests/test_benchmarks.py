@@ -24,7 +24,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ["moe_layer", "expert_scaling", "expert_batching", "train_step_vs_hf", "bf16_mixed", "expert_parallel"]
+SCRIPTS = [
+    "moe_layer",
+    "expert_scaling",
+    "expert_batching",
+    "train_step_vs_hf",
+    "bf16_mixed",
+    "expert_parallel",
+    "compile_blocks",
+]
 
 
 class Forbidden(Exception):
@@ -280,6 +288,34 @@ def test_expert_batching_refuses_bad_values_before_work(bench, monkeypatch, caps
     batching = bench("expert_batching")
     monkeypatch.setattr(batching, "MoELayer", _forbid)
     message = refused(batching, [flag, value], monkeypatch, capsys)
+    assert flag in message and value in message
+
+
+# -- compile_blocks.py ---------------------------------------------------------------------------------------------
+
+
+def test_compile_blocks_smoke_ratio_is_compiled_over_eager(bench, monkeypatch, capsys):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    script = bench("compile_blocks")
+    argv = ["--presets", "mixtral-tiny", "--batch", "2", "--seq", "8", "--steps", "2", "--threads", "1"]
+    out = run_main(script, [*argv, "--backend", "aot_eager"], monkeypatch, capsys)
+    torch._dynamo.reset()
+    header, (row,) = tables(out)[0]
+    cell = dict(zip(header, row, strict=True))
+    assert cell["preset"] == "mixtral-tiny"
+    assert_ratio(cell["compiled / eager"], cell["compiled step (s)"], cell["eager step (s)"])
+    assert float(cell["loss diff"]) < 1e-4  # the same weights and batches give the same losses
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--presets", "mixtral-tiny-dense"), ("--backend", "nope"), ("--steps", "0"), ("--batch", "0")]
+)
+def test_compile_blocks_refuses_bad_values_before_work(bench, monkeypatch, capsys, flag, value):
+    script = bench("compile_blocks")
+    monkeypatch.setattr(script, "compile_blocks", _forbid)
+    message = refused(script, [flag, value], monkeypatch, capsys)
     assert flag in message and value in message
 
 

@@ -1,6 +1,7 @@
 """Shared MoE building blocks: configs, routers, losses, capacity, experts, dispatch and the MoE layer."""
 
 from lightning_moe.nn.capacity import capacity_keep_mask, expert_capacity, priority_order
+from lightning_moe.nn.compile import compile_blocks
 from lightning_moe.nn.config import ExpertsConfig, MoEConfig, RouterConfig
 from lightning_moe.nn.dispatch import Dispatcher, GroupedDispatcher, LoopDispatcher
 from lightning_moe.nn.experts import GroupedExperts, grouped_expert_mlp, reuse_expert_grad_memory
@@ -32,6 +33,7 @@ __all__ = [
     "grouped_expert_mlp",
     "bias_update",
     "capacity_keep_mask",
+    "compile_blocks",
     "expert_capacity",
     "load_balancing_loss",
     "priority_order",

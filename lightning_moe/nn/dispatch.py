@@ -51,6 +51,14 @@ class Dispatcher:
         """
         raise NotImplementedError
 
+    def reads_host_values(self, x_TD: Tensor, experts: GroupedExperts) -> bool:
+        """Whether a call on ``x_TD`` reads device values back to the host (counts, split sizes).
+
+        Such a call waits for the device, and under ``torch.compile`` would recompile for every new set of
+        values, so :class:`~lightning_moe.nn.moe.MoELayer` runs it outside the compiled graph.
+        """
+        return True
+
 
 class LoopDispatcher(Dispatcher):
     """Per-expert Python loop: select each expert's copies, run it, add the weighted result. Test oracle."""
@@ -94,6 +102,10 @@ class GroupedDispatcher(Dispatcher):
 
     exact_counts = False
 
+    def reads_host_values(self, x_TD: Tensor, experts: GroupedExperts) -> bool:
+        """See :meth:`Dispatcher.reads_host_values`: all but ``torch._grouped_mm`` without exact counts do."""
+        return self.exact_counts or experts.needs_host_counts(x_TD)
+
     def __call__(
         self,
         x_TD: Tensor,
@@ -109,7 +121,7 @@ class GroupedDispatcher(Dispatcher):
         slot_expert_N = torch.where(keep_N, expert_ids_N, num_experts)
         # Not bincount: on CUDA it reads the largest id back to size its output.
         counts = slot_expert_N.new_zeros(num_experts + 1).scatter_add_(0, slot_expert_N, torch.ones_like(slot_expert_N))
-        if not self.exact_counts and not experts.needs_host_counts(x_TD):
+        if not self.reads_host_values(x_TD, experts):
             order = torch.argsort(slot_expert_N, stable=True)
             counts_E = counts[:num_experts].clone()
             counts_E[-1:] += counts[num_experts:]

@@ -179,8 +179,9 @@ class MoELayer(nn.Module):
             kept_N = capacity_keep_mask(routing.expert_ids_N, keep_N, order_N, capacity, cfg.num_experts, group_ids_N)
         else:
             kept_N = keep_N
-        out_TD = self.dispatcher(
-            x_TD, routing.token_ids_N, routing.expert_ids_N, routing.weights_N, kept_N, self.experts
+        dispatch = _dispatch_eagerly if self.dispatcher.reads_host_values(x_TD, self.experts) else _dispatch
+        out_TD = dispatch(
+            self.dispatcher, x_TD, routing.token_ids_N, routing.expert_ids_N, routing.weights_N, kept_N, self.experts
         )
 
         if self.shared_experts is not None:
@@ -260,3 +261,12 @@ class MoELayer(nn.Module):
             raise ValueError(f"gamma={gamma!r} is invalid: must be a finite number > 0")
         self.router.score_bias.copy_(losses.bias_update(self.router.score_bias, self.tokens_per_expert, gamma))
         self.tokens_per_expert.zero_()
+
+
+def _dispatch(dispatcher: Dispatcher, *args: Tensor | GroupedExperts) -> Tensor:
+    return dispatcher(*args)
+
+
+# A dispatch that reads its expert loads on the host would recompile for every new load under torch.compile; it runs
+# outside the compiled graph (see lightning_moe.nn.compile).
+_dispatch_eagerly = torch.compiler.disable(_dispatch)

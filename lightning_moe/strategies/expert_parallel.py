@@ -52,6 +52,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from typing_extensions import override
 
+from lightning_moe.nn.compile import blocks
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.strategies.checkpoint import (
     check_checkpoint_files,
@@ -143,15 +144,6 @@ def _recompute_contexts(block: nn.Module) -> tuple[Any, Any]:
     return nullcontext(), _keep_moe_counters(block)
 
 
-def _blocks(module: nn.Module) -> Iterator[tuple[nn.ModuleList, int]]:
-    """``(list, index)`` of every entry of the outermost ``ModuleList`` s below ``module``."""
-    for child in module.children():
-        if isinstance(child, nn.ModuleList):
-            yield from ((child, index) for index in range(len(child)))
-        else:
-            yield from _blocks(child)
-
-
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recompute every decoder block's activations in backward instead of keeping them.
 
@@ -171,7 +163,7 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     Returns:
         ``model``.
     """
-    for module_list, index in list(_blocks(model)):
+    for module_list, index in list(blocks(model)):
         block = module_list[index]
         if not isinstance(block, CheckpointWrapper):
             module_list[index] = checkpoint_wrapper(block, context_fn=partial(_recompute_contexts, block))
