@@ -29,6 +29,8 @@ import dataclasses
 import json
 import os
 import re
+import secrets
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ from lightning_moe.zoo.mixtral import MixtralConfig
 from lightning_moe.zoo.qwen_moe import QwenMoEConfig
 from lightning_moe.zoo.registry import ModelConfig
 from lightning_moe.zoo.switch import SwitchConfig, is_moe_layer
+from lightning_moe.zoo.upcycle import upcycled_config
 
 __all__ = ["CheckpointMismatchError", "UnsupportedConfigError", "from_hf", "hf_config_to_ours", "to_hf"]
 
@@ -1044,18 +1047,145 @@ def _special_tokens(tokenizer_json: str, family: str) -> tuple[dict[str, Any], d
 _SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
-def _remove_stale_shards(out: Path) -> None:
-    """Delete a previous sharded checkpoint's index and shards, which readers would prefer to ``model.safetensors``.
+def _stale_shards(out: Path) -> list[str]:
+    """A previous sharded checkpoint's index and shards, which readers would prefer to ``model.safetensors``.
 
     Only ``model.safetensors.index.json`` and files named like Hugging Face's shards
-    (``model-00001-of-00003.safetensors``) are removed, as ``save_pretrained`` does; nothing else is touched.
+    (``model-00001-of-00003.safetensors``), as ``save_pretrained`` removes them; nothing else.
     """
-    index = out / "model.safetensors.index.json"
-    if index.is_file():
-        index.unlink()
-    for path in out.glob("model-*-of-*.safetensors"):
-        if _SHARD_NAME.fullmatch(path.name) and path.is_file():
-            path.unlink()
+    names = ["model.safetensors.index.json"] if (out / "model.safetensors.index.json").is_file() else []
+    return names + sorted(
+        path.name
+        for path in out.glob("model-*-of-*.safetensors")
+        if _SHARD_NAME.fullmatch(path.name) and path.is_file()
+    )
+
+
+def _write_export(out: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Write an export's files into ``out`` all or nothing: ``writers`` maps each file name to what writes it.
+
+    Every file is first written into a temporary folder; if one fails, that folder is removed and ``out`` is as
+    it was. A new ``out`` is then that folder (a sibling, ``.NAME.to_hf-*``) renamed into place: one atomic
+    rename. An existing ``out`` may hold the user's other files, which the export must neither delete nor
+    move, so there the folder is staged inside it (``.to_hf-*``: on the same filesystem as the files it
+    replaces, with no need to write to the parent), and each file is moved in with :func:`os.replace` after the
+    one it replaces is moved aside, ``config.json`` last; a previous sharded checkpoint is moved aside too (it
+    would shadow the new ``model.safetensors``). Should a move fail, the files moved aside are moved back. The
+    old files are deleted at the end; nothing else in ``out`` is touched.
+
+    Raises:
+        NotADirectoryError: If ``out`` exists and is not a directory.
+    """
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir={str(out)!r} is invalid: it exists and is not a directory")
+    new = not out.exists()
+    if new:
+        created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = out.parent / f".{out.name}.to_hf-{secrets.token_hex(4)}"
+    else:
+        stage = out / f".to_hf-{secrets.token_hex(4)}"
+    os.mkdir(stage)  # not mkdtemp: a folder renamed into place gets the usual permissions (umask)
+    try:
+        names = sorted(writers, key=lambda name: name == "config.json")  # config.json last
+        for name in names:
+            writers[name](stage / name)
+        moved = False
+        if new:
+            try:
+                os.rename(stage, out)
+                moved = True
+            except OSError:
+                if not out.is_dir():  # else someone made the folder meanwhile: move the files in one by one
+                    raise
+        if not moved:
+            _move_into(out, stage, names)
+    except _NotRestoredError:
+        raise  # the previous files are in the staging folder: keep it
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if new:
+            for parent in created:  # the parent folders this call made, innermost first, if still empty
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+        raise
+    shutil.rmtree(stage, ignore_errors=True)  # the replaced files (gone already if the folder was renamed)
+
+
+class _NotRestoredError(OSError):
+    """An export failed while moving its files in, and the files it had replaced could not all be put back."""
+
+
+def _move_into(out: Path, stage: Path, names: list[str]) -> None:
+    """Move each ``stage/NAME`` to ``out/NAME``, the file it replaces (and any stale shard) aside to ``stage``.
+
+    On an error the new files are removed and the old ones moved back before the error is raised.
+
+    Raises:
+        _NotRestoredError: If moving the old files back failed too (the message says where they are).
+    """
+    backup = stage / ".replaced"
+    os.mkdir(backup)
+    aside: list[str] = []
+    placed: list[str] = []
+    try:
+        for name in _stale_shards(out):
+            os.replace(out / name, backup / name)
+            aside.append(name)
+        for name in names:
+            if (out / name).is_file() or (out / name).is_symlink():
+                os.replace(out / name, backup / name)
+                aside.append(name)
+            os.replace(stage / name, out / name)
+            placed.append(name)
+    except BaseException as error:
+        failed: list[OSError] = []
+        for name in placed:
+            try:
+                (out / name).unlink()
+            except OSError as again:
+                failed.append(again)
+        for name in reversed(aside):  # each one that can go back does
+            try:
+                os.replace(backup / name, out / name)
+            except OSError as again:
+                failed.append(again)
+        if failed:
+            raise _NotRestoredError(
+                f"to_hf failed ({error!r}) and could not restore {str(out)!r} ({failed[0]!r}): the previous files "
+                f"it could not put back are in {backup}"
+            ) from error
+        raise
+
+
+def _export_config(model: nn.Module, inner: nn.Module) -> ModelConfig:
+    """The zoo config to export when none is given: the zoo model's ``zoo_config``, else the module's ``config``.
+
+    An upcycled model (:func:`lightning_moe.zoo.upcycle`, also inside a module, whose ``config`` is the dense
+    baseline's) exports its ``zoo_config``, or the config :func:`~lightning_moe.zoo.upcycle.upcycled_config`
+    finds for it (a model upcycled before ``upcycle`` set it).
+
+    Raises:
+        UnsupportedConfigError: For an upcycled model whose structure no family config expresses (the reason
+            given).
+        ValueError: If there is no zoo config at all.
+    """
+    if getattr(inner, "upcycled_from", None) is not None:
+        if isinstance(getattr(inner, "zoo_config", None), ModelConfig):
+            return inner.zoo_config
+        try:
+            return upcycled_config(inner)
+        except ValueError as err:
+            raise UnsupportedConfigError(
+                f"this upcycled model's structure has no preset form (model.zoo_config is None: no "
+                f"{type(inner.upcycled_from).__name__} builds it), so it cannot be exported to Hugging Face: {err}"
+            ) from None
+    config = getattr(model, "zoo_config", None) or getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise ValueError("config=None is invalid: pass the model's zoo config (model.zoo_config is not set)")
+    return config
 
 
 def to_hf(
@@ -1072,13 +1202,17 @@ def to_hf(
     the ids :func:`from_hf` read, if any.
 
     Args:
-        model: Our zoo model (or a LightningModule holding it as ``.model`` with its ``.config``).
-        out_dir: Output directory (created). Each file is written under a temporary name and renamed into
-            place; a sharded checkpoint already there (``model.safetensors.index.json`` and
-            ``model-*-of-*.safetensors`` shards) is then removed, as it would shadow the new single file. Other
-            files are left alone.
-        config: The model's zoo config (default: ``model.zoo_config``, set by :func:`from_hf`, or
-            ``model.config`` of a :class:`~lightning_moe.module.MoELanguageModule`).
+        model: Our zoo model (or a LightningModule holding it as ``.model`` with its ``.config``), upcycled ones
+            (:func:`lightning_moe.zoo.upcycle`) included.
+        out_dir: Output directory (created). All or nothing: every file is written into a temporary folder
+            first, so an export that fails leaves no trace and ``out_dir`` as it was. A new ``out_dir`` is that
+            folder renamed into place. In an existing one the files are moved in one by one (moved back should
+            that fail), and a sharded checkpoint already there (``model.safetensors.index.json`` and
+            ``model-*-of-*.safetensors`` shards) is removed, as it would shadow the new single file. Other files
+            are left alone (a ``tokenizer.json`` too, when no tokenizer is exported).
+        config: The model's zoo config (default: ``model.zoo_config``, set by :func:`from_hf`,
+            :func:`lightning_moe.zoo.build` and :func:`lightning_moe.zoo.upcycle`, or ``model.config`` of a
+            :class:`~lightning_moe.module.MoELanguageModule`, or its model's ``zoo_config`` if upcycled).
         tokenizer: A ``tokenizers.Tokenizer`` or its JSON string (default: ``model.tokenizer_json``, if any).
 
     Returns:
@@ -1086,19 +1220,23 @@ def to_hf(
 
     Raises:
         UnsupportedConfigError: If the config has no Hugging Face counterpart (the field is named), e.g. a dense
-            baseline (``dense`` not ``None``).
+            baseline (``dense`` not ``None``), or an upcycled model's structure has no zoo config (the reason is
+            given: an upcycled Switch Transformer, or GLaM experts wider than its dense FFNs).
         ValueError: If the model's parameters are sharded over processes (export from one process).
+        NotADirectoryError: If ``out_dir`` exists and is not a directory.
     """
     from safetensors.torch import save_file
 
+    inner = model
+    if hasattr(model, "model") and isinstance(model.model, nn.Module) and not hasattr(model, "layers"):
+        inner = model.model
     if config is None:
-        config = getattr(model, "zoo_config", None) or getattr(model, "config", None)
+        config = _export_config(model, inner)
     if not isinstance(config, ModelConfig):
-        raise ValueError("config=None is invalid: pass the model's zoo config (model.zoo_config is not set)")
+        raise ValueError(f"config of type {type(config).__name__} is invalid: pass the model's zoo config")
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer_json", None)
-    if hasattr(model, "model") and isinstance(model.model, nn.Module) and not hasattr(model, "layers"):
-        model = model.model
+    model = inner
     family = _family_of(config)
     hf_config = _hf_config(config, family)  # may refuse too: before anything is written
     _warn_dropped_training_fields(config, family)
@@ -1130,19 +1268,18 @@ def to_hf(
             pointers.add(tensor.data_ptr())
             tensors[key] = tensor
     tensors |= _empty_shared_experts(model, config, family)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Each file is written under a temporary name and renamed: an export that fails leaves the folder as it was.
-    save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
-    (out / "config.json.tmp").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+    def text(content: str) -> Callable[[Path], None]:
+        return lambda path: path.write_text(content, encoding="utf-8")
+
+    writers = {
+        "model.safetensors": lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
+        "config.json": text(json.dumps(hf_config, indent=2) + "\n"),
+    }
     if tokenizer is not None:
-        (out / "tokenizer.json.tmp").write_text(tokenizer, encoding="utf-8")
         tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **token_names}
-        (out / "tokenizer_config.json.tmp").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
-    os.replace(out / "config.json.tmp", out / "config.json")
-    if tokenizer is not None:
-        os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
-        os.replace(out / "tokenizer_config.json.tmp", out / "tokenizer_config.json")
-    _remove_stale_shards(out)
+        writers["tokenizer.json"] = text(tokenizer)
+        writers["tokenizer_config.json"] = text(json.dumps(tokenizer_config, indent=2) + "\n")
+    out = Path(out_dir)
+    _write_export(out, writers)
     return out

@@ -7,6 +7,12 @@ router is kept except that the chosen top-k weights are renormalised to sum to o
 upcycling every token's output is ``sum_k w_k FFN(x) = FFN(x)``: the MoE model computes the dense model's function
 where no token is dropped (no capacity factor) and nothing is drawn (eval mode: no jitter or random routing).
 
+The upcycled model's ``zoo_config`` is the family config that builds the same network (:func:`upcycled_config`:
+the experts' count, top-k and width, no shared expert, one expert group, weights renormalised and unscaled), so
+``zoo.build(model.zoo_config)`` loads its ``state_dict`` and :func:`lightning_moe.interop.to_hf` exports it. Where
+the family's config has no field for the upcycled structure (Switch's renormalised top-1 weight; GLaM experts wider
+than its dense FFNs) it is ``None``, and ``to_hf`` says why. ``model.upcycled_from`` keeps the dense config.
+
 Shape legend: ``E`` experts, ``D`` model width, ``H`` dense hidden width, ``F`` expert hidden width.
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -23,6 +30,11 @@ from lightning_moe.nn.config import MoEConfig
 from lightning_moe.nn.ffn import FeedForward
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.zoo import registry
+from lightning_moe.zoo.deepseek import DeepSeekConfig
+from lightning_moe.zoo.glam import GlamConfig
+from lightning_moe.zoo.mixtral import MixtralConfig
+from lightning_moe.zoo.qwen_moe import QwenMoEConfig
+from lightning_moe.zoo.switch import SwitchConfig
 
 
 def upcycle(
@@ -52,7 +64,9 @@ def upcycle(
 
     Returns:
         The upcycled model, the same class as ``dense_model``, on its device and dtype, in its training or eval
-        mode. Its MoE layers are dropless or not as the family's; ``model.upcycled_from`` holds the dense config.
+        mode. Its MoE layers are dropless or not as the family's; ``model.upcycled_from`` holds the dense config
+        and ``model.zoo_config`` the family config that builds the upcycled network (:func:`upcycled_config`), or
+        ``None`` where the family's config cannot express it.
 
     Raises:
         ValueError: If the model is not a zoo dense baseline, its router kind cannot be upcycled (expert
@@ -104,9 +118,93 @@ def upcycle(
             nn.init.zeros_(layer.router.gate.weight)
         _copy_experts(ffn, layer, split_hidden, top_k, noise_std, generator)
         model.set_submodule(name, layer)
-    model.zoo_config = None
-    model.upcycled_from = cfg
+    model.upcycled_from = model.zoo_config  # the deep copy's: the upcycled model's own
+    try:
+        model.zoo_config = upcycled_config(model)
+    except ValueError:  # the family's config has no field for it; to_hf repeats the reason
+        model.zoo_config = None
     return model
+
+
+def upcycled_config(model: nn.Module) -> registry.ModelConfig:
+    """The zoo config that builds an upcycled model's network: the family config of ``model.upcycled_from``.
+
+    The upcycled MoE layers differ from the family's in ``E``, top-k, the expert width ``F``, no shared expert,
+    one expert group and unscaled, renormalised weights (see :func:`upcycle`). The config returned is checked by
+    building it on the meta device: the same state-dict keys and shapes and, at every MoE position, the same
+    :class:`~lightning_moe.nn.config.MoEConfig`, so ``zoo.build(config)`` with the upcycled ``state_dict`` loaded
+    computes the same logits.
+
+    Args:
+        model: A model returned by :func:`upcycle`.
+
+    Returns:
+        The family's config (``dense=None``) for the upcycled structure.
+
+    Raises:
+        ValueError: If ``model`` is not an upcycled model, or the family's config cannot express its structure
+            (the message says why).
+    """
+    dense_cfg = getattr(model, "upcycled_from", None)
+    if not isinstance(dense_cfg, registry.ModelConfig):
+        raise ValueError(f"model of type {type(model).__name__} is invalid: not upcycled (no model.upcycled_from)")
+    layers = {name: m.config for name, m in model.named_modules() if isinstance(m, MoELayer)}
+    if not layers:
+        raise ValueError("model is invalid: an upcycled model without MoE layers")
+    candidate = _family_form(dataclasses.replace(dense_cfg, dense=None), next(iter(layers.values())))
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # the router's top-1 warning was given when the model was upcycled
+        rebuilt = registry.build(candidate)
+    rebuilt_layers = {name: m.config for name, m in rebuilt.named_modules() if isinstance(m, MoELayer)}
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    rebuilt_shapes = {key: tuple(value.shape) for key, value in rebuilt.state_dict().items()}
+    if rebuilt_layers != layers or rebuilt_shapes != shapes:
+        differ = [n for n in sorted(set(layers) | set(rebuilt_layers)) if layers.get(n) != rebuilt_layers.get(n)]
+        differ += [k for k in sorted(set(shapes) | set(rebuilt_shapes)) if shapes.get(k) != rebuilt_shapes.get(k)]
+        raise ValueError(
+            f"{type(candidate).__name__} cannot express this upcycled model: the config closest to it builds other "
+            f"modules at {differ[:3]}"
+        )
+    return copy.deepcopy(candidate)  # its own nested fields (rope, lists), not upcycled_from's
+
+
+def _family_form(cfg: registry.ModelConfig, layer: MoEConfig) -> registry.ModelConfig:
+    """``cfg`` (the family's model, ``dense=None``) with the upcycled MoE layer's structure, or why there is none."""
+    router, hidden = layer.router, layer.experts.hidden_dim
+    routing = {"num_experts": router.num_experts, "top_k": router.top_k}
+    if isinstance(cfg, MixtralConfig):  # softmax over the chosen logits: already the family's weights
+        return dataclasses.replace(cfg, **routing, ffn_hidden=hidden)
+    if isinstance(cfg, QwenMoEConfig):
+        return dataclasses.replace(
+            cfg, **routing, expert_hidden=hidden, normalize_topk=router.normalize_topk, shared_expert_hidden=0
+        )
+    if isinstance(cfg, DeepSeekConfig):
+        return dataclasses.replace(
+            cfg,
+            **routing,
+            moe_hidden=hidden,
+            n_shared_experts=0,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=1.0,
+            normalize_topk=router.normalize_topk,
+        )
+    if isinstance(cfg, GlamConfig):  # GShard gating renormalises the top-k weights already
+        if hidden != cfg.ffn_hidden:
+            raise ValueError(
+                f"GlamConfig has one ffn_hidden ({cfg.ffn_hidden}) for its dense FFNs and its experts, but the "
+                f"upcycled experts are {hidden} wide (split_hidden=True with num_experts = dense width / ffn_hidden "
+                "gives experts of that width)"
+            )
+        return dataclasses.replace(cfg, **routing)
+    if isinstance(cfg, SwitchConfig):
+        raise ValueError(
+            "SwitchConfig routes top-1 and weights the expert's output by its softmax probability over all experts, "
+            f"while the upcycled router (top_k={router.top_k}) renormalises the chosen weights to sum to one, so that "
+            "the model starts out computing the dense FFN; SwitchConfig (and Hugging Face's Switch Transformers) has "
+            "no field for that"
+        )
+    raise ValueError(f"{type(cfg).__name__} has no known upcycled form")
 
 
 def _upcycled_config(
