@@ -211,5 +211,6 @@ def _compiled_expert_parallel_step(rank: int, world: int) -> None:
         )
 
 
+@pytest.mark.multiprocess
 def test_compiled_blocks_under_expert_parallelism_and_checkpointing_match_one_process() -> None:
     run_distributed(_compiled_expert_parallel_step, 2)

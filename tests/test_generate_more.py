@@ -259,6 +259,7 @@ def _predict_uneven_batches(rank: int, world: int) -> None:
     assert len(out) == 1 and out[0].shape == (1, 8)
 
 
+@pytest.mark.multiprocess
 def test_expert_parallel_predict_refuses_a_users_loader_with_different_batch_counts_instead_of_hanging():
     from tests.strategies._distributed import run_distributed
 

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_moe.module import CausalLMModule, Seq2SeqLMModule
+from tests._helpers import lr_schedule
 from tests.callbacks._helpers import SEQ, VOCAB, loader, trainer
 
 LR = 1.0
@@ -30,10 +31,7 @@ def _module(**kwargs: Any) -> CausalLMModule:
 
 def _cosine(step: int, total: int, warmup: int = 0) -> float:
     """The rate the README documents: linear warmup, then cosine from ``LR`` to ``MIN_LR_RATIO * LR`` over ``total``."""
-    if step < warmup:
-        return LR * (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return LR * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr_schedule(step, LR, warmup, total, MIN_LR_RATIO)
 
 
 class RateRecorder(Callback):

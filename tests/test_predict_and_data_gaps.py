@@ -70,6 +70,7 @@ def _predict_through_the_cli(rank: int, world: int, args: list[str]) -> None:
         run_cli([*args, "--config", str(CONFIGS / "expert-parallel.yaml")])
 
 
+@pytest.mark.multiprocess
 def test_expert_parallel_predict_with_uneven_batches_writes_each_prompt_once_as_one_process_does(tmp_path):
     from lightning_moe.cli import run_cli
     from tests.strategies._distributed import run_distributed

@@ -5,60 +5,29 @@ A hand-written AdamW loop, one batch of twice the size, the schedule's formula, 
 """
 
 import copy
+import functools
 import math
-import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader
 
 from lightning_moe.module import CausalLMModule, Seq2SeqLMModule
+from tests._helpers import QUIET, batch_loader, lr_schedule, quiet_trainer, seeded_mixtral
 
 TINY = {"num_layers": 2, "dim": 32, "ffn_hidden": 32}
 VOCAB = 1024  # mixtral-tiny's
 SWITCH_TINY = {"num_layers": 2, "dim": 32, "ffn_hidden": 32, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*(does not have many workers|LitLogger|litlogger|GPU avail).*")
-        yield
-
-
-def _module(**kwargs):
-    torch.manual_seed(0)
-    return CausalLMModule(arch="mixtral-tiny", overrides=kwargs.pop("overrides", TINY), **kwargs)
+pytestmark = QUIET
+_module = functools.partial(seeded_mixtral, overrides=TINY)
 
 
 def _trainer(max_steps=-1, callbacks=(), **kwargs):
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
-
-
-def _loader(batches):
-    return DataLoader(batches, batch_size=None, shuffle=False)
-
-
-def _schedule(step, lr, warmup, total, min_ratio):
-    """README: linear warmup, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return quiet_trainer(callbacks, max_steps=max_steps, **kwargs)
 
 
 class _StepRecorder(Callback):
@@ -85,7 +54,7 @@ def test_trainer_steps_match_a_hand_written_adamw_loop_with_clipping(precision):
     reference = copy.deepcopy(module.model)
     recorder = _StepRecorder()
     trainer = _trainer(steps, [recorder], precision=precision, gradient_clip_val=clip)
-    trainer.fit(module, _loader(batches))
+    trainer.fit(module, batch_loader(batches))
     assert trainer.optimizers[0].defaults["fused"] is True  # the module clips the fused optimizer itself
 
     matrices = [p for n, p in reference.named_parameters() if p.dim() >= 2 and n != "embed.weight"]
@@ -97,7 +66,7 @@ def test_trainer_steps_match_a_hand_written_adamw_loop_with_clipping(precision):
     hand_lrs, hand_norms = [], []
     for step, batch in enumerate(batches):
         for group in optimizer.param_groups:
-            group["lr"] = _schedule(step, lr, warmup, steps, 0.2)
+            group["lr"] = lr_schedule(step, lr, warmup, steps, 0.2)
         hand_lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
@@ -124,12 +93,15 @@ def test_gradient_accumulation_equals_one_batch_of_twice_the_size():
     args = dict(lr=1e-2, warmup_steps=1, load_balance_coef=0.0, z_loss_coef=0.01, seq_balance_coef=0.05)
     one, two = _module(**args), _module(**args)
     rec_one, rec_two = _StepRecorder(), _StepRecorder()
-    _trainer(3, [rec_one], gradient_clip_val=0.5).fit(one, _loader(whole))
-    _trainer(3, [rec_two], gradient_clip_val=0.5, accumulate_grad_batches=2).fit(two, _loader(halves))
+    _trainer(3, [rec_one], gradient_clip_val=0.5).fit(one, batch_loader(whole))
+    _trainer(3, [rec_two], gradient_clip_val=0.5, accumulate_grad_batches=2).fit(two, batch_loader(halves))
     assert rec_two.lrs == rec_one.lrs and len(rec_one.lrs) == 3
     assert rec_two.norms == pytest.approx(rec_one.norms, rel=1e-4)
     for (name, a), b in zip(one.model.named_parameters(), two.model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+        # AdamW divides by the root of the squared-gradient average, so an embedding row whose gradient is nearly
+        # zero turns the rounding of the two summation orders into lr-sized relative noise (2.7e-5 on one of
+        # this CPU's entries): hence 5e-5, still 200x below one step's update of lr = 1e-2.
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=name)
 
 
 def test_schedule_with_max_epochs_and_accumulation_follows_the_formula():
@@ -140,9 +112,9 @@ def test_schedule_with_max_epochs_and_accumulation_follows_the_formula():
     module = _module(lr=lr, warmup_steps=warmup, min_lr_ratio=0.3, overrides={**TINY, "num_layers": 1})
     recorder = _StepRecorder()
     trainer = _trainer(callbacks=[recorder], max_epochs=2, accumulate_grad_batches=2)
-    trainer.fit(module, _loader(batches))
+    trainer.fit(module, batch_loader(batches))
     assert trainer.global_step == 6
-    assert recorder.lrs == pytest.approx([_schedule(s, lr, warmup, 6, 0.3) for s in range(6)], rel=1e-12)
+    assert recorder.lrs == pytest.approx([lr_schedule(s, lr, warmup, 6, 0.3) for s in range(6)], rel=1e-12)
 
 
 def test_optimizer_changes_no_decay_parameter_and_no_score_bias_by_decay_alone():
@@ -180,8 +152,8 @@ def test_validation_loss_is_the_token_mean_over_batches_of_different_sizes():
     batches = [torch.randint(0, VOCAB, (3, 17)), torch.randint(0, VOCAB, (1, 17))]
     module = _module()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    (metrics,) = trainer.validate(module, _loader(batches), verbose=False)
-    (tested,) = trainer.test(module, _loader(batches), verbose=False)
+    (metrics,) = trainer.validate(module, batch_loader(batches), verbose=False)
+    (tested,) = trainer.test(module, batch_loader(batches), verbose=False)
 
     def cross_entropy(rows):
         with torch.no_grad():

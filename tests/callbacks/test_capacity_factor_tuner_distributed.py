@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
+import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
@@ -11,8 +11,7 @@ from torch.utils.data import DataLoader
 from lightning_moe.callbacks import CapacityFactorTuner
 from lightning_moe.callbacks.capacity_factor_tuner import smallest_factor
 from lightning_moe.module import Seq2SeqLMModule
-from lightning_moe.strategies import ExpertParallelStrategy
-from tests.strategies._distributed import run_distributed
+from tests.strategies._distributed import ep_trainer, run_distributed
 
 OVERRIDES = {
     "vocab_size": 64, "dim": 32, "num_heads": 2, "head_dim": 16, "ffn_hidden": 32, "num_experts": 4,
@@ -38,18 +37,7 @@ def _uneven_rows(rank: int, world: int) -> None:
     local = batch[:3] if rank == 0 else batch[3:]  # 3 sequences on rank 0, 1 on rank 1
     recorder = _SequenceRows()
     tuner = CapacityFactorTuner(target_drop_rate=0.0, interval=1, smoothing=0.0, min_factor=0.5, max_factor=8.0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=ExpertParallelStrategy(),
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[recorder, tuner],
-    )
+    trainer = ep_trainer(world, "auto", max_steps=1, callbacks=[recorder, tuner])
     torch.manual_seed(0)
     trainer.fit(Seq2SeqLMModule(arch="switch-tiny", overrides=OVERRIDES), DataLoader(local, batch_size=len(local)))
 
@@ -64,5 +52,6 @@ def _uneven_rows(rank: int, world: int) -> None:
     assert list(tuner.factors.values()) == expected, (tuner.factors, expected)
 
 
+@pytest.mark.multiprocess
 def test_per_sequence_capacity_tuning_takes_every_ranks_sequences_when_their_counts_differ() -> None:
     run_distributed(_uneven_rows, 2)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from lightning_moe.callbacks import ExpertLoadMonitor
 from lightning_moe.module import CausalLMModule
-from lightning_moe.strategies import ExpertParallelStrategy
-from tests.strategies._distributed import run_distributed
+from tests.strategies._distributed import ep_trainer, run_distributed
 
 pytestmark = pytest.mark.multiprocess
 
@@ -40,18 +38,7 @@ def _monitor_sees_global_loads(rank: int, world: int) -> None:
     assert not torch.allclose(_single_process_loads(local)[0], share_LE)  # this rank alone sees other loads
 
     monitor = ExpertLoadMonitor(logging_interval=1, log_histograms=False, log_heatmap=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy=ExpertParallelStrategy(),
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[monitor],
-    )
+    trainer = ep_trainer(world, "auto", max_steps=1, callbacks=[monitor])
     trainer.fit(_module(), train_dataloaders=DataLoader(local, batch_size=ROWS_PER_RANK))
 
     # Each rank routed only its own rows, yet every rank logs the loads of the whole batch.

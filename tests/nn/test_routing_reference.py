@@ -29,6 +29,7 @@ from lightning_moe.nn.capacity import expert_capacity
 from lightning_moe.nn.config import ExpertsConfig, MoEConfig, RouterConfig
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.nn.router import Router
+from tests.nn._helpers import random_router_config
 
 DIM = 16
 
@@ -458,36 +459,10 @@ def _reference_token_choice(logits_TE: torch.Tensor, cfg: RouterConfig, bias_E: 
     return torch.tensor(ids_out), torch.stack(w_out)
 
 
-def _random_router_config(gen: torch.Generator) -> RouterConfig:
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=gen))]
-
-    n_group = pick([1, 2, 4])
-    per_group = pick([2, 3])
-    num_experts = n_group * per_group
-    topk_group = pick(list(range(1, n_group + 1)))
-    top_k = pick(list(range(1, min(num_experts, topk_group * per_group) + 1)))
-    score_func = pick(["softmax", "sigmoid"])
-    softmax_after_topk = score_func == "softmax" and top_k > 1 and pick([False, True])
-    return RouterConfig(
-        num_experts=num_experts,
-        top_k=top_k,
-        score_func=score_func,
-        softmax_after_topk=softmax_after_topk,
-        normalize_topk=top_k > 1 and pick([False, True]),
-        routed_scaling_factor=pick([1.0, 2.5]),
-        n_group=n_group,
-        topk_group=topk_group,
-        group_score=pick(["max", "top2_sum"]),
-        score_bias=pick([False, True]),
-        init_std=1.0,
-    )
-
-
 @pytest.mark.parametrize("seed", range(12))
 def test_random_router_configs_match_the_per_token_reference(seed):
     gen = torch.Generator().manual_seed(seed)
-    cfg = _random_router_config(gen)
+    cfg = random_router_config(gen)
     torch.manual_seed(seed)
     router = Router(DIM, cfg)
     if router.score_bias is not None:
@@ -570,7 +545,7 @@ def test_random_routing_keeps_the_second_expert_with_gshard_probability_before_c
 @pytest.mark.parametrize("seed", range(4))
 def test_router_gradients_match_the_reference_in_float64(seed):
     gen = torch.Generator().manual_seed(100 + seed)
-    cfg = _random_router_config(gen)
+    cfg = random_router_config(gen)
     torch.manual_seed(seed)
     layer = MoELayer(MoEConfig(dim=DIM, router=cfg, experts=ExpertsConfig(hidden_dim=8, init_std=0.5))).double()
     if layer.router.score_bias is not None:

@@ -1,13 +1,12 @@
 """ExpertParallelStrategy corners at EP=2 on two gloo processes, each against an independent computation.
 
-All checks run in one pair of processes (spawning costs more than the checks): the module fixture runs each
-check on both ranks, writes ``ok`` or the traceback per check and rank, and one test per check reads them.
+All checks run in one pair of processes (``run_checks``: spawning costs more than the checks), one test per check
+reads its result.
 """
 
 from __future__ import annotations
 
 import math
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,12 +20,11 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from lightning_moe.callbacks import LoadBalancingBias
-from lightning_moe.data.span_corruption import span_corruption
 from lightning_moe.module import CausalLMModule, Seq2SeqLMModule
 from lightning_moe.nn.config import ExpertsConfig, MoEConfig, RouterConfig
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.strategies import apply_expert_parallel, clip_grad_norm_, load_distributed_checkpoint
-from tests.strategies._distributed import ep_trainer, run_distributed
+from tests.strategies._distributed import Seq2SeqSGDModule, assert_check_ok, ep_trainer, run_checks
 
 pytestmark = pytest.mark.multiprocess
 
@@ -48,22 +46,6 @@ def _local(batch: torch.Tensor, rank: int) -> DataLoader:
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
-
-
-class _Seq2SeqSGD(Seq2SeqLMModule):
-    """SGD with lr 1 (the update is the gradient), and span corruption seeded by each row's content, so a row is
-    corrupted the same way on whichever rank it lands."""
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-    def _loss(self, batch: torch.Tensor, generator: torch.Generator | None = None):
-        pairs = [span_corruption(row[None], self.config.vocab_size - 1, generator=torch.Generator().manual_seed(
-            int(row.sum()))) for row in batch]  # fmt: skip
-        inputs, targets = (torch.cat(parts) for parts in zip(*pairs, strict=True))
-        start = torch.full_like(targets[:, :1], self.decoder_start_id)
-        out = self.model(inputs, torch.cat([start, targets[:, :-1]], dim=1), targets=targets)
-        return out.loss, out.router_stats, targets.numel()
 
 
 # -- the test loss of several processes is the loss of all their batches --------------------------------------------
@@ -107,7 +89,7 @@ class _GradNorms(pl.Callback):
 def _sequence_capacity_matches_single_process(rank: int, world: int, out: Path) -> None:
     batch = _global_batch(world, seed=2)
     torch.manual_seed(0)
-    ref = _Seq2SeqSGD(arch="switch-tiny", overrides=SWITCH, load_balance_coef=0.5, z_loss_coef=1e-3)
+    ref = Seq2SeqSGDModule(arch="switch-tiny", overrides=SWITCH, load_balance_coef=0.5, z_loss_coef=1e-3)
     ce, stats, _ = ref._loss(batch)
     loss = ce + ref.aux_loss(stats)[0]
     loss.backward()
@@ -120,7 +102,7 @@ def _sequence_capacity_matches_single_process(rank: int, world: int, out: Path) 
                 p -= p.grad
 
     torch.manual_seed(0)
-    module = _Seq2SeqSGD(arch="switch-tiny", overrides=SWITCH, load_balance_coef=0.5, z_loss_coef=1e-3)
+    module = Seq2SeqSGDModule(arch="switch-tiny", overrides=SWITCH, load_balance_coef=0.5, z_loss_coef=1e-3)
     norms = _GradNorms()
     ep_trainer(world, world, max_steps=1, callbacks=[norms]).fit(module, train_dataloaders=_local(batch, rank))
     for p, value in ref_norms.items():
@@ -227,45 +209,25 @@ CHECKS: dict[str, Callable[[int, int, Path], None]] = {
 }
 
 
-def _run_checks(rank: int, world: int, out: str) -> None:
-    for name, check in CHECKS.items():
-        try:
-            check(rank, world, Path(out))
-            result = "ok"
-        except Exception:  # noqa: BLE001  (reported by the test of this check)
-            result = traceback.format_exc()
-        (Path(out) / f"{name}.rank{rank}.txt").write_text(result)
-        dist.barrier()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ep_corners")
-    run_distributed(_run_checks, 2, str(out))
-    return out
-
-
-def _assert_ok(results: Path, name: str) -> None:
-    for rank in range(2):
-        text = (results / f"{name}.rank{rank}.txt").read_text()
-        if text != "ok":
-            pytest.fail(f"rank {rank}:\n{text}", pytrace=False)
+    return run_checks(__name__, 2, tmp_path_factory.mktemp("ep_corners"))
 
 
 def test_test_loss_under_expert_parallelism_is_the_loss_of_all_ranks_batches(results: Path) -> None:
     # trainer.test logged each rank's own batch loss (rank 0's reached the logger and the returned results).
-    _assert_ok(results, "test_loss")
+    assert_check_ok(results, "test_loss")
 
 
 def test_capacity_per_sequence_under_expert_parallelism_matches_single_process(results: Path) -> None:
     # Loss, 2- and inf-norm of the gradients (over both meshes) and the SGD step, with copies dropped.
-    _assert_ok(results, "sequence_capacity")
+    assert_check_ok(results, "sequence_capacity")
 
 
 def test_expert_choice_routing_under_expert_parallelism_matches_per_rank_forwards(results: Path) -> None:
-    _assert_ok(results, "expert_choice")
+    assert_check_ok(results, "expert_choice")
 
 
 def test_checkpoint_saved_at_ep2_reshards_to_ep1_and_one_process_with_optimizer_state(results: Path) -> None:
     # DeepSeek-V3 style with LoadBalancingBias: the score biases (buffers) travel too.
-    _assert_ok(results, "checkpoint")
+    assert_check_ok(results, "checkpoint")

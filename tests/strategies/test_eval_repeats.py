@@ -10,6 +10,7 @@ import copy
 import math
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -54,11 +55,13 @@ def _validate_and_test(rank: int, world: int, count: int, batch_size: int) -> No
     assert math.isclose(tested["test/loss"], expected, rel_tol=1e-5), (tested, expected)
 
 
+@pytest.mark.multiprocess
 def test_validation_and_test_losses_count_each_block_once_across_ranks() -> None:
     # 5 blocks on 2 ranks: rank 1 gets block 0 again. Batches of 2: its second batch is [3, 0 (repeated)].
     run_distributed(_validate_and_test, 2, 5, 2)
 
 
+@pytest.mark.multiprocess
 def test_a_batch_of_nothing_but_repeats_adds_nothing() -> None:
     # 3 blocks on 2 ranks, batches of 1: rank 1's second batch holds only the repeated block 0.
     run_distributed(_validate_and_test, 2, 3, 1)

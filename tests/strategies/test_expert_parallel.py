@@ -10,12 +10,10 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from lightning_moe.callbacks import LoadBalancingBias
-from lightning_moe.data.span_corruption import span_corruption
-from lightning_moe.module import CausalLMModule, Seq2SeqLMModule
 from lightning_moe.nn.losses import bias_update
 from lightning_moe.nn.moe import MoELayer
 from lightning_moe.strategies import AllToAllDispatcher, ExpertParallelStrategy
-from tests.strategies._distributed import ep_trainer, run_distributed
+from tests.strategies._distributed import Seq2SeqSGDModule, SGDModule, ep_trainer, run_distributed
 
 pytestmark = pytest.mark.multiprocess
 
@@ -51,39 +49,16 @@ VOCAB = 64
 ROWS_PER_RANK, SEQ = 2, 17
 
 
-class _SGDModule(CausalLMModule):
-    """SGD with lr 1: the parameter update is the gradient itself, so the test sees any gradient error."""
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-
-class _Seq2SeqSGDModule(Seq2SeqLMModule):
-    """SGD with lr 1, and span corruption seeded by each row's content, so a row is corrupted the same way
-    on whichever rank it lands (the module's own corruption draws from each process's global generator)."""
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-    def _loss(self, batch: torch.Tensor, generator: torch.Generator | None = None):
-        pairs = [span_corruption(row[None], self.config.vocab_size - 1, generator=torch.Generator().manual_seed(
-            int(row.sum()))) for row in batch]  # fmt: skip
-        inputs, targets = (torch.cat(parts) for parts in zip(*pairs, strict=True))
-        start = torch.full_like(targets[:, :1], self.decoder_start_id)
-        out = self.model(inputs, torch.cat([start, targets[:, :-1]], dim=1), targets=targets)
-        return out.loss, out.router_stats, targets.numel()
-
-
 class _LossCapture(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.loss = outputs["loss"].detach().clone()
 
 
-def _module(arch: str) -> _SGDModule | _Seq2SeqSGDModule:
+def _module(arch: str) -> SGDModule | Seq2SeqSGDModule:
     # The strategy sums the expert counts over ranks for the load-balancing loss, so the per-rank losses
     # average to the global batch's loss: a large coefficient makes any mismatch visible.
     torch.manual_seed(0)
-    cls = _Seq2SeqSGDModule if arch.startswith("switch") else _SGDModule
+    cls = Seq2SeqSGDModule if arch.startswith("switch") else SGDModule
     return cls(arch=arch.split("+")[0], overrides=OVERRIDES[arch], load_balance_coef=0.5, z_loss_coef=1e-3)
 
 
@@ -258,7 +233,7 @@ def test_load_balancing_bias_under_expert_parallelism_matches_single_process() -
 
 
 def _indivisible_expert_count_is_refused(rank: int, world: int) -> None:
-    module = _SGDModule(arch="mixtral-tiny", overrides={**OVERRIDES["mixtral-tiny"], "num_experts": 3})
+    module = SGDModule(arch="mixtral-tiny", overrides={**OVERRIDES["mixtral-tiny"], "num_experts": 3})
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=ExpertParallelStrategy(), max_steps=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
     with pytest.raises(ValueError, match=r"num_experts=3 is invalid for expert_parallel_size=2.*'auto' is the world"):
@@ -270,7 +245,7 @@ def test_an_expert_count_the_mesh_does_not_divide_is_refused_naming_the_setting(
 
 
 def _skip_policy_is_refused(rank: int, world: int) -> None:
-    module = _SGDModule(arch="mixtral-tiny", overrides=OVERRIDES["mixtral-tiny"], nan_policy="skip")
+    module = SGDModule(arch="mixtral-tiny", overrides=OVERRIDES["mixtral-tiny"], nan_policy="skip")
     trainer = ep_trainer(world, world, max_steps=1)
     batch = torch.randint(0, VOCAB, (ROWS_PER_RANK, SEQ))
     with pytest.raises(ValueError, match=rf"nan_policy='skip' is invalid with {world} processes"):

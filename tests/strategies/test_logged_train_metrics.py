@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
@@ -70,5 +71,6 @@ def _logged_metrics(rank: int, world: int) -> None:
     assert everyone[1][1]["targets"] == 0 and everyone[0][1]["targets"] > 0
 
 
+@pytest.mark.multiprocess
 def test_logged_training_loss_and_aux_terms_are_the_mean_over_ranks() -> None:
     run_distributed(_logged_metrics, 2)

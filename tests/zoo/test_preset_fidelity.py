@@ -13,11 +13,10 @@ independent checks per preset:
 import copy
 
 import pytest
-import torch
-import transformers
 
 from lightning_moe import zoo
 from lightning_moe.interop import hf_config_to_ours
+from tests.zoo._helpers import transformers_counts
 
 _MIXTRAL = {
     "model_type": "mixtral",
@@ -334,32 +333,13 @@ def test_mixtral_and_qwen_presets_weight_each_layer_by_the_published_coefficient
     assert ours.load_balance_coef == pytest.approx(published["router_aux_loss_coef"] * ours.top_k)
 
 
-def _transformers_counts(hf_config: dict) -> tuple[int, int]:
-    """Total and active parameters of transformers' own model of ``hf_config``, built on the meta device."""
-    config = transformers.AutoConfig.for_model(**copy.deepcopy(hf_config))
-    with torch.device("meta"):
-        if config.model_type == "switch_transformers":
-            model = transformers.SwitchTransformersForConditionalGeneration(config)
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())
-    routed = getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None)
-    routed = routed or config.num_experts
-    top_k = getattr(config, "num_experts_per_tok", 1)  # Switch routes each token to one expert
-    inactive = 0
-    for name, module in model.named_modules():
-        if name.endswith("mlp.experts"):  # the routed experts only (not DeepSeek's shared_experts)
-            inactive += sum(p.numel() for p in module.parameters()) * (routed - top_k) // routed
-    return total, total - inactive
-
-
 # The big Switch-Base presets repeat switch-base-8/-128's structure with more experts; skipped to keep this fast.
 HF_COUNTED = sorted(set(PUBLISHED_CONFIGS) - {"switch-base-16", "switch-base-32", "switch-base-64", "switch-base-256"})
 
 
 @pytest.mark.parametrize("name", HF_COUNTED)
 def test_transformers_builds_the_published_model_with_our_parameter_counts(name):
-    total, active = _transformers_counts(PUBLISHED_CONFIGS[name])
+    total, active = transformers_counts(PUBLISHED_CONFIGS[name])
     ours = zoo.count_parameters(name)
     assert (ours.total, ours.active) == (total, active)
 

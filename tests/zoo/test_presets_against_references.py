@@ -13,7 +13,6 @@ import warnings
 
 import pytest
 import torch
-import transformers
 
 from lightning_moe import zoo
 from lightning_moe.interop import UnsupportedConfigError, hf_config_to_ours
@@ -21,6 +20,7 @@ from lightning_moe.interop.hf import _family_of, _hf_config
 from lightning_moe.nn.attention import Attention
 from lightning_moe.nn.ffn import FeedForward
 from lightning_moe.nn.moe import MoELayer
+from tests.zoo._helpers import transformers_counts
 
 PUBLISHED = [name for name in zoo.names() if "tiny" not in name]
 # Presets whose config transformers cannot hold (the reason is the export error's field).
@@ -44,25 +44,6 @@ def _exportable(name: str) -> zoo.ModelConfig:
 def _exported_config_json(cfg: zoo.ModelConfig) -> dict:
     """The config.json ``to_hf`` writes for ``cfg`` (its config part: the weights of a 671B model are not built)."""
     return _hf_config(cfg, _family_of(cfg))
-
-
-def _transformers_counts(hf_config: dict) -> tuple[int, int]:
-    """Total and active parameters of transformers' own model for ``hf_config``, built on the meta device."""
-    config = transformers.AutoConfig.for_model(**copy.deepcopy(hf_config))
-    with torch.device("meta"):
-        if config.model_type == "switch_transformers":
-            model = transformers.SwitchTransformersForConditionalGeneration(config)
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())
-    routed = getattr(config, "num_local_experts", None) or getattr(config, "n_routed_experts", None)
-    routed = routed or config.num_experts
-    top_k = getattr(config, "num_experts_per_tok", 1)  # Switch routes each token to one expert
-    inactive = 0
-    for name, module in model.named_modules():
-        if name.endswith("mlp.experts"):  # the routed experts only (not DeepSeek's or Qwen's shared experts)
-            inactive += sum(p.numel() for p in module.parameters()) * (routed - top_k) // routed
-    return total, total - inactive
 
 
 GLAM = [name for name in PUBLISHED if zoo.family_of(name) == "glam"]  # no transformers class at all
@@ -102,7 +83,7 @@ def test_the_exported_config_json_reads_back_as_the_preset(name):
 @pytest.mark.parametrize("name", TRANSFORMERS_BUILT + TINY_EXPORTABLE)
 def test_transformers_builds_the_exported_preset_with_our_total_and_active_counts(name):
     cfg = _exportable(name)
-    total, active = _transformers_counts(_exported_config_json(cfg))
+    total, active = transformers_counts(_exported_config_json(cfg))
     ours = zoo.count_parameters(cfg)
     assert (ours.total, ours.active) == (total, active)
 

@@ -5,27 +5,23 @@ with uneven real tokens per rank (one rank all padding), Switch with capacity un
 EP=1 x DP=2 with clipping, clipping by value, Lightning's own distributed sampler; and the refusal of data that
 would give the ranks different numbers of batches (every forward is a collective: one rank would wait forever).
 
-All checks run in one pair of gloo processes (spawning costs more than the checks): the module fixture runs each
-check on both ranks, writes ``ok`` or the traceback per check and rank, and one test per check reads them.
+All checks run in one pair of gloo processes (``run_checks``: spawning costs more than the checks), one test per
+check reads its result.
 """
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from lightning_moe.callbacks import LoadBalancingBias
-from lightning_moe.data.span_corruption import span_corruption
-from lightning_moe.module import CausalLMModule, Seq2SeqLMModule
 from lightning_moe.nn.moe import MoELayer
-from tests.strategies._distributed import ep_trainer, run_distributed
+from tests.strategies._distributed import Seq2SeqSGDModule, SGDModule, assert_check_ok, ep_trainer, run_checks
 
 pytestmark = pytest.mark.multiprocess
 
@@ -39,35 +35,13 @@ SWITCH = {"vocab_size": VOCAB, "dim": 32, "num_heads": 2, "head_dim": 16, "ffn_h
           "capacity_factor": 1.0, "router_jitter": 0.0}  # fmt: skip
 
 
-class _SGD(CausalLMModule):
-    """SGD with lr 1: the update is the gradient, so any gradient error shows in the weights."""
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-
-class _Seq2SeqSGD(Seq2SeqLMModule):
-    """SGD with lr 1, and span corruption seeded by each row's content (the same on whichever rank it lands)."""
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-    def _loss(self, batch: torch.Tensor, generator: torch.Generator | None = None):
-        pairs = [span_corruption(row[None], self.config.vocab_size - 1, generator=torch.Generator().manual_seed(
-            int(row.sum()))) for row in batch]  # fmt: skip
-        inputs, targets = (torch.cat(parts) for parts in zip(*pairs, strict=True))
-        start = torch.full_like(targets[:, :1], self.decoder_start_id)
-        out = self.model(inputs, torch.cat([start, targets[:, :-1]], dim=1), targets=targets)
-        return out.loss, out.router_stats, targets.numel()
-
-
-def _build(arch: str, overrides: dict) -> _SGD | _Seq2SeqSGD:
+def _build(arch: str, overrides: dict) -> SGDModule | Seq2SeqSGDModule:
     torch.manual_seed(0)
-    cls = _Seq2SeqSGD if arch.startswith("switch") else _SGD
+    cls = Seq2SeqSGDModule if arch.startswith("switch") else SGDModule
     return cls(arch=arch, overrides=overrides, load_balance_coef=0.5, z_loss_coef=1e-3)
 
 
-def _loss(module: _SGD | _Seq2SeqSGD, batch) -> torch.Tensor:
+def _loss(module: SGDModule | Seq2SeqSGDModule, batch) -> torch.Tensor:
     """What ``training_step`` trains: cross-entropy, weighted auxiliary losses and the MTP loss."""
     out = module._loss(batch)
     loss = out[0] + module.aux_loss(out[-2])[0]
@@ -241,19 +215,13 @@ def _clipped(rank: int, world: int, ep: int, algorithm: str, clip: float):
 # -- Lightning's distributed sampler: each rank its share of one dataset ------------------------------------------
 
 
-def _default_sampler(rank: int, world: int):
-    import lightning.pytorch as pl
-
-    from lightning_moe.strategies import ExpertParallelStrategy
-
+def _default_sampler(rank: int, world: int, out: Path):
     batch = torch.randint(0, VOCAB, (world * ROWS, SEQ), generator=torch.Generator().manual_seed(3))
     ref = _build("mixtral-tiny", MIXTRAL)
     _loss(ref, batch).backward()
     _sgd_step(ref)
     module = _build("mixtral-tiny", MIXTRAL)
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=ExpertParallelStrategy(), max_steps=1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)  # fmt: skip
+    trainer = ep_trainer(world, "auto", max_steps=1, use_distributed_sampler=True)
     trainer.fit(module, train_dataloaders=DataLoader(batch, batch_size=ROWS))  # the same dataset on every rank
     _assert_same_weights(module, ref)
 
@@ -261,7 +229,7 @@ def _default_sampler(rank: int, world: int):
 # -- data that gives the ranks different numbers of batches is refused --------------------------------------------
 
 
-def _uneven(rank: int, world: int):
+def _uneven(rank: int, world: int, out: Path):
     data = torch.randint(0, VOCAB, (3 * ROWS, SEQ), generator=torch.Generator().manual_seed(3))
     uneven = DataLoader(data[: (1 + rank) * ROWS], batch_size=ROWS)  # rank 0: one batch, rank 1: two
     even = DataLoader(data[:ROWS], batch_size=ROWS)
@@ -279,88 +247,63 @@ def _uneven(rank: int, world: int):
     assert trainer.global_step == 1
 
 
-CHECKS: dict[str, Callable[[int, int], None]] = {
-    "accumulation_bias": lambda r, w: _accumulation(r, w, "deepseek-tiny", DEEPSEEK, bias=True),
-    "accumulation_clip": lambda r, w: _accumulation(r, w, "mixtral-tiny", MIXTRAL, clip=0.05),
-    "batch_capacity": lambda r, w: _batch_capacity(r, w, "glam-tiny", GLAM),
-    "switch_capacity_ac": lambda r, w: _batch_capacity(r, w, "switch-tiny", SWITCH, activation_checkpointing=True),
-    "padded": lambda r, w: _padded(r, w, "mixtral-tiny", MIXTRAL),
-    "padded_empty_rank": lambda r, w: _padded(r, w, "deepseek-tiny", {**DEEPSEEK, "mtp_depth": 1}, empty_rank=True),
-    "clip_norm_ep1": lambda r, w: _clipped(r, w, 1, "norm", 0.05),
-    "clip_value": lambda r, w: _clipped(r, w, 2, "value", 0.01),
+CHECKS: dict[str, Callable[[int, int, Path], None]] = {
+    "accumulation_bias": lambda r, w, _: _accumulation(r, w, "deepseek-tiny", DEEPSEEK, bias=True),
+    "accumulation_clip": lambda r, w, _: _accumulation(r, w, "mixtral-tiny", MIXTRAL, clip=0.05),
+    "batch_capacity": lambda r, w, _: _batch_capacity(r, w, "glam-tiny", GLAM),
+    "switch_capacity_ac": lambda r, w, _: _batch_capacity(r, w, "switch-tiny", SWITCH, activation_checkpointing=True),
+    "padded": lambda r, w, _: _padded(r, w, "mixtral-tiny", MIXTRAL),
+    "padded_empty_rank": lambda r, w, _: _padded(r, w, "deepseek-tiny", {**DEEPSEEK, "mtp_depth": 1}, empty_rank=True),
+    "clip_norm_ep1": lambda r, w, _: _clipped(r, w, 1, "norm", 0.05),
+    "clip_value": lambda r, w, _: _clipped(r, w, 2, "value", 0.01),
     "default_sampler": _default_sampler,
     "uneven": _uneven,
 }
 
 
-def _run_checks(rank: int, world: int, out: str) -> None:
-    for name, check in CHECKS.items():
-        try:
-            check(rank, world)
-            result = "ok"
-        except BaseException:  # noqa: BLE001  (reported by the test of this check)
-            result = traceback.format_exc()
-        (Path(out) / f"{name}.rank{rank}.txt").write_text(result)
-        dist.barrier()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("equivalence_hunt")
-    try:  # a check that hangs until the collective timeout ends the processes; the checks before it have results
-        run_distributed(_run_checks, 2, str(out))
-    except Exception:  # noqa: BLE001  (reported by the tests of the checks without a result)
-        (out / "processes.txt").write_text(traceback.format_exc())
-    return out
-
-
-def _assert_ok(results: Path, name: str) -> None:
-    for rank in range(2):
-        path = results / f"{name}.rank{rank}.txt"
-        crash = results / "processes.txt"
-        text = path.read_text() if path.exists() else "no result: " + (crash.read_text() if crash.exists() else "")
-        if text != "ok":
-            pytest.fail(f"rank {rank}:\n{text}", pytrace=False)
+    return run_checks(__name__, 2, tmp_path_factory.mktemp("expert_parallel_equivalence"))
 
 
 def test_gradient_accumulation_with_load_balancing_bias_matches_single_process(results: Path) -> None:
     # Two micro-batches per step: the bias update sums the loads of both and of both ranks.
-    _assert_ok(results, "accumulation_bias")
+    assert_check_ok(results, "accumulation_bias")
 
 
 def test_gradient_accumulation_with_clipping_matches_single_process(results: Path) -> None:
-    _assert_ok(results, "accumulation_clip")
+    assert_check_ok(results, "accumulation_clip")
 
 
 def test_batch_capacity_under_expert_parallelism_counts_each_ranks_tokens(results: Path) -> None:
     # As the README says: drops differ from one process on the global batch; they are each rank's forward's.
-    _assert_ok(results, "batch_capacity")
+    assert_check_ok(results, "batch_capacity")
 
 
 def test_switch_with_capacity_and_activation_checkpointing_counts_each_ranks_tokens(results: Path) -> None:
-    _assert_ok(results, "switch_capacity_ac")
+    assert_check_ok(results, "switch_capacity_ac")
 
 
 def test_padded_batches_with_uneven_real_tokens_give_the_mean_of_each_ranks_loss(results: Path) -> None:
-    _assert_ok(results, "padded")
+    assert_check_ok(results, "padded")
 
 
 def test_a_rank_holding_only_padding_trains_as_one_process_would(results: Path) -> None:
-    _assert_ok(results, "padded_empty_rank")
+    assert_check_ok(results, "padded_empty_rank")
 
 
 def test_clipping_by_norm_at_ep1_dp2_matches_single_process(results: Path) -> None:
-    _assert_ok(results, "clip_norm_ep1")
+    assert_check_ok(results, "clip_norm_ep1")
 
 
 def test_clipping_by_value_matches_single_process(results: Path) -> None:
-    _assert_ok(results, "clip_value")
+    assert_check_ok(results, "clip_value")
 
 
 def test_lightnings_distributed_sampler_gives_each_rank_its_share(results: Path) -> None:
-    _assert_ok(results, "default_sampler")
+    assert_check_ok(results, "default_sampler")
 
 
 def test_data_with_uneven_batch_counts_per_rank_is_refused_before_the_first_batch(results: Path) -> None:
     # Validation, test and training: one rank would run a forward the other never joins, and wait forever.
-    _assert_ok(results, "uneven")
+    assert_check_ok(results, "uneven")

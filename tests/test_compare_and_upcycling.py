@@ -1,4 +1,4 @@
-"""Bug hunt in ``compare``, dense baselines and upcycling: behaviour checked against independent computations."""
+"""``compare``, dense baselines and upcycling: behaviour checked against independent computations."""
 
 import warnings
 

@@ -8,43 +8,19 @@ import functools
 import math
 import warnings
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
-from torch.utils.data import DataLoader
 
 from lightning_moe.module import CausalLMModule, NonFiniteLossError
+from tests._helpers import QUIET, batch_loader, lr_schedule, quiet_trainer, seeded_mixtral
 
 TINY = {"num_layers": 1, "dim": 32, "ffn_hidden": 32}
 VOCAB = 1024  # mixtral-tiny's
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*(does not have many workers|LitLogger|litlogger|GPU avail).*")
-        yield
-
-
-def _module(**kwargs):
-    torch.manual_seed(0)
-    return CausalLMModule(arch="mixtral-tiny", overrides=kwargs.pop("overrides", TINY), **kwargs)
-
-
-def _trainer(callbacks=(), **kwargs):
-    kwargs.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
+pytestmark = QUIET
+_module = functools.partial(seeded_mixtral, overrides=TINY)
 
 
 def _batches(n, rows=2, seed=1):
@@ -52,20 +28,8 @@ def _batches(n, rows=2, seed=1):
     return [torch.randint(0, VOCAB, (rows, 9)) for _ in range(n)]
 
 
-def _loader(batches):
-    return DataLoader(batches, batch_size=None, shuffle=False)
-
-
 def _norm(grads):
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-
-
-def _schedule(step, lr, warmup, total, min_ratio):
-    """README: linear warmup, then cosine decay to ``lr * min_lr_ratio`` over the run's optimizer steps."""
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class _Recorder(Callback):
@@ -110,11 +74,11 @@ class _FiniteButLargeGradient(Callback):
 def test_a_float16_gradient_whose_norm_overflows_float16_is_finite_and_applied(nan_policy):
     # Every element is finite: no error naming "a parameter on another rank", no skipped step.
     module = _module(lr=1e-2, warmup_steps=0, nan_policy=nan_policy)
-    trainer = _trainer([_FiniteButLargeGradient()], max_steps=1, precision="16-true")
+    trainer = quiet_trainer([_FiniteButLargeGradient()], max_steps=1, precision="16-true")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*16-true.*")
         warnings.filterwarnings("error", message=r".*skipping optimizer step.*")
-        trainer.fit(module, _loader(_batches(1)))
+        trainer.fit(module, batch_loader(_batches(1)))
     embed = module.model.embed.weight.detach().float()
     assert torch.isfinite(embed).all()
     # AdamW's first step moves every element with a gradient by about lr against its sign.
@@ -125,11 +89,11 @@ def test_a_float16_gradient_whose_norm_overflows_float16_is_finite_and_applied(n
 
 def test_a_non_finite_float16_gradient_is_still_refused_by_name():
     module = _module(lr=1e-2, warmup_steps=0)
-    trainer = _trainer([_FiniteButLargeGradient(poison=float("inf"))], max_steps=1, precision="16-true")
+    trainer = quiet_trainer([_FiniteButLargeGradient(poison=float("inf"))], max_steps=1, precision="16-true")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*16-true.*")
         with pytest.raises(NonFiniteLossError, match=r"non-finite gradient of model\.embed\.weight at step 0"):
-            trainer.fit(module, _loader(_batches(1)))
+            trainer.fit(module, batch_loader(_batches(1)))
 
 
 def _run(precision, batches, clip=None, **kwargs):
@@ -139,8 +103,8 @@ def _run(precision, batches, clip=None, **kwargs):
         options = {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**10))]}
     else:
         options = {"precision": precision}
-    trainer = _trainer([recorder], max_steps=len(batches), gradient_clip_val=clip, **options)
-    trainer.fit(module, _loader(batches))
+    trainer = quiet_trainer([recorder], max_steps=len(batches), gradient_clip_val=clip, **options)
+    trainer.fit(module, batch_loader(batches))
     return module, trainer, recorder
 
 
@@ -183,10 +147,10 @@ def test_three_steps_track_float32_with_optimizer_states_in_the_weights_dtype(pr
 def test_value_clipping_applies_to_the_fused_optimizer_under_bf16_mixed():
     module = _module(lr=1e-2, warmup_steps=1)
     recorder = _Recorder()
-    trainer = _trainer(
+    trainer = quiet_trainer(
         [recorder], max_steps=2, precision="bf16-mixed", gradient_clip_val=1e-3, gradient_clip_algorithm="value"
     )
-    trainer.fit(module, _loader(_batches(2)))
+    trainer.fit(module, batch_loader(_batches(2)))
     assert trainer.optimizers[0].defaults["fused"] is True
     assert max(recorder.norms) > 1e-2 and len(recorder.clipped) == 1
     for grads in recorder.clipped:
@@ -203,11 +167,11 @@ def test_each_steps_learning_rate_is_the_schedules_formula(warmup, min_ratio):
     lr, steps = 2e-3, 4
     module = _module(lr=lr, warmup_steps=warmup, min_lr_ratio=min_ratio)
     recorder = _Recorder()
-    trainer = _trainer([recorder], max_steps=steps)
+    trainer = quiet_trainer([recorder], max_steps=steps)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(module, _loader(_batches(steps)))
-    hand = [_schedule(s, lr, warmup, steps, min_ratio) for s in range(steps)]
+        trainer.fit(module, batch_loader(_batches(steps)))
+    hand = [lr_schedule(s, lr, warmup, steps, min_ratio) for s in range(steps)]
     assert recorder.lrs == pytest.approx(hand, rel=1e-12)
     warned = any(f"warmup_steps={warmup} is not below" in str(w.message) for w in caught)
     assert warned == (warmup >= steps)
@@ -231,11 +195,13 @@ def test_resume_under_a_gradient_accumulation_scheduler_continues_the_schedule_e
     def fit(callbacks, ckpt_path=None):
         recorder = _Recorder()
         accumulation = GradientAccumulationScheduler({0: 1, 1: 2})
-        trainer = _trainer([recorder, accumulation, *callbacks], max_epochs=2, enable_checkpointing=bool(callbacks))
-        trainer.fit(_module(lr=lr, warmup_steps=warmup, min_lr_ratio=0.2), _loader(batches), ckpt_path=ckpt_path)
+        trainer = quiet_trainer(
+            [recorder, accumulation, *callbacks], max_epochs=2, enable_checkpointing=bool(callbacks)
+        )
+        trainer.fit(_module(lr=lr, warmup_steps=warmup, min_lr_ratio=0.2), batch_loader(batches), ckpt_path=ckpt_path)
         return recorder.lrs, trainer.global_step
 
     first, _ = fit([_StopAfterFirstEpoch(), ModelCheckpoint(dirpath=tmp_path, save_last=True)])
     rest, steps = fit([], ckpt_path=str(tmp_path / "last.ckpt"))
     assert len(first) == 3 and steps == 5
-    assert first + rest == pytest.approx([_schedule(s, lr, warmup, 5, 0.2) for s in range(5)], rel=1e-12)
+    assert first + rest == pytest.approx([lr_schedule(s, lr, warmup, 5, 0.2) for s in range(5)], rel=1e-12)

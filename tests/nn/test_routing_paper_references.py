@@ -15,6 +15,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 
 from lightning_moe.nn import ExpertsConfig, MoEConfig, MoELayer, RouterConfig, losses
 from lightning_moe.nn.router import Router
+from tests.nn._helpers import pick, random_router_config
 
 DIM = 12
 
@@ -75,44 +76,23 @@ def _route_token(logits_E: torch.Tensor, cfg: RouterConfig, bias_E: torch.Tensor
 
 
 def _random_token_choice_layer(gen: torch.Generator, seed: int) -> tuple[MoELayer, dict]:
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=gen))]
-
-    n_group, per_group = pick([1, 2, 3]), pick([2, 3])
-    num_experts = n_group * per_group
-    topk_group = pick(list(range(1, n_group + 1)))
-    top_k = pick(list(range(1, topk_group * per_group + 1)))
-    score_func = pick(["softmax", "sigmoid"])
-    router = RouterConfig(
-        num_experts=num_experts,
-        top_k=top_k,
-        score_func=score_func,
-        softmax_after_topk=score_func == "softmax" and top_k > 1 and pick([False, True]),
-        normalize_topk=top_k > 1 and pick([False, True]),
-        routed_scaling_factor=pick([1.0, 2.5]),
-        n_group=n_group,
-        topk_group=topk_group,
-        group_score=pick(["max", "top2_sum"]),
-        score_bias=pick([False, True]),
-        random_routing=top_k > 1 and pick([False, True]),
-        init_std=1.0,
-    )
-    factor, absolute = pick([(None, None), (0.5, None), (1.0, None), (1.3, None), (None, 2)])
+    router = random_router_config(gen, group_counts=(1, 2, 3), random_routing=True)
+    factor, absolute = pick(gen, [(None, None), (0.5, None), (1.0, None), (1.3, None), (None, 2)])
     cfg = MoEConfig(
         dim=DIM,
         router=router,
         experts=ExpertsConfig(hidden_dim=8, init_std=0.5),
         capacity_factor=factor,
-        eval_capacity_factor=pick([None, 0.7, 2.0]),
+        eval_capacity_factor=pick(gen, [None, 0.7, 2.0]),
         expert_capacity=absolute,
-        drop_priority=pick(["position", "weight"]),
-        capacity_scope=pick(["batch", "sequence"]),
+        drop_priority=pick(gen, ["position", "weight"]),
+        capacity_scope=pick(gen, ["batch", "sequence"]),
     )
     torch.manual_seed(seed)
-    layer = MoELayer(cfg).double().train(pick([True, False]))
+    layer = MoELayer(cfg).double().train(pick(gen, [True, False]))
     if layer.router.score_bias is not None:
-        layer.router.score_bias.copy_(torch.randn(num_experts, generator=gen, dtype=torch.float64) * 0.2)
-    return layer, {"padded": pick([False, True])}
+        layer.router.score_bias.copy_(torch.randn(router.num_experts, generator=gen, dtype=torch.float64) * 0.2)
+    return layer, {"padded": pick(gen, [False, True])}
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -173,18 +153,14 @@ def test_token_choice_layer_matches_gshard_greedy_reference_across_random_config
 @pytest.mark.parametrize("seed", range(10))
 def test_expert_choice_layer_matches_each_expert_taking_its_top_real_tokens(seed):
     gen = torch.Generator().manual_seed(seed)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=gen))]
-
-    num_experts = pick([2, 4, 6])
-    top_k, scale = pick(list(range(1, num_experts + 1))), pick([1.0, 2.5])
-    factor, absolute = pick([(0.5, None), (1.3, None), (3.0, None), (None, 2), (None, 5)])
+    num_experts = pick(gen, [2, 4, 6])
+    top_k, scale = pick(gen, list(range(1, num_experts + 1))), pick(gen, [1.0, 2.5])
+    factor, absolute = pick(gen, [(0.5, None), (1.3, None), (3.0, None), (None, 2), (None, 5)])
     router = RouterConfig(
         num_experts=num_experts,
         top_k=top_k,
         kind="expert_choice",
-        score_func=pick(["softmax", "sigmoid"]),
+        score_func=pick(gen, ["softmax", "sigmoid"]),
         routed_scaling_factor=scale,
         init_std=1.0,
     )
@@ -195,11 +171,11 @@ def test_expert_choice_layer_matches_each_expert_taking_its_top_real_tokens(seed
             router=router,
             experts=ExpertsConfig(hidden_dim=8, init_std=0.5),
             capacity_factor=factor,
-            eval_capacity_factor=pick([None, 0.7]),
+            eval_capacity_factor=pick(gen, [None, 0.7]),
             expert_capacity=absolute,
         )
     ).double()
-    layer.train(pick([True, False]))
+    layer.train(pick(gen, [True, False]))
     x = torch.randn(3, 7, DIM, dtype=torch.float64, generator=gen)
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[1, 4:] = False
