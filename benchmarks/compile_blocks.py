@@ -9,6 +9,7 @@ it, their ratio (compiled over eager; below 1 is faster) and the largest loss di
 
     python benchmarks/compile_blocks.py                                   # the tiny presets, the main job's batch
     python benchmarks/compile_blocks.py --presets mixtral-tiny --bf16
+    python benchmarks/compile_blocks.py --scaled --batch 8 --seq 256      # ~50M parameters, as bf16_mixed.py
     python benchmarks/compile_blocks.py --presets mixtral-tiny --batch 2 --seq 16 --steps 2 --backend aot_eager
 """
 
@@ -21,6 +22,7 @@ import time
 
 import torch
 from _args import positive_int  # a sibling module in benchmarks/
+from bf16_mixed import SCALED  # a sibling script in benchmarks/
 
 from lightning_moe import zoo
 from lightning_moe.nn.compile import compile_backends, compile_blocks
@@ -53,9 +55,10 @@ def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Te
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
-    eager = zoo.build(name)
+    overrides = SCALED[name] if args.scaled else {}
+    eager = zoo.build(name, **overrides)
     compiled = compile_blocks(copy.deepcopy(eager), backend=args.backend)
-    vocab = zoo.config(name).vocab_size
+    vocab = zoo.config(name, **overrides).vocab_size
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, vocab, (args.batch, args.seq + 1), generator=generator) for _ in range(args.steps + 1)]
     models = {"eager": eager, "compiled": compiled}
@@ -88,10 +91,14 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--backend", type=backend, default="inductor")
     parser.add_argument("--bf16", action="store_true", help="forward under autocast to bfloat16")
+    parser.add_argument("--scaled", action="store_true", help="the presets scaled to ~50M parameters (bf16_mixed.py)")
     args = parser.parse_args()
+    if args.scaled and not set(args.presets) <= set(SCALED):
+        parser.error(f"argument --presets: {args.presets} is invalid with --scaled: must be among {sorted(SCALED)}")
     torch.set_num_threads(args.threads)
     precision = "bf16-mixed" if args.bf16 else "float32"
-    print(f"batch {args.batch} x {args.seq}, {args.threads} threads, {precision}, backend {args.backend}")
+    scale = ", scaled to ~50M parameters" if args.scaled else ""
+    print(f"batch {args.batch} x {args.seq}, {args.threads} threads, {precision}, backend {args.backend}{scale}")
     print("| preset | first compiled step (s) | eager step (s) | compiled step (s) | compiled / eager | loss diff |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in args.presets:

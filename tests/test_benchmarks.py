@@ -319,6 +319,13 @@ def test_compile_blocks_refuses_bad_values_before_work(bench, monkeypatch, capsy
     assert flag in message and value in message
 
 
+def test_compile_blocks_refuses_a_preset_without_a_scaled_shape(bench, monkeypatch, capsys):
+    script = bench("compile_blocks")
+    monkeypatch.setattr(script, "compile_blocks", _forbid)
+    message = refused(script, ["--scaled", "--presets", "qwen3-moe-tiny"], monkeypatch, capsys)
+    assert "--presets" in message and "qwen3-moe-tiny" in message and "--scaled" in message
+
+
 # -- train_step_vs_hf.py ---------------------------------------------------------------------------------------
 
 

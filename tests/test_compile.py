@@ -22,6 +22,7 @@ TINY = {
     "mixtral-tiny": {"vocab_size": VOCAB, "dim": 32, "num_heads": 2, "num_kv_heads": 1, "ffn_hidden": 32},
     "deepseek-tiny": {"vocab_size": VOCAB, "num_layers": 2, "num_experts": 8},
     "qwen-moe-tiny": {"vocab_size": VOCAB, "num_layers": 2},
+    "glam-tiny": {"vocab_size": VOCAB, "num_layers": 2, "dim": 32, "ffn_hidden": 64, "num_heads": 2},
     "switch-tiny": {"vocab_size": VOCAB, "num_layers": 2, "dim": 32, "ffn_hidden": 32, "num_heads": 2},
 }
 
