@@ -156,7 +156,12 @@ class MoELayer(nn.Module):
             x_TD = torch.where(mask_T.unsqueeze(-1), x_TD, 0)
         # With padding the capacity comes from the real token count, kept on the device (no wait for a GPU).
         # Expert choice sizes its top-k with the capacity of all tokens and uses only the live slots.
-        capacity = self.capacity(x_TD.shape[0])
+        num_tokens: int | Tensor = x_TD.shape[0]
+        if torch.compiler.is_compiling() and cfg.router.kind != "expert_choice":
+            # From a tensor, the capacity factor enters the graph as an input; from an int it would be a constant
+            # guarded on, and each factor a callback sets (CapacityFactorTuner) would compile the layer again.
+            num_tokens = torch.tensor(num_tokens, device=x.device)
+        capacity = self.capacity(num_tokens)
         live_capacity = None
         if capacity is not None and mask_T is not None:
             if cfg.router.kind == "expert_choice":
