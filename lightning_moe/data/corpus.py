@@ -63,6 +63,8 @@ def expand_sources(sources: list[str]) -> list[Path]:
 def read_documents(files: list[Path], text_field: str = "text", max_bytes: int | None = None) -> Iterator[str]:
     r"""Yield documents from text files (one document per file) and ``.jsonl`` files (one per record).
 
+    A file's suffix is matched in any case (``.JSONL`` too), and a UTF-8 byte-order mark at its start is dropped.
+
     Args:
         files: Files to read, in order.
         text_field: Field holding the text in JSON-lines records.
@@ -78,10 +80,10 @@ def read_documents(files: list[Path], text_field: str = "text", max_bytes: int |
         if remaining <= 0:
             return
         try:
-            raw = path.read_text(encoding="utf-8")
+            raw = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not text
         except UnicodeDecodeError as err:
             raise ValueError(f"source file {str(path)!r} is invalid: not UTF-8 text ({err.reason})") from None
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".jsonl":
             texts = []
             # "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 unescaped, where splitlines() would cut.
             for line_no, line in enumerate(raw.split("\n"), 1):
