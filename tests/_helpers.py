@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import torch._dynamo
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
@@ -37,6 +38,11 @@ def quiet_trainer(callbacks: Iterable[Callback] = (), **kwargs: Any) -> L.Traine
         callbacks=list(callbacks),
         **kwargs,
     )
+
+
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has compiled since dynamo's last reset (each recompilation adds one)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def batch_loader(batches: Sequence[torch.Tensor]) -> DataLoader:

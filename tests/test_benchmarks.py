@@ -294,14 +294,11 @@ def test_expert_batching_refuses_bad_values_before_work(bench, monkeypatch, caps
 # -- compile_blocks.py ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compile_blocks_smoke_ratio_is_compiled_over_eager(bench, monkeypatch, capsys):
-    import torch._dynamo
-
-    torch._dynamo.reset()
     script = bench("compile_blocks")
     argv = ["--presets", "mixtral-tiny", "--batch", "2", "--seq", "8", "--steps", "2", "--threads", "1"]
     out = run_main(script, [*argv, "--backend", "aot_eager"], monkeypatch, capsys)
-    torch._dynamo.reset()
     header, (row,) = tables(out)[0]
     cell = dict(zip(header, row, strict=True))
     assert cell["preset"] == "mixtral-tiny"

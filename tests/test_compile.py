@@ -4,7 +4,6 @@ recompilation as the routing changes from step to step, and the module's ``compi
 from __future__ import annotations
 
 import copy
-import warnings
 
 import lightning as L
 import pytest
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_moe import zoo
 from lightning_moe.module import CausalLMModule, Seq2SeqLMModule
 from lightning_moe.nn.compile import blocks, compile_blocks
-from tests._helpers import batch_loader, quiet_trainer
+from tests._helpers import QUIET, batch_loader, compiled_graphs, quiet_trainer
 from tests.strategies._distributed import ep_trainer, run_distributed
 
 VOCAB = 64
@@ -28,18 +27,7 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*(does not have many workers|LitLogger|litlogger|GPU avail).*")
-        yield
-    torch._dynamo.reset()
-
-
-def _graphs() -> int:
-    """Graphs dynamo has compiled since the last reset (each recompilation adds one)."""
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+pytestmark = [QUIET, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 def _loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -77,10 +65,10 @@ def test_compiled_blocks_give_the_same_losses_and_gradients_without_recompiling(
     compiled = compile_blocks(copy.deepcopy(eager), backend="aot_eager")
     assert all(module_list[i]._compiled_call_impl is not None for module_list, i in blocks(compiled))
 
-    graphs = [_graphs()]
+    graphs = [compiled_graphs()]
     for step in range(4):  # each step routes the tokens differently: the expert loads change
         _assert_same_step(eager, compiled, step, atol=1e-6)
-        graphs.append(_graphs())
+        graphs.append(compiled_graphs())
     assert graphs[1] > graphs[0]
     assert graphs[2:] == [graphs[1]] * 3  # the routing changed, nothing recompiled
 
@@ -97,7 +85,7 @@ def test_tracing_the_dispatch_would_recompile_as_the_routing_changes() -> None:
         counts = []
         for step in range(2):
             _loss(model, _batch(step)).backward()
-            counts.append(_graphs())
+            counts.append(compiled_graphs())
     finally:
         moe._dispatch_eagerly = original
     assert counts[1] > counts[0]
@@ -164,12 +152,12 @@ def test_generate_runs_uncompiled_and_matches() -> None:
     prompt = _batch(0)[:, :5]
     ref = module.generate(prompt, max_new_tokens=6, temperature=0)
     module.configure_model()  # what the Trainer calls: compiles the blocks
-    before = _graphs()
+    before = compiled_graphs()
     got = module.generate(prompt, max_new_tokens=6, temperature=0)
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
-    assert _graphs() == before  # no position of the generation compiled anything
+    assert compiled_graphs() == before  # no position of the generation compiled anything
     _loss(module.model, _batch(1)).backward()
-    assert _graphs() > before  # while the forward of training does
+    assert compiled_graphs() > before  # while the forward of training does
 
 
 class _SGDModule(CausalLMModule):
@@ -192,7 +180,7 @@ def _compiled_expert_parallel_step(rank: int, world: int) -> None:
     module = _SGDModule(arch="mixtral-tiny", overrides=TINY["mixtral-tiny"], load_balance_coef=0.5, compile="aot_eager")
     trainer = ep_trainer(world, world, max_steps=1, strategy_kwargs={"activation_checkpointing": True})
     trainer.fit(module, train_dataloaders=DataLoader(batch[rank * rows : (rank + 1) * rows], batch_size=rows))
-    assert _graphs() > 0
+    assert compiled_graphs() > 0
     for name, param in module.model.named_parameters():
         full = param.full_tensor() if isinstance(param, DTensor) else param
         name = name.replace("_checkpoint_wrapped_module.", "")

@@ -4,7 +4,6 @@ honoured, and a compiled layer compiles once more at the first change, then neve
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -16,23 +15,13 @@ from lightning_moe.callbacks import CapacityFactorTuner
 from lightning_moe.module import CausalLMModule
 from lightning_moe.nn.compile import compile_blocks
 from lightning_moe.nn.moe import MoELayer
-from tests._helpers import batch_loader, quiet_trainer
+from tests._helpers import QUIET, batch_loader, compiled_graphs, quiet_trainer
 
 VOCAB = 64
 MIXTRAL = {"vocab_size": VOCAB, "dim": 32, "num_heads": 2, "num_kv_heads": 1, "ffn_hidden": 32, "capacity_factor": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*(does not have many workers|LitLogger|litlogger|GPU avail).*")
-        yield
-    torch._dynamo.reset()
-
-
-def _graphs() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+pytestmark = [QUIET, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 def _batch(step: int, rows: int = 3, length: int = 16) -> torch.Tensor:
@@ -62,7 +51,7 @@ def test_a_new_capacity_factor_is_honoured_without_compiling_again() -> None:
         assert dropped[1] == dropped[0], f"step {step}"
         drops.add(tuple(dropped[0]))
         torch.testing.assert_close(got.loss, ref.loss, atol=1e-6, rtol=1e-6)
-        graphs.append(_graphs())
+        graphs.append(compiled_graphs())
     assert len(drops) > 3  # each factor dropped a different number of copies
     # The first new factor may compile once more (the factor becomes a graph input); no later one does.
     assert graphs[2:] == [graphs[1]] * (len(graphs) - 2), graphs
@@ -73,7 +62,7 @@ class _GraphCounter(Callback):
         self.graphs: list[int] = []
 
     def on_train_batch_end(self, *args: object) -> None:
-        self.graphs.append(_graphs())
+        self.graphs.append(compiled_graphs())
 
 
 def test_capacity_factor_tuner_under_compile_trains_as_without_and_compiles_once() -> None:
