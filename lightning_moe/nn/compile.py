@@ -1,7 +1,6 @@
 """``torch.compile`` for zoo models, block by block, with the expert dispatch left eager.
 
-Each decoder (and encoder) block is compiled on its own, as torchtitan does: the blocks of a model share one
-compiled graph per block kind, compilation time does not grow with depth, and wrappers applied later
+Each decoder (and encoder) block is compiled on its own, in place, as torchtitan does: wrappers applied later
 (activation checkpointing, FSDP2) wrap the compiled blocks as they would the plain ones.
 
 What runs inside the MoE layer's dispatch (sorting copies by expert, the grouped kernel's walk over host row
@@ -54,9 +53,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", **options: objec
     """Compile every block of ``model`` in place (``nn.Module.compile``); idempotent.
 
     Parameter names, the state dict and the modules' types are unchanged, so checkpoints, callbacks and the
-    parallel strategies see the same model. The first forward of each block compiles it (inductor on two CPU cores:
-    about 30 s for ``mixtral-tiny``); a new batch shape or a switch between training and evaluation compiles once
-    more.
+    parallel strategies see the same model. The first forward compiles (inductor on two CPU cores: 8-50 s for the
+    tiny presets); a new batch shape or a switch between training and evaluation compiles once more.
 
     Args:
         model: A zoo model (or any module whose blocks sit in ``nn.ModuleList`` s).
