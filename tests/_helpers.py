@@ -26,14 +26,14 @@ def seeded_mixtral(*, overrides: dict[str, Any], **kwargs: Any) -> CausalLMModul
 
 
 def quiet_trainer(callbacks: Iterable[Callback] = (), **kwargs: Any) -> L.Trainer:
-    """A CPU ``Trainer`` with no logger, progress bar, model summary or validation, nor checkpoints unless asked."""
+    """A CPU ``Trainer``: no logger, progress bar, model summary, sanity check; validation, checkpoints if asked."""
     kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("limit_val_batches", 0)
     return L.Trainer(
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=list(callbacks),
         **kwargs,

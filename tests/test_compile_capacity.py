@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_moe import zoo
 from lightning_moe.callbacks import CapacityFactorTuner
+from lightning_moe.callbacks._utils import moe_layers
 from lightning_moe.module import CausalLMModule
 from lightning_moe.nn.compile import compile_blocks
 from lightning_moe.nn.moe import MoELayer
@@ -82,3 +83,42 @@ def test_capacity_factor_tuner_under_compile_trains_as_without_and_compiles_once
     for name, ref in ref_weights.items():
         torch.testing.assert_close(weights[name], ref, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     assert graphs[2:] == [graphs[2]] * (len(graphs) - 2), graphs  # no recompilation after the second step
+
+
+class _ValLosses(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.graphs: list[int] = []
+        self.dropped: list[list[int]] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, *args) -> None:
+        self.dropped.append([int(s.num_dropped) for s in outputs["router_stats"]])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.losses.append(float(trainer.callback_metrics["val/loss"]))
+        self.graphs.append(compiled_graphs())
+
+
+def test_tuned_eval_capacity_factor_under_compile_validates_as_without() -> None:
+    # tune_eval: every validation runs with the factor tuned so far, a new eval_capacity_factor each time.
+    runs = []
+    val = batch_loader([_batch(100 + i, rows=4, length=17) for i in range(2)])
+    for backend in (False, "aot_eager"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        module = CausalLMModule(arch="mixtral-tiny", overrides=MIXTRAL, compile=backend)
+        tuner = CapacityFactorTuner(target_drop_rate=0.0, min_factor=0.5, interval=1, smoothing=0.0, tune_eval=True)
+        record = _ValLosses()
+        trainer = quiet_trainer([tuner, record], max_steps=5, limit_val_batches=2, val_check_interval=1)
+        trainer.fit(module, batch_loader([_batch(step, rows=4, length=17) for step in range(5)]), val)
+        eval_factors = {name: layer.config.eval_capacity_factor for name, layer in moe_layers(module)}
+        runs.append((record.losses, record.dropped, record.graphs, tuner.history, eval_factors, dict(tuner.factors)))
+    (ref_losses, ref_dropped, _, ref_history, _, _), (losses, dropped, graphs, history, eval_factors, factors) = runs
+    assert len({round(h["factor"], 6) for h in ref_history}) > 3  # each validation saw another factor
+    assert history == ref_history
+    assert len({tuple(d) for d in ref_dropped}) > 2  # and the factors dropped different numbers of copies
+    assert dropped == ref_dropped
+    assert len(losses) == len(ref_losses) == 5
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), atol=1e-5, rtol=1e-5)
+    assert eval_factors == factors  # the last tuned factors are the eval ones
+    assert graphs[2:] == [graphs[1]] * (len(graphs) - 2), graphs  # no recompilation after the second validation
