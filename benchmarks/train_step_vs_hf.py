@@ -16,17 +16,25 @@ time of several repeats gives tokens/s. Peak memory is measured in fresh subproc
 median of three: the growth of resident memory over two steps (the kernel's high-water mark), and the peak
 of live tensor bytes over a step (see :func:`peak_memory`). The first step's losses of both models are
 printed too: the same weights on the same batch must give the same loss (to float32 rounding; to about 1%
-in bf16; Switch's router multiplies its input by random jitter in training). Run::
+in bf16; Switch's router multiplies its input by random jitter in training).
+
+``--dense-limit`` also times the physical limit of any MoE implementation: our model with every MoE layer
+replaced by the dense SwiGLU FFN of equal active FLOPs (:func:`~lightning_moe.zoo.registry.densify`,
+hidden ``top_k * F + shared``, no router), interleaved with the other two. ``HF/dense`` is then the largest
+speed-up over Hugging Face's model that any MoE layer could give, and ``ours/dense`` how far ours is from
+it. Run::
 
     python benchmarks/train_step_vs_hf.py              # all shapes
     python benchmarks/train_step_vs_hf.py --bf16       # bf16-mixed
     python benchmarks/train_step_vs_hf.py --shapes mixtral --repeats 3
+    python benchmarks/train_step_vs_hf.py --hf-experts grouped_mm --dense-limit --memory-runs 1
     python benchmarks/train_step_vs_hf.py --tiny --shapes mixtral --batch 2 --seq 16 --repeats 1 --memory-runs 1
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import statistics
@@ -169,15 +177,23 @@ def hf_model(shape: str, experts: str = "eager", tiny: bool = False) -> torch.nn
     return model.float().train()
 
 
-def models(shape: str, reuse: bool = True, experts: str = "eager", tiny: bool = False) -> dict[str, torch.nn.Module]:
+def models(
+    shape: str, reuse: bool = True, experts: str = "eager", tiny: bool = False, dense: bool = False
+) -> dict[str, torch.nn.Module]:
+    """Hugging Face's model and ours with the same weights; with ``dense``, ours densified too (the limit)."""
     from lightning_moe.interop import from_hf
     from lightning_moe.nn import reuse_expert_grad_memory
     from lightning_moe.nn.experts import FRESH_PAGES_MIN_BYTES
+    from lightning_moe.zoo.registry import densify
 
     hf = hf_model(shape, experts, tiny)
     ours = from_hf(hf).train()
+    pair = {"hf": hf, "ours": ours}
+    if dense:
+        torch.manual_seed(0)
+        pair["dense"] = densify(copy.deepcopy(ours), "active", init_std=0.02).train()
     reuse_expert_grad_memory(ours, enabled=reuse, min_bytes=FRESH_PAGES_MIN_BYTES)  # as CausalLMModule does
-    return {"hf": hf, "ours": ours}
+    return pair
 
 
 def train_step(
@@ -277,6 +293,11 @@ def main() -> None:
     parser.add_argument("--no-reuse", action="store_true", help="our model allocates fresh expert gradients")
     parser.add_argument("--bf16", action="store_true", help="forward under CPU autocast to bfloat16 (bf16-mixed)")
     parser.add_argument("--full-logits", action="store_true", help="our loss from the whole logits, as Hugging Face")
+    parser.add_argument(
+        "--dense-limit",
+        action="store_true",
+        help="also time our model with dense FFNs of equal active FLOPs in place of its MoE layers",
+    )
     parser.add_argument("--memory-runs", type=positive_int, default=3, help="fresh processes per peak (median)")
     parser.add_argument(
         "--tiny",
@@ -319,16 +340,18 @@ def main() -> None:
     columns = ["shape", "params", "HF step (s)", "ours step (s)", "speed-up", "HF tok/s", "ours tok/s"]
     columns += ["HF peak RSS MiB", "ours peak RSS MiB", "HF peak live MiB", "ours peak live MiB"]
     columns += ["first loss HF", "first loss ours"]
+    if args.dense_limit:
+        columns += ["dense step (s)", "HF/dense", "ours/dense"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for shape in shapes:
-        pair = models(shape, not args.no_reuse, args.hf_experts, args.tiny)
+        pair = models(shape, not args.no_reuse, args.hf_experts, args.tiny, args.dense_limit)
         params = sum(p.numel() for p in pair["ours"].parameters())
         opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in pair.items()}
         batch = torch.randint(
             0, vocab_size(args.tiny), (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0)
         )
-        times: dict[str, list[float]] = {"hf": [], "ours": []}
+        times: dict[str, list[float]] = {k: [] for k in pair}
         first_loss = {k: train_step(pair[k], opts[k], batch, args.bf16, args.full_logits) for k in pair}
         for k in pair:
             train_step(pair[k], opts[k], batch, args.bf16, args.full_logits)
@@ -339,7 +362,7 @@ def main() -> None:
                 times[k].append(time.perf_counter() - start)
         med = {k: statistics.median(v) for k, v in times.items()}
         rss, live = {}, {}
-        for k in pair:
+        for k in ("hf", "ours"):
             cmd = [sys.executable, __file__, "--memory-child", shape, k, "--batch", str(args.batch), "--seq",
                    str(args.seq), "--threads", str(args.threads)] + ["--no-reuse"] * args.no_reuse  # fmt: skip
             cmd += ["--bf16"] * args.bf16 + ["--full-logits"] * args.full_logits + ["--hf-experts", args.hf_experts]
@@ -347,11 +370,14 @@ def main() -> None:
             runs = [run_json(cmd) for _ in range(args.memory_runs)]
             rss[k] = statistics.median(run["rss"] for run in runs)
             live[k] = statistics.median(run["live"] for run in runs)
+        limit = ""
+        if args.dense_limit:
+            limit = f" {med['dense']:.3f} | {med['hf'] / med['dense']:.2f}x | {med['ours'] / med['dense']:.2f}x |"
         print(
             f"| {shape} | {params / 1e6:.0f}M | {med['hf']:.3f} | {med['ours']:.3f} | {med['hf'] / med['ours']:.2f}x | "
             f"{tokens / med['hf']:.0f} | {tokens / med['ours']:.0f} | {rss['hf']:.0f} | {rss['ours']:.0f} | "
             f"{live['hf']:.0f} | {live['ours']:.0f} | "
-            f"{first_loss['hf']:.4f} | {first_loss['ours']:.4f} |",
+            f"{first_loss['hf']:.4f} | {first_loss['ours']:.4f} |" + limit,
             flush=True,
         )
 

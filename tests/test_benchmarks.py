@@ -329,10 +329,14 @@ def test_compile_blocks_refuses_bad_values_before_work(bench, monkeypatch, capsy
 TINY_VS_HF = ["--tiny", "--shapes", "mixtral", "--batch", "2", "--seq", "16", "--repeats", "1", "--threads", "1"]
 
 
-def check_vs_hf_table(out: str, rss_positive: bool = True) -> None:
+def check_vs_hf_table(out: str, rss_positive: bool = True, dense_limit: bool = False) -> None:
     assert "32 tokens/step" in out.splitlines()[0]
     header, (row,) = tables(out)[0]
     cell = dict(zip(header, row, strict=True))
+    assert ("dense step (s)" in cell) == dense_limit
+    if dense_limit:
+        assert_ratio(cell["HF/dense"], cell["HF step (s)"], cell["dense step (s)"])
+        assert_ratio(cell["ours/dense"], cell["ours step (s)"], cell["dense step (s)"])
     assert cell["shape"] == "mixtral"
     for column in header[1:]:
         if rss_positive or "RSS" not in column:
@@ -361,12 +365,37 @@ def test_train_step_vs_hf_tiny_smoke_in_process(bench, monkeypatch, capsys):
         return json.loads(buffer.getvalue())
 
     monkeypatch.setattr(vs_hf, "run_json", child)
-    check_vs_hf_table(run_main(vs_hf, [*TINY_VS_HF, "--memory-runs", "1"], monkeypatch, capsys), rss_positive=False)
-    assert [cmd[2:5] for cmd in children] == [
+    out = run_main(vs_hf, [*TINY_VS_HF, "--memory-runs", "1", "--dense-limit"], monkeypatch, capsys)
+    check_vs_hf_table(out, rss_positive=False, dense_limit=True)
+    assert [cmd[2:5] for cmd in children] == [  # the dense limit is timed only
         ["--memory-child", "mixtral", "hf"],
         ["--memory-child", "mixtral", "ours"],
     ]
     assert all("--tiny" in cmd for cmd in children)
+
+
+def test_train_step_vs_hf_dense_limit_is_our_model_with_dense_ffns_of_equal_active_flops(bench):
+    from lightning_moe.nn import FeedForward, MoELayer
+
+    pair = bench("train_step_vs_hf").models("qwen2_moe", tiny=True, dense=True)
+    ours, dense = pair["ours"], pair["dense"]
+    moe = {name: m for name, m in ours.named_modules() if isinstance(m, MoELayer)}
+    assert moe and not any(isinstance(m, MoELayer) for m in dense.modules())
+    for name, layer in moe.items():
+        ffn = dense.get_submodule(name)
+        assert isinstance(ffn, FeedForward)
+        # Qwen2-MoE: top-4 of 60 experts of width 176 plus a shared expert of 704.
+        assert (layer.config.router.top_k, layer.config.experts.hidden_dim, layer.config.shared_hidden_dim) == (
+            4,
+            176,
+            704,
+        )
+        assert sum(p.numel() for p in ffn.parameters()) == 3 * layer.config.dim * (4 * 176 + 704)
+    # Everything else is our model's, weights included.
+    rest = {n: p for n, p in ours.named_parameters() if not any(n.startswith(name + ".") for name in moe)}
+    dense_params = dict(dense.named_parameters())
+    for n, p in rest.items():
+        assert torch.equal(dense_params[n], p), n
 
 
 @pytest.mark.slow
