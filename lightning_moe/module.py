@@ -617,7 +617,14 @@ class MoELanguageModule(L.LightningModule):
         """The sequences in a training batch: a tensor's first size, else ``len(batch)`` (subclasses check it here)."""
         return batch.shape[0] if isinstance(batch, Tensor) else len(batch)
 
-    def log_train(self, loss: Tensor, ce: Tensor | None, terms: dict[str, Tensor], num_tokens: int) -> None:
+    def log_train(
+        self,
+        loss: Tensor,
+        ce: Tensor | None,
+        terms: dict[str, Tensor],
+        num_tokens: int,
+        num_targets: int | None = None,
+    ) -> None:
         """Log training loss, perplexity, each auxiliary term and learning rate (throughput: ``on_train_batch_end``).
 
         With several processes every value is the mean over the ranks (one all-reduce per step), so the logged
@@ -626,21 +633,24 @@ class MoELanguageModule(L.LightningModule):
 
         Args:
             loss: The loss the step trains: cross-entropy plus weighted auxiliary losses.
-            ce: The cross-entropy, or ``None`` for a batch without a trained target (then ``train/loss`` and
-                ``train/ppl`` leave it out, and are not logged where no rank has one: a 0 would pull their means
-                down).
+            ce: This rank's mean cross-entropy, or ``None`` for a batch without a trained target (then
+                ``train/loss`` and ``train/ppl`` leave it out, and are not logged where no rank has one: a 0 would
+                pull their means down).
             terms: Each auxiliary term's mean over layers.
             num_tokens: This rank's input tokens, padding excluded (``train/tokens_per_sec`` counts them).
+            num_targets: This rank's trained targets: with it, ``train/loss`` is the mean over every rank's
+                targets (what :meth:`global_token_share` trains), without it the mean of the ranks' means.
         """
         world = self.trainer.world_size if self._trainer is not None else 1
         term_values = list(terms.values())
         tokens: Tensor | int = num_tokens
         if world > 1:  # every rank calls this once per step with the same terms (one model): one all-reduce
             zero = torch.zeros((), device=loss.device)
+            weight = 1 if num_targets is None else num_targets
             values = torch.stack(
                 [
-                    zero if ce is None else ce.detach().float(),
-                    zero + (ce is not None),
+                    zero if ce is None else ce.detach().float() * weight,
+                    zero + (0 if ce is None else weight),
                     loss.detach().float(),
                     *(value.detach().float() for value in term_values),
                     zero + num_tokens,
@@ -1119,6 +1129,26 @@ class CausalLMModule(MoELanguageModule):
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else None
         return ce, mtp, out.router_stats, num_tokens
 
+    def global_token_share(self, num_targets: int, device: torch.device) -> Tensor | float:
+        """The factor that turns this rank's mean cross-entropy into its part of the mean over every rank's targets.
+
+        Data-parallel gradients are the mean of the ranks' gradients, so a rank's mean times ``num_targets * world
+        / total_targets`` trains the mean over all real targets of the global batch, whatever each rank's padding
+        (as Hugging Face's ``average_tokens_across_devices`` and torchtitan's global token normalisation do): a
+        rank with few real targets no longer weighs as much as a full one, nor does a rank of padding halve the
+        step. One scalar all-reduce per step; 1 on one process, and exactly 1 where every rank has as many targets
+        (packed batches). Micro-batches of gradient accumulation still count alike, as Lightning averages them.
+
+        Args:
+            num_targets: This rank's trained targets in the batch.
+            device: Where the loss is (the all-reduce's tensor goes there).
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return 1.0
+        total = self.trainer.strategy.reduce(torch.tensor(float(num_targets), device=device), reduce_op="sum")
+        return num_targets * world / total.clamp_min(1)
+
     def training_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
         """Cross-entropy plus weighted auxiliary losses.
 
@@ -1127,12 +1157,13 @@ class CausalLMModule(MoELanguageModule):
             the outputs of ``on_train_batch_end``.
         """
         ce, mtp, router_stats, num_tokens = self._loss(batch)
+        share = self.global_token_share(num_tokens, ce.device)
         aux, terms = self.aux_loss(router_stats)
-        loss = ce + aux
+        loss = ce * share + aux
         if mtp is not None:
             terms["mtp"] = mtp.detach()
             if self.mtp_loss_coef:
-                loss = loss + self.mtp_loss_coef * mtp
+                loss = loss + self.mtp_loss_coef * mtp * share
         if not self.check_finite(loss, router_stats):
             return None
         if not num_tokens:
@@ -1140,7 +1171,7 @@ class CausalLMModule(MoELanguageModule):
                 "a training batch has no trained target (every label -100, or padding): its cross-entropy counts as 0 "
                 "and it trains only the auxiliary losses"
             )
-        self.log_train(loss, ce if num_tokens else None, terms, _input_tokens(batch))
+        self.log_train(loss, ce if num_tokens else None, terms, _input_tokens(batch), num_targets=num_tokens)
         return {"loss": loss, "router_stats": [s.detach() for s in router_stats]}
 
     def validation_step(

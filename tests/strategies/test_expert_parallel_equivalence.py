@@ -41,12 +41,16 @@ def _build(arch: str, overrides: dict) -> SGDModule | Seq2SeqSGDModule:
     return cls(arch=arch, overrides=overrides, load_balance_coef=0.5, z_loss_coef=1e-3)
 
 
-def _loss(module: SGDModule | Seq2SeqSGDModule, batch) -> torch.Tensor:
-    """What ``training_step`` trains: cross-entropy, weighted auxiliary losses and the MTP loss."""
+def _loss(module: SGDModule | Seq2SeqSGDModule, batch, share: float = 1.0) -> torch.Tensor:
+    """What ``training_step`` trains: cross-entropy, weighted auxiliary losses and the MTP loss.
+
+    ``share``: the weight of the cross-entropy and MTP losses, this rank's targets times the world size over all
+    ranks' targets for a causal LM (``global_token_share``).
+    """
     out = module._loss(batch)
-    loss = out[0] + module.aux_loss(out[-2])[0]
+    loss = out[0] * share + module.aux_loss(out[-2])[0]
     if len(out) == 4 and out[1] is not None:
-        loss = loss + module.mtp_loss_coef * out[1]
+        loss = loss + module.mtp_loss_coef * out[1] * share
     return loss
 
 
@@ -94,9 +98,11 @@ class _SummedCounts:
         self.totals = sums * world
 
 
-def _per_rank_step(ref, local_batches: list) -> None:
+def _per_rank_step(ref, local_batches: list, shares: list[float] | None = None) -> None:
     """One process, data-parallel semantics: each rank's batch its own forward, the mean of their losses, the
-    load-balancing loss with the expert counts summed over the ranks (as the strategy's ``reduce_counts``); SGD."""
+    load-balancing loss with the expert counts summed over the ranks (as the strategy's ``reduce_counts``); SGD.
+    ``shares``: each rank's cross-entropy weight (default 1)."""
+    shares = shares or [1.0] * len(local_batches)
     hooks = []
     for layer in ref.modules():
         if isinstance(layer, MoELayer):
@@ -107,7 +113,7 @@ def _per_rank_step(ref, local_batches: list) -> None:
             _loss(ref, batch)
     for hook in hooks:
         hook.sum_over(len(local_batches))
-    (sum(_loss(ref, batch) for batch in local_batches) / len(local_batches)).backward()
+    (sum(_loss(ref, batch, w) for batch, w in zip(local_batches, shares, strict=True)) / len(local_batches)).backward()
     for layer in ref.modules():
         if isinstance(layer, MoELayer):
             layer.reduce_counts = None
@@ -184,8 +190,15 @@ def _padded(rank: int, world: int, arch: str, overrides: dict, empty_rank: bool 
         {"input_ids": _slice(ids, r), "attention_mask": _slice(mask, r), "labels": _slice(labels, r)}
         for r in range(world)
     ]
+    # The cross-entropy (and MTP loss) is the mean over every rank's real targets: each rank's mean weighted by
+    # its targets, counted here by hand: position i trains labels[i + 1] where token i is real.
+    targets = [
+        int(((batch["labels"][:, 1:] != -100) & batch["attention_mask"][:, :-1].bool()).sum())
+        for batch in local_batches
+    ]
+    assert len(set(targets)) == world  # uneven, so the mean of the ranks' means would differ
     ref = _build(arch, overrides)
-    _per_rank_step(ref, local_batches)
+    _per_rank_step(ref, local_batches, shares=[n * world / sum(targets) for n in targets])
 
     module = _build(arch, overrides)
     _fit(module, DataLoader([local_batches[rank]], batch_size=None), world)
@@ -284,7 +297,7 @@ def test_switch_with_capacity_and_activation_checkpointing_counts_each_ranks_tok
     assert_check_ok(results, "switch_capacity_ac")
 
 
-def test_padded_batches_with_uneven_real_tokens_give_the_mean_of_each_ranks_loss(results: Path) -> None:
+def test_padded_batches_with_uneven_real_tokens_train_the_mean_over_all_real_targets(results: Path) -> None:
     assert_check_ok(results, "padded")
 
 
