@@ -1146,7 +1146,9 @@ class CausalLMModule(MoELanguageModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         if world == 1:
             return 1.0
-        total = self.trainer.strategy.reduce(torch.tensor(float(num_targets), device=device), reduce_op="sum")
+        # Counted in int64: exact at any scale, so equal counts give a share of exactly 1.
+        count = torch.tensor(num_targets, dtype=torch.int64, device=device)
+        total = self.trainer.strategy.reduce(count, reduce_op="sum")
         return num_targets * world / total.clamp_min(1)
 
     def training_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
