@@ -526,7 +526,8 @@ MORE_SUBCOMMANDS = """
 more subcommands (each takes --help):
   generate  text from a checkpoint: lightning-moe generate --ckpt_path CKPT --prompt 'def '
   compare   an MoE preset against its dense baselines: lightning-moe compare --config configs/compare/mixtral-tiny.yaml
-  demo      route a batch through one MoE layer and print the per-expert load: lightning-moe demo"""
+  demo      route a batch through one MoE layer and print the per-expert load: lightning-moe demo
+  zoo       the model zoo's presets, their shapes and parameter counts: lightning-moe zoo [NAME|FAMILY ...]"""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -543,6 +544,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lightning_moe.demo import main as demo_main
 
         demo_main(argv[1:])
+    elif argv and argv[0] == "zoo":
+        from lightning_moe.zoo.listing import main as zoo_main
+
+        zoo_main(argv[1:])
     elif not argv or argv[0] in ("-h", "--help"):
         try:
             run_cli(None if from_command_line else argv)  # LightningCLI's help (or its error), then ours

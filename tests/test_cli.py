@@ -442,7 +442,7 @@ def test_top_level_help_lists_the_subcommands_main_dispatches_itself(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "fit" in out  # LightningCLI's part
-    for name in ("generate", "compare", "demo"):
+    for name in ("generate", "compare", "demo", "zoo"):
         assert f"  {name}  " in out
 
 
