@@ -13,7 +13,7 @@ import io
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -639,7 +639,7 @@ class MoELanguageModule(L.LightningModule):
             terms: Each auxiliary term's mean over layers.
             num_tokens: This rank's input tokens, padding excluded (``train/tokens_per_sec`` counts them).
             num_targets: This rank's trained targets: with it, ``train/loss`` is the mean over every rank's
-                targets (what :meth:`global_token_share` trains), without it the mean of the ranks' means.
+                targets (what :meth:`global_token_shares` trains), without it the mean of the ranks' means.
         """
         world = self.trainer.world_size if self._trainer is not None else 1
         term_values = list(terms.values())
@@ -1100,11 +1100,12 @@ class CausalLMModule(MoELanguageModule):
 
     def _loss(
         self, batch: Tensor | Mapping[str, Tensor], drop_rows: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None, list[MoEStats], int]:
-        """Next-token cross-entropy, the multi-token-prediction loss (``None`` without MTP), stats, trained targets.
+    ) -> tuple[Tensor, list[Tensor], list[MoEStats], list[int]]:
+        """Next-token cross-entropy, each MTP depth's loss (none without MTP), stats, and the trained targets of each.
 
-        Without a trained target the cross-entropy is 0 (not 0 / 0) with zero gradients; so is an MTP depth's.
-        ``drop_rows`` ``(B,)``: rows handled as padding (:meth:`repeated_rows`).
+        The last item counts the cross-entropy's trained targets first, then each MTP depth's. Without a trained
+        target a loss is 0 (not 0 / 0) with zero gradients. ``drop_rows`` ``(B,)``: rows handled as padding
+        (:meth:`repeated_rows`).
         """
         inputs, mask, targets = self._split(batch)
         packed = isinstance(batch, Tensor)
@@ -1116,58 +1117,62 @@ class CausalLMModule(MoELanguageModule):
         out = self.model(inputs, mask, targets=targets)  # the loss chunk by chunk, without the (B, T, V) logits
         num_tokens = targets.numel() if packed else int((targets != IGNORE_INDEX).sum())
         ce = out.loss if num_tokens else out.loss.nan_to_num(0.0)
-        mtp_losses = list(getattr(out, "mtp_losses", None) or [])  # DeepSeek-V3's MTP: the mean over depths
-        if mtp_losses and not packed:
-            real = None if mask is None else mask.bool()
-            for k, depth_loss in enumerate(mtp_losses, start=1):
-                # Depth k trains position i on targets[i + k] where tokens i and i + k are real (DeepSeekLM).
-                trained = targets[:, k:] != IGNORE_INDEX
-                if real is not None:
-                    trained = trained & real[:, :-k] & real[:, k:]
-                if not trained.any():
-                    mtp_losses[k - 1] = depth_loss.nan_to_num(0.0)
-        mtp = torch.stack(mtp_losses).mean() if mtp_losses else None
-        return ce, mtp, out.router_stats, num_tokens
+        mtp_losses = list(getattr(out, "mtp_losses", None) or [])  # DeepSeek-V3's MTP, one loss per depth
+        counts = [num_tokens]
+        real = None if mask is None else mask.bool()
+        for k, depth_loss in enumerate(mtp_losses, start=1):
+            # Depth k trains position i on targets[i + k] where tokens i and i + k are real (DeepSeekLM).
+            if packed:
+                trained = targets[:, k:].numel()
+            else:
+                hit = targets[:, k:] != IGNORE_INDEX
+                trained = int((hit if real is None else hit & real[:, :-k] & real[:, k:]).sum())
+            counts.append(trained)
+            if not trained:
+                mtp_losses[k - 1] = depth_loss.nan_to_num(0.0)
+        return ce, mtp_losses, out.router_stats, counts
 
-    def global_token_share(self, num_targets: int, device: torch.device) -> Tensor | float:
-        """The factor that turns this rank's mean cross-entropy into its part of the mean over every rank's targets.
+    def global_token_shares(self, counts: Sequence[int], device: torch.device) -> list[Tensor] | list[float]:
+        """The factors that turn this rank's mean losses into their parts of the means over every rank's targets.
 
-        Data-parallel gradients are the mean of the ranks' gradients, so a rank's mean times ``num_targets * world
-        / total_targets`` trains the mean over all real targets of the global batch, whatever each rank's padding
-        (as Hugging Face's ``average_tokens_across_devices`` and torchtitan's global token normalisation do): a
-        rank with few real targets no longer weighs as much as a full one, nor does a rank of padding halve the
-        step. One scalar all-reduce per step; 1 on one process, and exactly 1 where every rank has as many targets
-        (packed batches). Micro-batches of gradient accumulation still count alike, as Lightning averages them.
+        Data-parallel gradients are the mean of the ranks' gradients, so a rank's mean times ``count * world /
+        total`` trains the mean over all real targets of the global batch, whatever each rank's padding (as
+        Hugging Face's ``average_tokens_across_devices`` and torchtitan's global token normalisation do): a rank
+        with few real targets no longer weighs as much as a full one, nor does a rank of padding halve the step.
+        One all-reduce per step for all counts; 1 on one process, and exactly 1 where every rank has as many
+        targets (packed batches). Micro-batches of gradient accumulation still count alike, as Lightning averages
+        them.
 
         Args:
-            num_targets: This rank's trained targets in the batch.
+            counts: This rank's trained targets of each loss (the cross-entropy's, then each MTP depth's).
             device: Where the loss is (the all-reduce's tensor goes there).
         """
         world = self.trainer.world_size if self._trainer is not None else 1
         if world == 1:
-            return 1.0
+            return [1.0] * len(counts)
         # Counted in int64: exact at any scale, so equal counts give a share of exactly 1.
-        count = torch.tensor(num_targets, dtype=torch.int64, device=device)
-        total = self.trainer.strategy.reduce(count, reduce_op="sum")
-        return num_targets * world / total.clamp_min(1)
+        totals = self.trainer.strategy.reduce(torch.tensor(counts, dtype=torch.int64, device=device), reduce_op="sum")
+        return [count * world / total for count, total in zip(counts, totals.clamp_min(1).unbind(), strict=True)]
 
     def training_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
-        """Cross-entropy plus weighted auxiliary losses.
+        """Cross-entropy plus weighted auxiliary losses (and the weighted MTP loss).
 
         Returns:
             ``{"loss": ..., "router_stats": [...]}``: callbacks read the detached per-layer statistics from
             the outputs of ``on_train_batch_end``.
         """
-        ce, mtp, router_stats, num_tokens = self._loss(batch)
-        share = self.global_token_share(num_tokens, ce.device)
+        ce, mtp_losses, router_stats, counts = self._loss(batch)
+        shares = self.global_token_shares(counts, ce.device)
         aux, terms = self.aux_loss(router_stats)
-        loss = ce * share + aux
-        if mtp is not None:
-            terms["mtp"] = mtp.detach()
+        loss = ce * shares[0] + aux
+        if mtp_losses:  # the mean over depths, each depth's loss weighted by its own targets' share
+            terms["mtp"] = torch.stack(mtp_losses).mean().detach()
             if self.mtp_loss_coef:
-                loss = loss + self.mtp_loss_coef * mtp * share
+                mtp = torch.stack([depth * share for depth, share in zip(mtp_losses, shares[1:], strict=True)])
+                loss = loss + self.mtp_loss_coef * mtp.mean()
         if not self.check_finite(loss, router_stats):
             return None
+        num_tokens = counts[0]
         if not num_tokens:
             rank_zero_warn(
                 "a training batch has no trained target (every label -100, or padding): its cross-entropy counts as 0 "
@@ -1184,7 +1189,7 @@ class CausalLMModule(MoELanguageModule):
         Rows the distributed sampler repeated count as padding (:meth:`repeated_rows`).
         """
         drop = self.repeated_rows("val", batch_idx, self.batch_rows(batch), dataloader_idx)
-        ce, _, router_stats, num_tokens = self._loss(batch, drop)
+        ce, _, router_stats, (num_tokens, *_) = self._loss(batch, drop)
         metric = self.eval_loss("val", dataloader_idx)
         if num_tokens:
             metric.update(ce, weight=num_tokens)
@@ -1193,7 +1198,7 @@ class CausalLMModule(MoELanguageModule):
     def test_step(self, batch: Tensor | Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Accumulate the test cross-entropy, weighted by trained targets (logged at the end of the test epoch)."""
         drop = self.repeated_rows("test", batch_idx, self.batch_rows(batch), dataloader_idx)
-        ce, _, _, num_tokens = self._loss(batch, drop)
+        ce, _, _, (num_tokens, *_) = self._loss(batch, drop)
         metric = self.eval_loss("test", dataloader_idx)
         if num_tokens:
             metric.update(ce, weight=num_tokens)

@@ -183,17 +183,19 @@ def _mtp_reference(module, seqs, depth):
             if length > 0:
                 sums[k - 1] = sums[k - 1] + F.cross_entropy(logits[0, :length], seq[k + 1 :], reduction="sum")
                 counts[k - 1] += length
-    return torch.stack([torch.as_tensor(s) / c if c else torch.zeros(()) for s, c in zip(sums, counts, strict=True)])
+    means = [torch.as_tensor(s) / c if c else torch.zeros(()) for s, c in zip(sums, counts, strict=True)]
+    return torch.stack(means), counts
 
 
 @pytest.mark.parametrize(("side", "tol"), [("right", 1e-10), ("left", 1e-7)])
 def test_multi_token_prediction_loss_of_a_padded_batch_counts_only_real_targets(side, tol):
     module = _module("deepseek-tiny", overrides={"mtp_depth": 2}, **NO_AUX)
     seqs = _sequences([8, 5, 11], seed=5)
-    ref = _mtp_reference(module, seqs, 2)
+    ref, ref_counts = _mtp_reference(module, seqs, 2)
     batch, _ = _pad(seqs, side)
-    _, mtp, _, _ = module._loss(batch)
-    torch.testing.assert_close(mtp, ref.to(mtp.dtype).mean(), rtol=tol, atol=tol)
+    _, mtp, _, counts = module._loss(batch)
+    assert counts == [sum(len(seq) - 1 for seq in seqs), *ref_counts]  # [21, 18, 15]: each depth's own targets
+    torch.testing.assert_close(torch.stack(mtp), ref.to(mtp[0].dtype), rtol=tol, atol=tol)
 
 
 def test_multi_token_prediction_depth_without_targets_adds_zero():
@@ -201,12 +203,13 @@ def test_multi_token_prediction_depth_without_targets_adds_zero():
     (seq,) = _sequences([6], seed=6)
     labels = torch.full((1, 6), -100)
     labels[0, 2] = seq[2]  # only token 2 is trained: depth 1 predicts it from position 0, depth 2 from nowhere
-    ce, mtp, _, num_tokens = module._loss({"input_ids": seq[None], "labels": labels})
-    assert num_tokens == 1
+    ce, mtp, _, counts = module._loss({"input_ids": seq[None], "labels": labels})
+    assert counts == [1, 1, 0]
     out = module.model(seq[None])
     torch.testing.assert_close(ce, F.cross_entropy(out.logits[0, 1:2], seq[2:3]), rtol=1e-10, atol=1e-10)
     depth1 = F.cross_entropy(out.mtp_logits[0][0, 0:1], seq[2:3])
-    torch.testing.assert_close(mtp, depth1 / 2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mtp[0], depth1, rtol=1e-10, atol=1e-10)
+    assert mtp[1].item() == 0.0
 
 
 def test_batch_without_trained_tokens_trains_only_the_aux_losses():

@@ -225,7 +225,7 @@ def test_a_padded_batchs_training_loss_equals_hugging_faces_with_one_moe_layer(f
     labels[torch.arange(3), first_real] = -100
     with torch.no_grad():
         theirs = hf(ids, attention_mask=mask, labels=labels, output_router_logits=True).loss
-        ce, _, stats, trained = module._loss({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        ce, _, stats, (trained, *_) = module._loss({"input_ids": ids, "attention_mask": mask, "labels": labels})
         aux, _ = module.aux_loss(stats)
     assert trained == int((labels[:, 1:] != -100).sum()) > 0
     assert module.coefs["load_balance"] == pytest.approx(hf.config.router_aux_loss_coef * 2)

@@ -71,8 +71,8 @@ def _reference_step(
         ce, stats = out[0], out[-2]
         aux, _ = ref.aux_loss(stats)
     loss = ce + aux
-    if len(out) == 4 and out[1] is not None:  # CausalLMModule's multi-token-prediction loss
-        loss = loss + ref.mtp_loss_coef * out[1]
+    if len(out) == 4 and out[1]:  # CausalLMModule's multi-token-prediction loss, the mean over depths
+        loss = loss + ref.mtp_loss_coef * torch.stack(out[1]).mean()
     loss.backward()
     if clip is not None:
         assert torch.nn.utils.clip_grad_norm_(ref.parameters(), clip) > 2 * clip  # the clipping changes the step

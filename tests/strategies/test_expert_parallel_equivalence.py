@@ -41,16 +41,18 @@ def _build(arch: str, overrides: dict) -> SGDModule | Seq2SeqSGDModule:
     return cls(arch=arch, overrides=overrides, load_balance_coef=0.5, z_loss_coef=1e-3)
 
 
-def _loss(module: SGDModule | Seq2SeqSGDModule, batch, share: float = 1.0) -> torch.Tensor:
+def _loss(module: SGDModule | Seq2SeqSGDModule, batch, shares: list[float] | None = None) -> torch.Tensor:
     """What ``training_step`` trains: cross-entropy, weighted auxiliary losses and the MTP loss.
 
-    ``share``: the weight of the cross-entropy and MTP losses, this rank's targets times the world size over all
-    ranks' targets for a causal LM (``global_token_share``).
+    ``shares``: the weights of the cross-entropy and of each MTP depth's loss, this rank's targets of that loss
+    times the world size over all ranks' targets of it, for a causal LM (``global_token_shares``; default 1).
     """
     out = module._loss(batch)
-    loss = out[0] * share + module.aux_loss(out[-2])[0]
-    if len(out) == 4 and out[1] is not None:
-        loss = loss + module.mtp_loss_coef * out[1] * share
+    shares = shares or [1.0] * (1 + (len(out[1]) if len(out) == 4 else 0))
+    loss = out[0] * shares[0] + module.aux_loss(out[-2])[0]
+    if len(out) == 4 and out[1]:
+        mtp = torch.stack([depth * share for depth, share in zip(out[1], shares[1:], strict=True)]).mean()
+        loss = loss + module.mtp_loss_coef * mtp
     return loss
 
 
@@ -98,11 +100,11 @@ class _SummedCounts:
         self.totals = sums * world
 
 
-def _per_rank_step(ref, local_batches: list, shares: list[float] | None = None) -> None:
+def _per_rank_step(ref, local_batches: list, shares: list[list[float]] | None = None) -> None:
     """One process, data-parallel semantics: each rank's batch its own forward, the mean of their losses, the
     load-balancing loss with the expert counts summed over the ranks (as the strategy's ``reduce_counts``); SGD.
-    ``shares``: each rank's cross-entropy weight (default 1)."""
-    shares = shares or [1.0] * len(local_batches)
+    ``shares``: each rank's cross-entropy and MTP depth weights (default 1)."""
+    shares = shares or [None] * len(local_batches)
     hooks = []
     for layer in ref.modules():
         if isinstance(layer, MoELayer):
@@ -190,15 +192,22 @@ def _padded(rank: int, world: int, arch: str, overrides: dict, empty_rank: bool 
         {"input_ids": _slice(ids, r), "attention_mask": _slice(mask, r), "labels": _slice(labels, r)}
         for r in range(world)
     ]
-    # The cross-entropy (and MTP loss) is the mean over every rank's real targets: each rank's mean weighted by
-    # its targets, counted here by hand: position i trains labels[i + 1] where token i is real.
-    targets = [
-        int(((batch["labels"][:, 1:] != -100) & batch["attention_mask"][:, :-1].bool()).sum())
-        for batch in local_batches
-    ]
-    assert len(set(targets)) == world  # uneven, so the mean of the ranks' means would differ
+    # The cross-entropy and each MTP depth's loss are the means over every rank's real targets of that loss: each
+    # rank's mean weighted by its targets, counted here by hand. Position i trains labels[i + 1] where token i is
+    # real; MTP depth k trains it on labels[i + k + 1] where tokens i and i + k are real as well.
+    depths = overrides.get("mtp_depth", 0)
+    targets = []  # per rank: [cross-entropy's, depth 1's, ...]
+    for batch in local_batches:
+        hit, real = batch["labels"][:, 1:] != -100, batch["attention_mask"][:, :-1].bool()
+        targets.append([int((hit & real).sum())])
+        targets[-1] += [int((hit[:, k:] & real[:, :-k] & real[:, k:]).sum()) for k in range(1, depths + 1)]
+    assert len({n[0] for n in targets}) == world  # uneven, so the mean of the ranks' means would differ
+    totals = [sum(column) for column in zip(*targets, strict=True)]
+    shares = [[n * world / t for n, t in zip(row, totals, strict=True)] for row in targets]
+    if depths and not empty_rank:  # each depth's own share, not the cross-entropy's: weighting by that would fail
+        assert all(row[k] != row[0] for row in shares for k in range(1, depths + 1))
     ref = _build(arch, overrides)
-    _per_rank_step(ref, local_batches, shares=[n * world / sum(targets) for n in targets])
+    _per_rank_step(ref, local_batches, shares=shares)
 
     module = _build(arch, overrides)
     _fit(module, DataLoader([local_batches[rank]], batch_size=None), world)
@@ -266,6 +275,7 @@ CHECKS: dict[str, Callable[[int, int, Path], None]] = {
     "batch_capacity": lambda r, w, _: _batch_capacity(r, w, "glam-tiny", GLAM),
     "switch_capacity_ac": lambda r, w, _: _batch_capacity(r, w, "switch-tiny", SWITCH, activation_checkpointing=True),
     "padded": lambda r, w, _: _padded(r, w, "mixtral-tiny", MIXTRAL),
+    "padded_mtp": lambda r, w, _: _padded(r, w, "deepseek-tiny", {**DEEPSEEK, "mtp_depth": 2}),
     "padded_empty_rank": lambda r, w, _: _padded(r, w, "deepseek-tiny", {**DEEPSEEK, "mtp_depth": 1}, empty_rank=True),
     "clip_norm_ep1": lambda r, w, _: _clipped(r, w, 1, "norm", 0.05),
     "clip_value": lambda r, w, _: _clipped(r, w, 2, "value", 0.01),
@@ -299,6 +309,11 @@ def test_switch_with_capacity_and_activation_checkpointing_counts_each_ranks_tok
 
 def test_padded_batches_with_uneven_real_tokens_train_the_mean_over_all_real_targets(results: Path) -> None:
     assert_check_ok(results, "padded")
+
+
+def test_multi_token_prediction_losses_weigh_each_depths_own_targets_across_ranks(results: Path) -> None:
+    # Depth k trains fewer targets than the cross-entropy, and the ranks' padding takes different shares of them.
+    assert_check_ok(results, "padded_mtp")
 
 
 def test_a_rank_holding_only_padding_trains_as_one_process_would(results: Path) -> None:

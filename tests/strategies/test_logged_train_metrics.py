@@ -25,7 +25,7 @@ class _Recording(CausalLMModule):
         self.local: list[dict[str, float]] = []
 
     def training_step(self, batch, batch_idx):
-        ce, _, router_stats, num_tokens = self._loss(batch)
+        ce, _, router_stats, (num_tokens, *_) = self._loss(batch)
         aux, terms = self.aux_loss(router_stats)
         self.local.append(
             {"ce": float(ce), "targets": num_tokens, "aux": float(aux), "load_balance": float(terms["load_balance"])}
