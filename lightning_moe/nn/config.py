@@ -133,8 +133,8 @@ class RouterConfig:
             never for the weights (DeepSeek-V3 auxiliary-loss-free balancing).
         jitter_eps: Training-only multiplicative noise ``x * U(1 - eps, 1 + eps)`` on the router input
             (Switch). 0 disables it.
-        random_routing: Training-only GShard random routing: every choice after the first is kept with
-            probability ``min(1, top_k * w_k / sum_j w_j)`` (``2 * g_2`` for top-2, as in GShard).
+        random_routing: Training-only GShard random routing: the choice of largest weight is kept, every other
+            with probability ``min(1, top_k * w_k / sum_j w_j)`` (``2 * g_2`` for top-2, as in GShard).
         init_std: Standard deviation of the router weight initialisation.
         gate_precision: Precision of the gate matmul (the router logits). ``"float32"`` (default): in float32
             whatever the input and under mixed precision: the Switch Transformer paper's selective precision

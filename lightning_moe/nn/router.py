@@ -102,10 +102,11 @@ def group_limited_mask(choice_TE: Tensor, n_group: int, topk_group: int, group_s
 
 
 def random_routing_mask(weights_TK: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """GShard random routing: keep the first choice; keep choice ``k >= 2`` with probability ``min(1, K * w_k)``.
+    """GShard random routing: keep the largest-weight choice; keep each other with probability ``min(1, K * w_k)``.
 
     Weights are first normalised over the chosen experts, so for top-2 the second expert is kept with
-    probability ``2 * g_2 / (g_1 + g_2)``, GShard's rule.
+    probability ``2 * g_2 / (g_1 + g_2)``, GShard's rule. The largest weight is the first choice, unless a
+    selection-only bias (``score_bias``) put another expert first.
 
     Args:
         weights_TK: Chosen combine weights.
@@ -117,7 +118,7 @@ def random_routing_mask(weights_TK: Tensor, generator: torch.Generator | None = 
     top_k = weights_TK.shape[-1]
     share_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     keep_prob_TK = (top_k * share_TK).clamp(max=1.0)
-    keep_prob_TK[:, 0] = 1.0
+    keep_prob_TK.scatter_(1, weights_TK.argmax(dim=-1, keepdim=True), 1.0)
     uniform_TK = torch.rand(weights_TK.shape, generator=generator, device=weights_TK.device, dtype=share_TK.dtype)
     return uniform_TK < keep_prob_TK
 

@@ -193,6 +193,26 @@ def test_random_routing_keeps_first_choice_and_second_with_gshard_probability():
     assert abs(keep[:, 1].float().mean().item() - 0.4) < 0.02
 
 
+def test_random_routing_always_keeps_the_largest_weight_even_when_a_bias_chose_another_expert_first():
+    # A selection bias can put the smaller-weight expert first; GShard keeps the larger one and draws the other.
+    weights = torch.tensor([[0.2, 0.8]]).expand(20000, 2).contiguous()
+    keep = random_routing_mask(weights, torch.Generator().manual_seed(0))
+    assert keep[:, 1].all()
+    assert abs(keep[:, 0].float().mean().item() - 0.4) < 0.02
+    router = _router(dim=2, num_experts=4, top_k=2, random_routing=True, score_bias=True)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
+        router.score_bias.copy_(torch.tensor([0.0, 1.0, -9.0, -9.0]))
+    x = torch.tensor([[3.0, 0.0]]).expand(20000, 2).contiguous()  # expert 0 scores highest, the bias ranks 1 first
+    router.train()
+    routing = router(x)
+    assert (routing.expert_ids_N.view(-1, 2)[:, 0] == 1).all()
+    keep = routing.keep_N.view(-1, 2)
+    assert keep[:, 1].all()  # expert 0, the larger weight, is always kept
+    weights = routing.weights_N.view(-1, 2)[0]
+    assert abs(keep[:, 0].float().mean().item() - 2 * float(weights[0] / weights.sum())) < 0.02
+
+
 def test_random_routing_off_in_eval():
     router = _router(num_experts=8, top_k=2, random_routing=True)
     x = torch.randn(200, 6)

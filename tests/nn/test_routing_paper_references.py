@@ -119,7 +119,8 @@ def test_token_choice_layer_matches_gshard_greedy_reference_across_random_config
     if layer.training and rcfg.random_routing:
         uniform = torch.rand(num_tokens, top_k, dtype=torch.float64)
         for t, (_, w) in enumerate(routes):
-            for k in range(1, top_k):  # GShard: keep choice k >= 2 with probability min(1, K * w_k / sum(w))
+            largest = max(range(top_k), key=lambda k, w=w: (w[k], -k))  # the first of equal weights
+            for k in set(range(top_k)) - {largest}:  # GShard: keep the others with probability min(1, K * w_k / sum(w))
                 alive[t][k] = alive[t][k] and float(uniform[t, k]) < min(1.0, top_k * w[k] / sum(w))
     factor = cfg.capacity_factor
     if not layer.training and cfg.eval_capacity_factor is not None:
