@@ -13,6 +13,7 @@ import io
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -732,12 +733,21 @@ class MoELanguageModule(L.LightningModule):
 
         One dataloader logs ``{stage}/loss`` and ``{stage}/ppl``; several log them for each with the
         ``/dataloader_idx_N`` suffix ``self.log`` in a step of dataloader ``N`` would add (monitor those names).
+        A dataloader without a trained target on any rank logs nothing. With several processes the ranks decide
+        that together (one all-reduce): a rank whose rows were all repeats or padding still joins the others'
+        ``compute`` and ``log``, whose collectives would otherwise wait for it.
         """
         more = self._more_eval_losses[stage]
-        for index, metric in [(0, self.eval_loss(stage)), *sorted(more.items())]:
-            if metric.update_count == 0:
+        metrics = [(0, self.eval_loss(stage)), *sorted(more.items())]
+        counts = [metric.update_count for _, metric in metrics]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(torch.tensor(counts, device=self.device), reduce_op="sum").tolist()
+        for (index, metric), count in zip(metrics, counts, strict=True):
+            if count == 0:
                 continue
-            loss = metric.compute()  # already the mean over all ranks: sync_dist only averages equal values
+            with warnings.catch_warnings():  # this rank's states may be empty; the sum over ranks is not
+                warnings.filterwarnings("ignore", message=r".*``compute`` method of metric .* before the ``update``")
+                loss = metric.compute()  # already the mean over all ranks: sync_dist only averages equal values
             suffix = f"/dataloader_idx_{index}" if more else ""
             options = dict(sync_dist=True, add_dataloader_idx=False)  # the suffix is in the name already
             self.log(f"{stage}/loss{suffix}", loss, prog_bar=stage == "val", **options)
@@ -1494,16 +1504,18 @@ class Seq2SeqLMModule(MoELanguageModule):
         """Accumulate the validation cross-entropy (corruption seeded by the batch index)."""
         drop = self.repeated_rows("val", batch_idx, batch.shape[0], dataloader_idx)
         ce, router_stats, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx), drop)
+        metric = self.eval_loss("val", dataloader_idx)  # made on every rank, as every rank logs it
         if num_tokens:
-            self.eval_loss("val", dataloader_idx).update(ce, weight=num_tokens)
+            metric.update(ce, weight=num_tokens)
         return {"router_stats": [s.detach() for s in router_stats]}
 
     def test_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Accumulate the test cross-entropy, weighted by tokens (corruption seeded by the batch index)."""
         drop = self.repeated_rows("test", batch_idx, batch.shape[0], dataloader_idx)
         ce, _, num_tokens = self._loss(batch, torch.Generator().manual_seed(batch_idx), drop)
+        metric = self.eval_loss("test", dataloader_idx)  # made on every rank, as every rank logs it
         if num_tokens:
-            self.eval_loss("test", dataloader_idx).update(ce, weight=num_tokens)
+            metric.update(ce, weight=num_tokens)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Each encoder input followed by the 32 tokens greedy decoding writes for it (without the start id).

@@ -67,6 +67,13 @@ def test_a_batch_of_nothing_but_repeats_adds_nothing() -> None:
     run_distributed(_validate_and_test, 2, 3, 1)
 
 
+@pytest.mark.multiprocess
+def test_a_rank_whose_every_row_is_a_repeat_still_joins_the_loss() -> None:
+    # 1 block on 2 ranks: rank 1's only row is the repeated block 0, so it has nothing to add to the mean; it must
+    # still join rank 0's all-gather and all-reduce of the loss (it used to skip them and leave rank 0 waiting).
+    run_distributed(_validate_and_test, 2, 1, 1)
+
+
 def test_seq2seq_loss_leaves_the_dropped_rows_out() -> None:
     torch.manual_seed(0)
     module = Seq2SeqLMModule(arch="switch-tiny", overrides={"vocab_size": VOCAB, "dim": 32, "num_heads": 2,
