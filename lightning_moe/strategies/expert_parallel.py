@@ -232,7 +232,9 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: fl
     norms = []
     for (mesh, placements), group in groups.items():
         local = [g.to_local() if mesh is not None else g for g in group]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in local]), norm_type)
+        # FSDP2 leaves a rank an empty shard of a small weight; its inf-norm is undefined, its part of any norm 0.
+        parts = [torch.linalg.vector_norm(g, norm_type) for g in local if g.numel()] or [local[0].new_zeros(())]
+        norm = torch.linalg.vector_norm(torch.stack(parts), norm_type)
         sharded = [dim for dim, placement in enumerate(placements) if not placement.is_replicate()]
         if sharded:
             norm = norm.pow(norm_type) if finite else norm

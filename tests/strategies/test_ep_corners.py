@@ -112,6 +112,30 @@ def _sequence_capacity_matches_single_process(rank: int, world: int, out: Path) 
         torch.testing.assert_close(_full(param), ref_params[name].detach(), atol=1e-5, rtol=1e-5, msg=name)
 
 
+# -- gradient norms over ranks that hold empty shards ---------------------------------------------------------------
+
+
+def _norms_with_empty_shards(rank: int, world: int, out: Path) -> None:
+    # Qwen's shared-expert gate is (1, D): FSDP2 gives rank 1 an empty (0, D) shard of it.
+    overrides = {"vocab_size": VOCAB, "dim": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "num_experts": 4}
+    batch = _global_batch(world, seed=4)
+    torch.manual_seed(0)
+    ref = CausalLMModule(arch="qwen-moe-tiny", overrides=overrides, load_balance_coef=0.5)
+    ce, _, stats, _ = ref._loss(batch)
+    (ce + ref.aux_loss(stats)[0]).backward()
+    grads = [p.grad for p in ref.parameters() if p.grad is not None]
+    ref_norms = {p: float(torch.nn.utils.get_total_norm(grads, p)) for p in (2.0, math.inf)}
+
+    torch.manual_seed(0)
+    module = CausalLMModule(arch="qwen-moe-tiny", overrides=overrides, load_balance_coef=0.5)
+    norms = _GradNorms()
+    ep_trainer(world, world, max_steps=1, callbacks=[norms]).fit(module, train_dataloaders=_local(batch, rank))
+    gate = module.model.layers[1].ffn.shared_gate.weight  # layer 0 is dense (mlp_only_layers)
+    assert isinstance(gate, DTensor) and (gate.to_local().numel() == 0) == (rank == 1)
+    for p, value in ref_norms.items():
+        assert math.isclose(norms.norms[p], value, rel_tol=1e-5), (p, norms.norms[p], value)
+
+
 # -- expert-choice routing: every rank's experts pick among that rank's tokens -------------------------------------
 
 
@@ -205,6 +229,7 @@ CHECKS: dict[str, Callable[[int, int, Path], None]] = {
     "test_loss": _test_loss_is_global,
     "sequence_capacity": _sequence_capacity_matches_single_process,
     "expert_choice": _expert_choice_layer,
+    "norms_empty_shards": _norms_with_empty_shards,
     "checkpoint": _checkpoint_reshards,
 }
 
@@ -222,6 +247,10 @@ def test_test_loss_under_expert_parallelism_is_the_loss_of_all_ranks_batches(res
 def test_capacity_per_sequence_under_expert_parallelism_matches_single_process(results: Path) -> None:
     # Loss, 2- and inf-norm of the gradients (over both meshes) and the SGD step, with copies dropped.
     assert_check_ok(results, "sequence_capacity")
+
+
+def test_gradient_norms_2_and_inf_count_ranks_holding_empty_shards(results: Path) -> None:
+    assert_check_ok(results, "norms_empty_shards")
 
 
 def test_expert_choice_routing_under_expert_parallelism_matches_per_rank_forwards(results: Path) -> None:
