@@ -135,7 +135,11 @@ class AllToAllDispatcher(GroupedDispatcher):
                 x_ND = x_ND.to(dtype)
             recv_MD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.group)
             # Rows arrive by (source rank, local expert): re-sort by local expert.
-            local_ids_M = torch.arange(num_local, device=x_TD.device).repeat(world).repeat_interleave(recv_RL.flatten())
+            local_ids_M = (
+                torch.arange(num_local, device=x_TD.device)
+                .repeat(world)
+                .repeat_interleave(recv_RL.flatten(), output_size=sum(recv_splits))  # known: no device sync
+            )
             order_M = torch.argsort(local_ids_M, stable=True)
             sorted_MD = recv_MD.index_select(0, order_M)
         with record_function("moe/experts"):
