@@ -156,7 +156,8 @@ class ExpertCollapseDetector(Callback):
                 tokens = s.num_tokens.double()
                 self._tokens[i, 0] += tokens
                 self._tokens[i, 1] += s.router_entropy.double() * tokens
-        if self._routed is None or not self._steps.crossed(trainer):
+        crossed = self._steps.crossed(trainer)  # every batch end: a step of skipped batches still moves the boundary
+        if self._routed is None or not crossed:
             return
         routed, tokens = self._routed, self._tokens
         self._routed = self._tokens = None

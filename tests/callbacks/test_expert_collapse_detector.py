@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_moe.callbacks import ExpertCollapseDetector
+from lightning_moe.module import CausalLMModule
 from lightning_moe.nn import ExpertsConfig, MoEConfig, MoELayer, RouterConfig
 from tests.callbacks._helpers import StatsRecorder, loader, read_events, scalars, skew_routers, tiny_mixtral, trainer
 
@@ -155,3 +156,33 @@ def test_expert_choice_loads_are_never_a_collapse(tmp_path, action):
     trainer(tmp_path, [detector], max_steps=4).fit(model, data)
     assert detector.events == []
     assert [s.tolist() for s in detector._starving] == [[0, 0, 0, 0]]
+
+
+class _SkipsFirstStep(CausalLMModule):
+    """Skips both micro-batches of the first optimizer step (what ``nan_policy="skip"`` does on a bad batch)."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        return None if batch_idx in (0, 1) else out
+
+
+def test_after_a_skipped_step_each_optimizer_step_is_checked_once_with_all_its_micro_batches():
+    torch.manual_seed(0)
+    base = tiny_mixtral(lr=1e-4)
+    module = _SkipsFirstStep(arch="mixtral-tiny", overrides=dict(base.hparams.overrides), lr=1e-4, warmup_steps=0,
+                             load_balance_coef=0.0, z_loss_coef=0.0)  # fmt: skip
+    skew_routers(module)
+    detector = ExpertCollapseDetector(action="warn", patience=3, max_share=None)
+    checks = []
+    check = detector._check
+    detector._check = lambda tr, pl_module, routed, tokens: (
+        checks.append(int(tokens[0, 0])),
+        check(tr, pl_module, routed, tokens),
+    )
+    L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, callbacks=[detector], enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accumulate_grad_batches=2,
+              enable_checkpointing=False).fit(module, loader(8))  # fmt: skip
+    rows, seq = next(iter(loader(8)))[:, :-1].shape  # inputs: all but the last token
+    assert checks == [2 * rows * seq] * 3  # steps 2, 3 and 4, two micro-batches each
+    # Starving from step 2 on, patience 3: nothing before step 4 (it fired at step 3 when step 2 counted twice).
+    assert all(event["step"] >= 4 for event in detector.events)
