@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -109,20 +110,45 @@ class CapacityFactorTuner(Callback):
             and layer.config.router.kind == "token_choice"
         ]
 
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._world_size = trainer.world_size
+    def _attach(self, pl_module: pl.LightningModule, record: bool) -> list[tuple[int, str, MoELayer]]:
+        """Give each tuned layer its own config and its factor restored from a checkpoint.
+
+        ``record``: note the configured factor of a layer the checkpoint has none for.
+        """
         tuned = self._tuned(pl_module)
-        if not tuned:
-            rank_zero_warn("CapacityFactorTuner: no MoE layer has a capacity_factor (dropless model); nothing to tune")
         self._layers = {}
         for _, name, layer in tuned:
             layer.config = copy.copy(layer.config)  # one config per layer: zoo builds share one object
             self._layers[name] = layer
             if name in self.factors:  # restored from a checkpoint
                 self._apply(layer, self.factors[name])
-            else:
+            elif record:
                 self.factors[name] = float(layer.config.capacity_factor)
+        return tuned
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._world_size = trainer.world_size
+        if not self._attach(pl_module, record=True):
+            rank_zero_warn("CapacityFactorTuner: no MoE layer has a capacity_factor (dropless model); nothing to tune")
+
+    def _on_eval_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # validate, test and predict from a checkpoint run at the factors it holds, as the fit's validations did
+        # (the layers' factors live in their configs, which the module's weights do not carry).
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._attach(pl_module, record=False)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._on_eval_start(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._on_eval_start(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._on_eval_start(trainer, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

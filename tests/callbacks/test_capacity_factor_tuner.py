@@ -60,6 +60,29 @@ def test_factors_survive_a_checkpoint_round_trip_and_are_applied_on_resume(tmp_p
     assert restored.factors["model.layers.0.ffn"] > 1.0
 
 
+def test_validate_and_test_from_a_checkpoint_run_at_the_restored_factors(tmp_path):
+    torch.manual_seed(0)
+    module = tiny_mixtral(capacity_factor=1.0)  # no eval factor of its own: evaluation uses the (tuned) one
+    skew_routers(module)
+    tuner = CapacityFactorTuner(interval=2)
+    trainer(tmp_path, [tuner], max_steps=4, enable_checkpointing=True).fit(module, loader(4))
+    ckpt = next((tmp_path / "tb" / "version_0" / "checkpoints").glob("*.ckpt"))
+    assert tuner.factors["model.layers.0.ffn"] > 1.0
+    val = loader(2, seed=1)
+    (expected,) = trainer(tmp_path / "ref", [], max_steps=1, limit_val_batches=None).validate(
+        module, val, verbose=False
+    )
+    for stage in ("validate", "test"):
+        fresh = tiny_mixtral(capacity_factor=1.0)
+        restored = CapacityFactorTuner(interval=2)
+        (got,) = getattr(trainer(tmp_path / stage, [restored], max_steps=1, limit_val_batches=None), stage)(
+            fresh, val, ckpt_path=ckpt, verbose=False
+        )
+        assert {name: layer.config.capacity_factor for name, layer in fresh.moe_layers} == tuner.factors
+        key = "val/loss" if stage == "validate" else "test/loss"
+        assert got[key] == pytest.approx(expected["val/loss"], rel=1e-6)
+
+
 def test_drop_rate_and_smallest_factor_replay_the_capacity_rule():
     # Two batches of 8 tokens, top-2 over 4 experts: balanced capacity is 4 copies per expert at factor 1.
     rows = torch.tensor([[8, 8, 4, 2, 2], [8, 4, 4, 4, 4]], dtype=torch.float64)
