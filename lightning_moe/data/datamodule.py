@@ -300,7 +300,8 @@ class TextDataModule(L.LightningDataModule):
         else:
             tok_key = f"bpe{self.vocab_size_arg}-{corpus_key}"
             tokenizer_file = self.cache_dir / f"tokenizer-{tok_key}.json"
-        return tokenizer_file, self.cache_dir / f"tokens-{corpus_key}-{tok_key}.bin"
+        # "-text": special tokens' text in documents encodes as text (streams cached before that are not reused)
+        return tokenizer_file, self.cache_dir / f"tokens-{corpus_key}-{tok_key}-text.bin"
 
     def prepare_data(self) -> None:
         """Train or load the tokenizer and encode the corpus into the cache (once; later runs reuse it)."""
@@ -320,6 +321,9 @@ class TextDataModule(L.LightningDataModule):
             # every document and no padding, as Hugging Face's tokenizers do unless a call asks for them.
             tokenizer.no_truncation()
             tokenizer.no_padding()
+            # Documents are text: one that mentions "<|endoftext|>" holds those characters, not a document boundary
+            # (nor the pad id), as tiktoken-style pipelines refuse or escape such text. Only EOS ids separate them.
+            tokenizer.encode_special_tokens = True
             dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
             eos = tokenizer.token_to_id(EOS_TOKEN)
             ids: list[int] = []

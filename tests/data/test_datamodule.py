@@ -45,6 +45,21 @@ def test_blocks_hold_the_encoded_corpus_with_end_of_text_between_documents(corpu
     assert tok.decode(tok.encode(TEXT).ids) == TEXT  # byte-level BPE round-trips
 
 
+def test_special_tokens_written_in_a_document_are_text_not_boundaries(tmp_path):
+    text = "a model ends a document with <|endoftext|> and pads with <|pad|>.\n" * 30
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt").write_text(TEXT)
+    data = _data(tmp_path, tmp_path, sources=[str(tmp_path / "*.txt")])
+    data.prepare_data()
+    data.setup("fit")
+    tokens = np.fromfile(next((tmp_path / "cache").glob("tokens-*.bin")), dtype=np.uint16).tolist()
+    tok = data.tokenizer
+    eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+    assert tokens.count(eos) == 2 and tokens.count(pad) == 0  # one boundary after each document
+    first = tokens[: tokens.index(eos)]
+    assert tok.decode(first, skip_special_tokens=False) == text  # the characters, kept
+
+
 def test_split_is_deterministic_disjoint_and_covers_every_block(corpus, tmp_path):
     a, b = _data(corpus, tmp_path), _data(corpus, tmp_path)
     a.setup("fit")
