@@ -264,6 +264,9 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"sources={sources!r} is invalid: must be a list of files and globs (e.g. [{sources!r}])")
         if sources is not None and not sources:
             raise ValueError("sources=[] is invalid: give at least one file or glob, or None for the embedded corpus")
+        for name, value in (("tokenizer_path", tokenizer_path), ("cache_dir", cache_dir)):
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name}={value!r} is invalid: must be a path (a string) or None")
         if tokenizer_path is not None and not Path(tokenizer_path).is_file():
             raise ValueError(f"tokenizer_path={tokenizer_path!r} is invalid: no such file")
         self.save_hyperparameters()

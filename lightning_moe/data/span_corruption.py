@@ -61,14 +61,22 @@ def span_corruption(
         ``inputs_BI`` with ``I = L - noise + spans`` and ``targets_BJ`` with ``J = noise + spans``.
 
     Raises:
-        ValueError: For a sequence too short to corrupt, or bad densities.
+        ValueError: For tokens that are not ``(B, L)``, a sequence too short to corrupt, bad densities, or a
+            ``first_sentinel`` too small for the spans (their ids must stay >= 0).
     """
+    if tokens_BL.dim() != 2:
+        raise ValueError(f"tokens_BL of shape {tuple(tokens_BL.shape)} is invalid: span corruption takes (B, L) rows")
     batch, length = tokens_BL.shape
     if length < 2:
         raise ValueError(f"sequence length {length} is invalid for span corruption: need at least 2 tokens")
     check_span_settings(noise_density, mean_span_length)
     num_noise, num_spans = span_counts(length, noise_density, mean_span_length)
     num_spans = min(num_spans, num_noise, length - num_noise)
+    if isinstance(first_sentinel, bool) or not isinstance(first_sentinel, int) or first_sentinel < num_spans - 1:
+        raise ValueError(
+            f"first_sentinel={first_sentinel!r} is invalid: must be an int >= {num_spans - 1}, as {num_spans} spans "
+            f"of {length} tokens take the ids first_sentinel down to first_sentinel - {num_spans - 1}"
+        )
     generator = generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     inputs, targets = [], []
     for row in tokens_BL.tolist():

@@ -166,6 +166,9 @@ def test_errors_before_any_work(corpus, tmp_path):
         _data(corpus, tmp_path, block_size=0)
     with pytest.raises(ValueError, match=r"sources=\[\] is invalid"):
         _data(corpus, tmp_path, sources=[])
+    for field in ("tokenizer_path", "cache_dir"):
+        with pytest.raises(ValueError, match=rf"{field}=123 is invalid: must be a path \(a string\) or None"):
+            _data(corpus, tmp_path, **{field: 123})
     with pytest.raises(ValueError, match=r"seed=-1 is invalid: must be an int >= 0"):
         _data(corpus, tmp_path, seed=-1)
     for field, value in (("block_size", 16.5), ("block_size", True), ("vocab_size", 300.5), ("batch_size", 2.5)):

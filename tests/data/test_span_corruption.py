@@ -40,3 +40,10 @@ def test_bad_arguments():
         span_corruption(torch.zeros(1, 10, dtype=torch.long), 99, noise_density=1.5)
     with pytest.raises(ValueError, match=r"sequence length 1 is invalid"):
         span_corruption(torch.zeros(1, 1, dtype=torch.long), 99)
+    with pytest.raises(ValueError, match=r"tokens_BL of shape \(10,\) is invalid: span corruption takes \(B, L\) rows"):
+        span_corruption(torch.zeros(10, dtype=torch.long), 99)
+    # 100 tokens, 15 noise tokens in 5 spans: sentinels first_sentinel .. first_sentinel - 4 must all be ids >= 0.
+    with pytest.raises(ValueError, match=r"first_sentinel=3 is invalid: must be an int >= 4, as 5 spans of 100 tokens"):
+        span_corruption(torch.zeros(1, 100, dtype=torch.long), 3)
+    inputs, targets = span_corruption(torch.zeros(1, 100, dtype=torch.long), 4)
+    assert inputs.min() == 0 and sorted(set(targets.flatten().tolist()) - {0}) == [1, 2, 3, 4]
