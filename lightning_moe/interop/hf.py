@@ -98,7 +98,14 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
         "n_shared_experts": 1,
         "q_lora_rank": 1536,
     },
-    "switch_transformers": {"router_jitter_noise": 0.01, "router_aux_loss_coef": 0.001, "expert_capacity": 64},
+    "switch_transformers": {
+        "router_jitter_noise": 0.01,
+        "router_aux_loss_coef": 0.001,
+        "expert_capacity": 64,
+        "num_decoder_layers": 12,  # not num_layers: transformers builds 12 decoder blocks whatever the encoder's
+        "num_sparse_encoder_layers": 3,
+        "num_sparse_decoder_layers": 3,
+    },
 }
 
 

@@ -622,6 +622,14 @@ def test_absent_fields_read_as_transformers_class_defaults(config_class, require
         assert hf_config_to_ours({k: v for k, v in full.items() if k != name}) == expected, name
 
 
+def test_a_switch_config_without_num_decoder_layers_means_twelve_decoder_blocks_as_in_transformers():
+    full = transformers.SwitchTransformersConfig(num_layers=4, num_decoder_layers=4).to_dict()
+    del full["num_decoder_layers"]
+    assert transformers.SwitchTransformersConfig(**full).num_decoder_layers == 12  # not num_layers
+    with pytest.raises(UnsupportedConfigError, match=r"num_decoder_layers=12 is unsupported: encoder and decoder"):
+        hf_config_to_ours(full)
+
+
 def test_a_deepseek_v3_config_without_its_routing_fields_loads_as_transformers_loads_it(tmp_path):
     shapes = _deepseek_shapes(heads=2, first_dense=1, groups=8, topk_group=4, q_lora=None, rope=None)
     shapes |= {"n_routed_experts": 16, "num_experts_per_tok": 4, "rope_parameters": {"rope_type": "default"}}
