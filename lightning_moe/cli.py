@@ -14,6 +14,7 @@ import io
 import math
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lightning_moe import zoo
@@ -181,7 +183,9 @@ class MoECLI(LightningCLI):
             )
         if self.subcommand == "fit":
             self._check_fit_length()
-        self._check_last_checkpoint()
+        resume_from = self._check_last_checkpoint()
+        if self.subcommand == "fit" and resume_from is not None:
+            self._check_resume_length(resume_from)
         if not isinstance(model, MoELanguageModule):
             return
         model.check_world_size(trainer.world_size)
@@ -221,8 +225,24 @@ class MoECLI(LightningCLI):
                 "validations); to validate less, raise it, or set trainer.limit_val_batches to 0 for no validation"
             )
 
-    def _check_last_checkpoint(self) -> None:
-        """Check the checkpoint ``--ckpt_path last`` finds, before any work.
+    def _check_resume_length(self, path: Path) -> None:
+        """Refuse a resumed fit whose ``max_steps`` its checkpoint has reached: Lightning would train no step, exit 0.
+
+        Raises:
+            ValueError: Naming ``trainer.max_steps``, the checkpoint and its step.
+        """
+        max_steps = self.trainer.max_steps
+        if max_steps < 0:
+            return
+        step = read_checkpoint(path).get("global_step")
+        if isinstance(step, int) and step >= max_steps:
+            raise ValueError(
+                f"trainer.max_steps={max_steps} is invalid for resuming from {str(path)!r}: the checkpoint is at step "
+                f"{step}, so the run would train no step; must be > {step} (the total, not the steps to add), or -1"
+            )
+
+    def _check_last_checkpoint(self) -> Path | None:
+        """Check the checkpoint ``--ckpt_path last`` finds, before any work; return the checkpoint the run resumes.
 
         The newest one found (the one Lightning loads) is read as a ``--ckpt_path FILE`` is: a cut, empty or foreign
         file is refused by name here, not by Lightning's loader after the corpus was tokenized, and a sharded one
@@ -230,12 +250,18 @@ class MoECLI(LightningCLI):
         ``test`` or ``predict`` are refused when the run has no last checkpoint: Lightning then only warns and
         evaluates a freshly initialised model (for ``fit`` that starts a first run, which is kept).
 
+        Returns:
+            The checkpoint file or folder the run starts from (``--ckpt_path`` as given, or the one ``last`` finds);
+            ``None`` for none, or one that is not on this machine.
+
         Raises:
             ValueError: Naming the checkpoint found, or the folders searched.
         """
         config = self.config[self.subcommand]
-        if config.get("ckpt_path") != "last":
-            return
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path != "last":
+            path = Path(str(ckpt_path)) if ckpt_path else None
+            return path if path is not None and path.exists() else None  # "best", "hpc", remote: Lightning's
         callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
         found = [Path(path) for cb in callbacks for path in cb._find_last_checkpoints(self.trainer)]
         local = [path for path in found if path.exists()]  # remote folders are left to Lightning
@@ -244,8 +270,9 @@ class MoECLI(LightningCLI):
             read_checkpoint(newest)
             if newest.is_dir():  # read_checkpoint found its meta.pt: a sharded checkpoint
                 _check_sharded_checkpoint_strategy(str(newest), config.trainer.strategy)
+            return newest
         if found or self.subcommand == "fit":
-            return
+            return None
         folders = ", ".join(str(cb.dirpath) for cb in callbacks) or "no checkpoint folder (no ModelCheckpoint)"
         raise ValueError(
             f"ckpt_path='last' is invalid for {self.subcommand}: no last checkpoint in {folders}; give the run name "
@@ -280,15 +307,16 @@ class MoECLI(LightningCLI):
             step = getattr(getattr(self, "_validation_step", None), "step", None)
             if step is not None and step != trainer.global_step:
                 lines.append(
-                    f"(that validation ran at step {step}, not at the final step {trainer.global_step}: `lightning-moe "
-                    "validate` with --ckpt_path the last checkpoint gives the final model's)"
+                    f"(that validation ran at step {step}, not at the final step {trainer.global_step}: the validate "
+                    "command below gives the final model's)"
                 )
+                lines += self._validate_command()
         elif trainer.limit_val_batches and isinstance(data, TextDataModule) and data.val_set is not None:
             lines.append(
-                f"no validation ran in this run's {trainer.global_step} steps (trainer.val_check_interval="
-                f"{trainer.val_check_interval!r}): `lightning-moe validate` with --ckpt_path the last checkpoint gives "
-                "the validation loss"
+                f"no validation ran up to step {trainer.global_step} (trainer.val_check_interval="
+                f"{trainer.val_check_interval!r}): the validate command below gives the validation loss"
             )
+            lines += self._validate_command()
         if trainer.logger is not None and trainer.logger.log_dir:
             if isinstance(trainer.logger, TensorBoardLogger):
                 lines.append(
@@ -306,6 +334,24 @@ class MoECLI(LightningCLI):
                 )
         lines.append("=" * 72)
         print("\n".join(lines))
+
+    def _validate_command(self) -> list[str]:
+        """The summary's ``validate:`` line: this run's saved config and last checkpoint; none where either is missing.
+
+        The saved config holds the data and model settings the run trained with, which ``validate`` must match.
+        """
+        trainer = self.trainer
+        checkpoint = trainer.checkpoint_callback
+        log_dir = trainer.logger.log_dir if trainer.logger is not None else None
+        if not (isinstance(checkpoint, ModelCheckpoint) and checkpoint.last_model_path and log_dir):
+            return []
+        config = Path(log_dir) / "config.yaml"  # LightningCLI's SaveConfigCallback writes it there
+        if not config.is_file():
+            return []
+        return [
+            f"validate: lightning-moe validate --config {shlex.quote(str(config))} "
+            f"--ckpt_path {shlex.quote(checkpoint.last_model_path)}"
+        ]
 
     def predict(self, **kwargs: Any) -> list[Any] | None:
         """``trainer.predict``, then the continuations decoded: the first few printed, all written to a file.
@@ -554,4 +600,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         finally:
             print(MORE_SUBCOMMANDS)
     else:
-        run_cli(None if from_command_line else argv)
+        try:
+            run_cli(None if from_command_line else argv)
+        except SIGTERMException as stop:  # Lightning's, a SystemExit without a status: a stopped run would exit 0
+            print("stopped by SIGTERM: the checkpoints saved before it are kept (fit: resume with --ckpt_path last)",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(128 + signal.SIGTERM) from stop

@@ -3,8 +3,12 @@
 And fit's end-of-fit summary, a printed config rerun, ``generate`` against a greedy loop over the full forward.
 """
 
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,7 +209,33 @@ def test_the_summary_says_when_its_validation_loss_is_not_the_final_models(capsy
     run_cli(["fit", "--config", MIXTRAL, *_tiny("--trainer.max_steps", "2", "--trainer.logger.init_args.name", "none")])
     summary = _summary(capsys)
     assert not [line for line in summary.splitlines() if line.startswith("validation loss")]
-    assert "no validation ran in this run's 2 steps (trainer.val_check_interval=500)" in summary
+    assert "no validation ran up to step 2 (trainer.val_check_interval=500)" in summary
+
+
+def test_the_summarys_validate_command_runs_as_printed_and_validates_the_final_model(capsys):
+    # A README command without the run's config fails (LightningCLI needs the model and data settings): the summary
+    # prints one that names the config the run saved, so it validates with the data the run trained on.
+    cli = run_cli(["fit", "--config", MIXTRAL, *_tiny("--trainer.max_steps", "2", "--data.block_size", "16")])
+    (line,) = [line for line in _summary(capsys).splitlines() if line.startswith("validate: ")]
+    argv = shlex.split(line.removeprefix("validate: "))
+    assert argv[:2] == ["lightning-moe", "validate"]
+    assert argv[argv.index("--ckpt_path") + 1] == cli.trainer.checkpoint_callback.last_model_path
+    validated = run_cli(argv[1:])
+    assert validated.datamodule.block_size == 16
+    expected = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val/loss"]
+    assert float(validated.trainer.callback_metrics["val/loss"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_resuming_with_max_steps_the_checkpoint_has_reached_is_refused_before_any_work(monkeypatch):
+    run_cli(["fit", "--config", MIXTRAL, *_tiny("--trainer.max_steps", "3", "--trainer.logger.init_args.name", "r")])
+    monkeypatch.setattr(TextDataModule, "prepare_data", _forbid)
+    for max_steps in ("3", "2"):
+        match = (
+            rf"trainer.max_steps={max_steps} is invalid for resuming from '.*last\.ckpt': the checkpoint is at step 3"
+        )
+        args = _tiny("--trainer.max_steps", max_steps, "--trainer.logger.init_args.name", "r")
+        with pytest.raises(ValueError, match=match + ", so the run would train no step"):
+            run_cli(["fit", "--config", MIXTRAL, *args, "--ckpt_path", "last"])
 
 
 def test_the_summarys_generate_command_runs_as_printed_from_a_folder_with_spaces(tmp_path, capsys):
@@ -256,3 +286,28 @@ def test_generate_continues_greedily_as_a_loop_over_the_full_forward(tmp_path):
     # Sampling repeats with its seed.
     sample = ["--ckpt_path", ckpt, "--max_new_tokens", "8", "--temperature", "1.0", "--top_k", "50", "--seed", "3"]
     assert generate_main(sample) == generate_main(sample)
+
+
+_SIGTERM_AT_STEP_2 = """
+import os, signal
+import lightning.pytorch as pl
+
+class SigtermAtStep2(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_a_fit_stopped_by_sigterm_exits_with_143_not_0(tmp_path):
+    # Lightning ends a SIGTERMed fit with a SystemExit of no status: `fit ... && validate ...` or a scheduler would
+    # take the stopped run for a finished one.
+    (tmp_path / "sigterm_callback.py").write_text(_SIGTERM_AT_STEP_2)
+    argv = ["fit", "--config", MIXTRAL, *_tiny("--trainer.max_steps", "50"),
+            "--trainer.callbacks+=sigterm_callback.SigtermAtStep2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "lightning_moe", *argv], capture_output=True, text=True, timeout=300,
+                          env=env)  # fmt: skip
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert "stopped by SIGTERM" in done.stderr
+    assert "validation loss" not in done.stdout  # no summary of a finished run
