@@ -378,6 +378,10 @@ def _switch_config(f: _Fields) -> SwitchConfig:
     # transformers reads router_ignore_padding_tokens nowhere; padding takes no capacity in our layer.
     f.ignore("router_ignore_padding_tokens", "add_router_probs")
     f.expect("is_gated_act", (False,), "transformers' Switch experts are not gated")
+    # Older Hub configs (transformers 4.2x conversions) carry these; transformers 5 reads neither and routes each
+    # token to one expert with a per-sequence capacity, masking the rest: what the values below describe.
+    f.expect("num_selected_experts", (1,), "transformers' Switch routes each token to one expert")
+    f.expect("router_type", ("tokens_masked",), "transformers' Switch router is top-1 token choice, capacity masked")
     cfg = SwitchConfig(
         vocab_size=f.get("vocab_size"),
         dim=f.get("d_model"),

@@ -622,6 +622,15 @@ def test_absent_fields_read_as_transformers_class_defaults(config_class, require
         assert hf_config_to_ours({k: v for k, v in full.items() if k != name}) == expected, name
 
 
+def test_older_switch_hub_fields_read_as_what_transformers_builds_and_other_values_are_refused():
+    full = transformers.SwitchTransformersConfig().to_dict()
+    older = {**full, "num_selected_experts": 1, "router_type": "tokens_masked"}  # as 4.2x conversions wrote them
+    assert hf_config_to_ours(older) == hf_config_to_ours(full)
+    for name, value in (("num_selected_experts", 2), ("router_type", "experts_choose")):
+        with pytest.raises(UnsupportedConfigError, match=rf"config field {name}={value!r} is unsupported"):
+            hf_config_to_ours({**older, name: value})
+
+
 def test_a_switch_config_without_num_decoder_layers_means_twelve_decoder_blocks_as_in_transformers():
     full = transformers.SwitchTransformersConfig(num_layers=4, num_decoder_layers=4).to_dict()
     del full["num_decoder_layers"]
