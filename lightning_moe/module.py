@@ -204,6 +204,11 @@ class MoELanguageModule(L.LightningModule):
             self.hparams.arch, self.hparams.overrides = arch, overrides
             self._start_tokenizer = (f"upcycle_from={upcycle_from!r}", tokenizer_json)
         if init_from is not None:
+            if not isinstance(init_from, (str, os.PathLike)) or not (Path(init_from) / "config.json").is_file():
+                raise ValueError(
+                    f"init_from={init_from!r} is invalid: must be the path of a local Hugging Face checkpoint "
+                    "directory (config.json and *.safetensors)"
+                )
             if overrides:
                 raise ValueError(
                     f"overrides={overrides!r} is invalid with init_from: the checkpoint's config.json sets the model"
@@ -269,6 +274,7 @@ class MoELanguageModule(L.LightningModule):
         self._step_tokens = 0
         self._train_seed: int | None = None  # see on_train_batch_start
         self._load_before_batch: list[Tensor] = []  # see on_train_batch_start
+        self._hold_schedule = False  # the optimizer step applied nothing (nan_policy='skip'): see lr_scheduler_step
 
     # -- shared pieces --------------------------------------------------------------------------------
 
@@ -807,6 +813,9 @@ class MoELanguageModule(L.LightningModule):
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         named = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        if not named and self.hparams.nan_policy == "skip":  # every micro-batch of the step was skipped
+            self._hold_schedule = True
+            return
         local = [grad.to_local() if isinstance(grad, DTensor) else grad for _, grad in named]
         finite = not local or bool(torch.stack(torch._foreach_norm(local)).isfinite().all())
         if not finite:  # a float16 norm overflows past 65504 with every element finite: look at the elements
@@ -822,6 +831,19 @@ class MoELanguageModule(L.LightningModule):
         rank_zero_warn(f"skipping optimizer step: {message}")
         for param in self.parameters():
             param.grad = None
+        self._hold_schedule = True
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Step the learning-rate schedule, except after an optimizer step ``nan_policy='skip'`` emptied.
+
+        Such a step applies nothing, so the schedule waits: the next applied step gets the rate the skipped one
+        would have had, as Megatron-Core and Hugging Face's trainer do. The step still counts in ``global_step``
+        (and towards ``max_steps``).
+        """
+        if self._hold_schedule:
+            self._hold_schedule = False
+            return
+        scheduler.step() if metric is None else scheduler.step(metric)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None

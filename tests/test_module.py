@@ -1,6 +1,7 @@
 import math
 import warnings
 
+import lightning.pytorch as L
 import pytest
 import torch
 
@@ -75,6 +76,12 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
     assert factors[14] == pytest.approx(0.1) and factors[15] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("init_from", ["/nonexistent/dir", 3])
+def test_an_init_from_that_is_no_checkpoint_directory_is_refused_by_its_name(init_from):
+    with pytest.raises(ValueError, match=rf"init_from={init_from!r} is invalid: must be the path of a local Hugging"):
+        CausalLMModule(init_from=init_from)
+
+
 def test_nan_in_router_logits_names_the_layer_and_step():
     module = _module()
     with torch.no_grad():
@@ -89,6 +96,57 @@ def test_nan_policy_skip_skips_the_batch():
         module.model.embed.weight[:] = float("nan")
     with pytest.warns(UserWarning, match=r"skipping batch: non-finite value in the router logits of layer"):
         assert module.training_step(torch.randint(0, 1024, (2, 9)), 0) is None
+
+
+class _AppliedSteps(L.Callback):
+    """The learning rate and AdamW's step count of every optimizer step, as the optimizer is about to apply it."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[float, int]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        state = [s["step"] for s in optimizer.state.values() if "step" in s]
+        self.steps.append((optimizer.param_groups[0]["lr"], int(max(state, default=0))))
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_skipped_step_holds_the_learning_rate_schedule(where):
+    # Step 2 applies nothing (a NaN loss skips its batch, or a NaN gradient empties the step): the schedule waits, so
+    # step 3 trains at the rate step 2 would have had (Megatron-Core, Hugging Face's trainer); before, it moved on.
+    batches = [torch.randint(0, 63, (2, 9), generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    lrs = {}
+    for run in ("clean", where):
+        torch.manual_seed(0)
+        tiny = {"vocab_size": 64, "dim": 32, "num_heads": 2, "num_kv_heads": 1, "ffn_hidden": 32, "num_experts": 4}
+        module = CausalLMModule(arch="mixtral-tiny", overrides=tiny, nan_policy="skip", lr=1e-2, warmup_steps=1)
+        data = [b.clone() for b in batches]
+        if run == "loss":
+            data[2][0, 3] = 63  # the only token 63: its embedding is NaN
+            with torch.no_grad():
+                module.model.embed.weight[63] = float("nan")
+        record = _AppliedSteps()
+        callbacks = [record]
+        if run == "gradient":
+            callbacks.append(_NanGradientAtStep(2))
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"skipping")
+            trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+        assert trainer.global_step == 5  # the skipped step still counts
+        lrs[run] = record.steps
+    clean = [lr for lr, _ in lrs["clean"]]
+    assert [lr for lr, _ in lrs[where]] == [clean[0], clean[1], clean[2], clean[2], clean[3]]
+    assert [step for _, step in lrs[where]] == [0, 1, 2, 2, 3]  # AdamW's own count skips step 2 as well
+
+
+class _NanGradientAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.step:
+            next(pl_module.parameters()).grad[0, 0] = float("nan")
 
 
 @pytest.mark.parametrize("arch", ["mixtral-tiny", "qwen-moe-tiny", "qwen3-moe-tiny", "deepseek-tiny"])
